@@ -1,0 +1,25 @@
+# Two commands: `make run` (set up, then pretrain CL-MAE on the built-in digits) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Override for another platform, e.g. TORCH_SPEC="torch torchvision" or a CPU-only index.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup run test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+run: setup
+	$(VENV)/bin/clmae pretrain --output-dir runs/default-$$(date +%Y%m%d-%H%M%S)
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,348 @@
+"""The masked autoencoder: a ViT encoder that sees only visible patches and a light decoder.
+
+One class, :class:`MaskedAutoencoderViT`, holds the encoder and the decoder. It does not decide
+*which* patches are hidden: a masker (see :mod:`clmae.maskers`) hands it the indices to keep,
+so random masking (MAE) and learned masking (CL-MAE) run through the same model.
+
+Two forward paths exist, one per step of CL-MAE:
+
+* :meth:`MaskedAutoencoderViT.forward` — the MAE step: encode the kept patches, decode with mask
+  tokens, mean squared error over the hidden patches.
+* :meth:`MaskedAutoencoderViT.forward_soft` — the masking-module step: every patch token is scaled
+  by its soft score, the encoder sees all patches and the decoder gets no mask tokens.
+
+Named configurations live in :data:`MODEL_CONFIGS`; :func:`create_model` builds one by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+
+from .errors import ConfigError
+from .losses import reconstruction_loss
+
+LAYER_NORM_EPS = 1e-6
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the autoencoder and of the masking module (CL-MAE only)."""
+
+    img_size: int = 32
+    patch_size: int = 4
+    in_chans: int = 3
+    embed_dim: int = 192
+    depth: int = 12
+    num_heads: int = 3
+    decoder_embed_dim: int = 128
+    decoder_depth: int = 4
+    decoder_num_heads: int = 4
+    mlp_ratio: float = 4.0
+    norm_pix_loss: bool = False
+    # Masking module (CL-MAE). ``masker_dim=None`` means "same width as the encoder" (the authors').
+    masker_dim: int | None = None
+    masker_depth: int = 5
+    masker_num_heads: int = 4
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**2 * self.in_chans
+
+    def validate(self) -> None:
+        def need(cond: bool, option: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{option}: {msg}")
+
+        need(self.img_size > 0, "img_size", f"must be positive, got {self.img_size}")
+        need(self.patch_size > 0, "patch_size", f"must be positive, got {self.patch_size}")
+        need(
+            self.img_size % self.patch_size == 0,
+            "img_size",
+            f"image size {self.img_size} is not divisible by patch size {self.patch_size}; "
+            f"choose --img-size as a multiple of {self.patch_size} or another --patch-size",
+        )
+        need(self.in_chans in (1, 3), "in_chans", f"must be 1 or 3, got {self.in_chans}")
+        for name in ("embed_dim", "decoder_embed_dim"):
+            need(getattr(self, name) > 0, name, "must be positive")
+        need(self.embed_dim % self.num_heads == 0, "num_heads", "must divide embed_dim")
+        need(
+            self.decoder_embed_dim % self.decoder_num_heads == 0,
+            "decoder_num_heads",
+            "must divide decoder_embed_dim",
+        )
+        width = self.masker_dim or self.embed_dim
+        need(width % self.masker_num_heads == 0, "masker_num_heads", "must divide the masker width")
+        need(self.depth >= 1 and self.masker_depth >= 1, "depth", "must be at least 1")
+
+
+# Registry of named configurations. Decoders of the ImageNet models follow the paper (512 wide,
+# 8 deep, 16 heads); the small ones are ours, sized for CPU runs on digits and CIFAR-10.
+MODEL_CONFIGS: dict[str, ModelConfig] = {
+    "vit_micro_patch2_8": ModelConfig(
+        img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=4, num_heads=4,
+        decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, masker_depth=2,
+    ),
+    "vit_tiny_patch4_32": ModelConfig(
+        img_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=12, num_heads=3,
+        decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4,
+    ),
+    "vit_base_patch16_224": ModelConfig(
+        img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+    ),
+    "vit_large_patch16_224": ModelConfig(
+        img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16,
+        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+    ),
+    "vit_huge_patch14_224": ModelConfig(
+        img_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16,
+        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+    ),
+}
+
+
+def list_models() -> list[str]:
+    return sorted(MODEL_CONFIGS)
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    """The named configuration with ``overrides`` (e.g. ``img_size``, ``in_chans``) applied."""
+    if name not in MODEL_CONFIGS:
+        raise ConfigError(f"model: unknown model {name!r}; choose one of {', '.join(list_models())}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
+    if unknown:
+        raise ConfigError(f"model: unknown model options {sorted(unknown)}")
+    cfg = dataclasses.replace(MODEL_CONFIGS[name], **overrides)
+    cfg.validate()
+    return cfg
+
+
+def create_model(name: str, **overrides) -> "MaskedAutoencoderViT":
+    return MaskedAutoencoderViT(model_config(name, **overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings, shape ``(cls + grid², dim)``.
+
+    Half the channels encode the row, half the column; each half is a 1-D sin/cos code with
+    frequencies ``1 / 10000^(2i/d)``. The CLS slot (if any) is all zeros.
+    """
+    if dim % 4:
+        raise ConfigError(f"embedding width {dim} must be divisible by 4 for 2-D sin-cos embeddings")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+    coords = np.arange(grid_size, dtype=np.float64)
+    rows, cols = np.meshgrid(coords, coords, indexing="ij")  # rows vary along the first grid axis
+
+    def code(pos: np.ndarray) -> np.ndarray:
+        angles = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    # First half: column (x) coordinate, second half: row (y) coordinate.
+    emb = np.concatenate([code(cols), code(rows)], axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
+    return torch.from_numpy(emb).float()
+
+
+def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``(N, C, H, W)`` images → ``(N, L, p·p·C)`` patches, row-major over the grid."""
+    n, c, h, w = imgs.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
+    x = imgs.reshape(n, c, h // p, p, w // p, p)
+    x = x.permute(0, 2, 4, 3, 5, 1)  # n, gh, gw, p, p, c
+    return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """Inverse of :func:`patchify` for square grids."""
+    n, length, _ = patches.shape
+    g = int(round(length**0.5))
+    if g * g != length:
+        raise ValueError(f"{length} patches do not form a square grid")
+    p = patch_size
+    x = patches.reshape(n, g, g, p, p, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(n, channels, g * p, g * p)
+
+
+def gather_tokens(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Select ``tokens[n, ids[n, k]]`` for every sample: ``(N, L, D), (N, K) → (N, K, D)``."""
+    return torch.gather(tokens, 1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def per_patch_target(imgs: torch.Tensor, patch_size: int, norm_pix: bool) -> torch.Tensor:
+    """The reconstruction target: pixels per patch, optionally normalised per patch (MAE)."""
+    target = patchify(imgs, patch_size)
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    return target
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Xavier-uniform linears, unit LayerNorms: the MAE initialisation."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float) -> nn.ModuleList:
+    norm = partial(nn.LayerNorm, eps=LAYER_NORM_EPS)
+    return nn.ModuleList(
+        Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """ViT encoder over visible patches plus a lightweight transformer decoder (He et al., 2022)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        c = config
+        # Same key names as timm's ViT and the MAE checkpoints (patch_embed.proj.*), so weights travel.
+        self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(c.embed_dim, c.grid_size)[None], persistent=False)
+        self.blocks = _blocks(c.embed_dim, c.depth, c.num_heads, c.mlp_ratio)
+        self.norm = nn.LayerNorm(c.embed_dim, eps=LAYER_NORM_EPS)
+
+        self.decoder_embed = nn.Linear(c.embed_dim, c.decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_embed_dim))
+        self.register_buffer(
+            "decoder_pos_embed", sincos_pos_embed_2d(c.decoder_embed_dim, c.grid_size)[None], persistent=False
+        )
+        self.decoder_blocks = _blocks(c.decoder_embed_dim, c.decoder_depth, c.decoder_num_heads, c.mlp_ratio)
+        self.decoder_norm = nn.LayerNorm(c.decoder_embed_dim, eps=LAYER_NORM_EPS)
+        self.decoder_pred = nn.Linear(c.decoder_embed_dim, c.patch_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.apply(_init_weights)
+        w = self.patch_embed.proj.weight.data  # initialise the patch projection like a linear layer
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    @property
+    def num_patches(self) -> int:
+        return self.config.num_patches
+
+    def num_keep(self, mask_ratio: float) -> int:
+        """How many patches stay visible: ``int(L · (1 − mask_ratio))``, at least one."""
+        return max(1, int(self.num_patches * (1 - mask_ratio)))
+
+    # -- pieces ----------------------------------------------------------------------------
+
+    def embed(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with position embeddings, no CLS: ``(N, L, D)``. The maskers' input."""
+        x = self.patch_embed(imgs)
+        return x + self.pos_embed[:, 1:].to(x.dtype)
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Run the encoder on already-embedded tokens; returns ``(N, 1 + K, D)`` with CLS first."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        x = torch.cat([cls.to(tokens.dtype), tokens], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def decode(self, latent: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict every patch's pixels: ``(N, 1 + K, D) → (N, L, p·p·C)``.
+
+        With ``ids_keep`` the latent holds the visible patches in that order, and every other
+        position gets the mask token. Without it the latent already covers all ``L`` patches.
+        """
+        x = self.decoder_embed(latent)
+        cls, visible = x[:, :1], x[:, 1:]
+        if ids_keep is not None:
+            n, length, d = x.shape[0], self.num_patches, x.shape[-1]
+            full = self.mask_token.to(x.dtype).expand(n, length, d).clone()
+            full = full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, d), visible)
+            visible = full
+        x = torch.cat([cls, visible], dim=1) + self.decoder_pos_embed.to(x.dtype)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def target(self, imgs: torch.Tensor) -> torch.Tensor:
+        return per_patch_target(imgs, self.config.patch_size, self.config.norm_pix_loss)
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        return patchify(imgs, self.config.patch_size)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        return unpatchify(patches, self.config.patch_size, self.config.in_chans)
+
+    # -- the two steps ---------------------------------------------------------------------
+
+    def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """MAE step: keep ``ids_keep`` ``(N, K)``, reconstruct, loss over the hidden patches."""
+        tokens = gather_tokens(self.embed(imgs), ids_keep)
+        pred = self.decode(self.encode_tokens(tokens), ids_keep)
+        mask = torch.ones(pred.shape[:2], device=pred.device, dtype=torch.float32)
+        mask.scatter_(1, ids_keep, 0.0)  # 1 = hidden, 0 = visible
+        loss = reconstruction_loss(pred, self.target(imgs), mask)
+        return {"loss": loss, "pred": pred, "mask": mask}
+
+    def forward_soft(self, imgs: torch.Tensor, scores: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Masking-module step: scale each patch token by its score, encode all, decode all.
+
+        Returns the prediction ``(N, L, p·p·C)``; gradients reach ``scores`` through the encoder
+        and decoder activations. ``tokens`` may be passed when already computed by :meth:`embed`.
+        """
+        if tokens is None:
+            tokens = self.embed(imgs)
+        latent = self.encode_tokens(tokens * scores.unsqueeze(-1).to(tokens.dtype))
+        return self.decode(latent)
+
+    # -- downstream ------------------------------------------------------------------------
+
+    def forward_features(self, imgs: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+        """Encoder features of whole images (no masking): CLS token or mean of patch tokens."""
+        latent = self.encode_tokens(self.embed(imgs))
+        if pool == "cls":
+            return latent[:, 0]
+        if pool == "mean":
+            return latent[:, 1:].mean(dim=1)
+        raise ConfigError(f"pool: must be 'cls' or 'mean', got {pool!r}")
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the encoder's weights (what downstream users need)."""
+        skip = ("decoder_", "mask_token")
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
+

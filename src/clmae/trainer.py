@@ -1,0 +1,481 @@
+"""The pretraining loop: MAE step, then masking-module step, on the same batch, every iteration.
+
+Read :meth:`Trainer.fit` top to bottom for the whole run and :meth:`Trainer.train_step` for one
+CL-MAE iteration. Plain MAE (``method="mae"``) is the same loop with a random masker and no
+masking-module step.
+
+Two optimisers, one per part, share the schedule, so the part that is frozen in a step is never
+touched by weight decay or momentum. In the masking-module step the MAE's parameters get no
+gradient at all: ``backward(inputs=masker parameters)`` asks autograd only for what it needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoint import (
+    FORMAT,
+    load_state_checked,
+    read_training_state,
+    resolve_checkpoint,
+    save_training_state,
+    save_weights,
+    split_prefix,
+)
+from .config import PretrainConfig
+from .curriculum import curriculum_factor
+from .data import InMemoryImages, TrainBatches, load_dataset
+from .errors import CheckpointError, ConfigError, TrainingDiverged
+from .losses import binarization_loss, diversity_loss, mask_ratio_kl_loss, soft_reconstruction_loss
+from .maskers import Masker, create_masker
+from .metrics import MetricsLogger
+from .model import MaskedAutoencoderViT, model_config
+from .optim import lr_at, make_optimizer, set_lr
+
+DEFAULT_MODELS = {"digits": "vit_micro_patch2_8", "cifar10": "vit_tiny_patch4_32"}
+# Options a resumed run may change; every other one must match the checkpoint.
+RESUMABLE_OVERRIDES = {"device", "num_workers", "progress", "log_every", "eval_every", "save_every", "epochs",
+                       "max_nonfinite", "data_dir", "output_dir", "resume", "compile"}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device: CUDA was requested but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def masker_loss_terms(pred, target, scores, cfg: PretrainConfig, keep_ratio: float) -> dict[str, torch.Tensor]:
+    """The weighted terms of the masking module's loss (without λ on the reconstruction)."""
+    return {
+        "loss_rec": soft_reconstruction_loss(pred, target, scores),
+        "loss_gauss": cfg.lambda_gauss * binarization_loss(scores),
+        "loss_kl": cfg.lambda_kl * mask_ratio_kl_loss(scores, keep_ratio, cfg.kl_reduction),
+        "loss_div": cfg.lambda_div * diversity_loss(scores),
+    }
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    checkpoint: Path
+    weights: Path
+    metrics: Path
+    epochs_done: int
+    final: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"run folder   {self.output_dir}",
+                 f"weights      {self.weights}",
+                 f"resume from  {self.checkpoint}",
+                 f"metrics      {self.metrics}"]
+        for k, v in self.final.items():
+            lines.append(f"{k:<12} {v:.4f}" if isinstance(v, float) else f"{k:<12} {v}")
+        return "\n".join(lines)
+
+
+class Trainer:
+    """Builds data, model, masker and optimisers from a :class:`PretrainConfig` and trains."""
+
+    def __init__(self, config: PretrainConfig, overrides: dict[str, Any] | None = None):
+        cfg = config.validate()
+        if cfg.resume:
+            cfg = self._merge_resume_config(cfg, overrides)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.output_dir = self._prepare_output_dir()
+
+        # Data: in-memory sets keep their channel count; folders are read as RGB.
+        self.dataset = load_dataset(cfg.data, cfg.data_dir, "train").subset(cfg.subset)
+        model_name = cfg.model or DEFAULT_MODELS.get(cfg.data, "vit_base_patch16_224")
+        self.model_config = model_config(
+            model_name, in_chans=self.dataset.channels, img_size=cfg.img_size, patch_size=cfg.patch_size,
+            norm_pix_loss=cfg.norm_pix_loss or None,
+        )
+        self.model_name = model_name
+        self.batches = TrainBatches(self.dataset, cfg.batch_size, self.model_config.img_size, self.device,
+                                    cfg.seed, cfg.num_workers)
+
+        torch.manual_seed(cfg.seed)
+        self.mae = MaskedAutoencoderViT(self.model_config).to(self.device)
+        self.masker: Masker = create_masker(cfg.method, self.model_config).to(self.device)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # augmentation, random masks, sub-batches
+        self.lr = cfg.absolute_lr()
+        self.opt_mae = make_optimizer(self.mae, self.lr, cfg.weight_decay, self.device)
+        self.opt_masker = make_optimizer(self.masker, self.lr, cfg.weight_decay, self.device) if self.masker.learnable else None
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else contextlib.nullcontext())
+        self.mae_forward = torch.compile(self.mae) if cfg.compile else self.mae
+        self.soft_forward = torch.compile(self.mae.forward_soft) if cfg.compile else self.mae.forward_soft
+        self.masker_forward = torch.compile(self.masker) if cfg.compile and self.masker.learnable else self.masker
+
+        # Position in the run; restored by resume.
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.iteration = 0  # iterations done over the whole run
+        self.masker_updates = 0
+        self.nonfinite_in_a_row = 0
+        self.skipped_steps = 0
+        self.stop_requested = False
+        if cfg.resume:
+            self._load_resume_state()
+        self.logger = MetricsLogger(self.output_dir)
+
+    # ------------------------------------------------------------------------------------------
+    # setup helpers
+
+    def _merge_resume_config(self, cfg: PretrainConfig, overrides: dict[str, Any] | None) -> PretrainConfig:
+        self.resume_path = self._resume_file(cfg)
+        state = read_training_state(self.resume_path)
+        saved = dict(state["run_config"])
+        given = overrides if overrides is not None else {}
+        for key, value in given.items():
+            if key in RESUMABLE_OVERRIDES or key not in saved:
+                continue
+            if saved[key] != value:
+                raise ConfigError(
+                    f"--{key.replace('_', '-')}: the run was started with {saved[key]!r}; a resumed run cannot change it "
+                    f"(start a new run instead)"
+                )
+        saved.update({k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
+        saved["resume"] = str(self.resume_path)
+        if saved.get("output_dir") is None or "output_dir" not in given:
+            saved["output_dir"] = str(self.resume_path.parent)
+        return PretrainConfig(**saved).validate()
+
+    @staticmethod
+    def _resume_file(cfg: PretrainConfig) -> Path:
+        target = cfg.resume
+        if target == "auto":
+            if not cfg.output_dir:
+                raise ConfigError("--resume: give the run folder or checkpoint to resume, or --output-dir of the run")
+            target = cfg.output_dir
+        return resolve_checkpoint(target, ".pt")
+
+    def _prepare_output_dir(self) -> Path:
+        cfg = self.cfg
+        if cfg.output_dir is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            data = Path(cfg.data).stem if cfg.data not in ("digits", "cifar10") else cfg.data
+            cfg.output_dir = str(Path("runs") / f"{cfg.method}-{data}-{stamp}")
+        out = Path(cfg.output_dir)
+        if not cfg.resume and (out / "checkpoint-last.pt").exists():
+            raise ConfigError(
+                f"--output-dir: {out} already holds a run; pass --resume to continue it or choose another --output-dir "
+                "(nothing was overwritten)"
+            )
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--output-dir: cannot create {out}: {exc.strerror}") from None
+        if not os.access(out, os.W_OK):
+            raise ConfigError(f"--output-dir: {out} is not writable; choose another folder")
+        return out
+
+    def _load_resume_state(self) -> None:
+        state = read_training_state(self.resume_path)
+        source = str(self.resume_path)
+        load_state_checked(self.mae, split_prefix(state["weights"], "mae"), "autoencoder", source)
+        if self.masker.learnable:
+            load_state_checked(self.masker, split_prefix(state["weights"], "masker"), "masking module", source)
+            self.opt_masker.load_state_dict(state["opt_masker"])
+        self.opt_mae.load_state_dict(state["opt_mae"])
+        self.generator.set_state(state["generator"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.iteration, self.masker_updates = state["iteration"], state["masker_updates"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        if self.epoch >= self.cfg.epochs:
+            print(f"clmae: {source} already finished {self.epoch} of {self.cfg.epochs} epochs; "
+                  "pass a larger --epochs to train longer", file=sys.stderr)
+
+    # ------------------------------------------------------------------------------------------
+    # one iteration
+
+    def train_step(self, imgs: torch.Tensor, lam: float, lr: float) -> dict[str, float]:
+        """One CL-MAE iteration on ``imgs``: the MAE step, then (if due) the masking-module step."""
+        cfg = self.cfg
+        accum = cfg.accum_iter
+        window = self.iteration // accum
+        boundary = (self.iteration + 1) % accum == 0
+        num_keep = self.mae.num_keep(cfg.mask_ratio)
+        out: dict[str, float] = {}
+
+        # 1) MAE step: masks from the (frozen) masker, no gradient through it.
+        with self.autocast:
+            with torch.no_grad():
+                ids_keep = self.masker.keep_indices(self.mae.embed(imgs), num_keep, self.generator)
+            loss_mae = self.mae_forward(imgs, ids_keep)["loss"]
+        loss_mae_value = loss_mae.item()
+        if not math.isfinite(loss_mae_value):
+            return self._skip_step("loss_mae", loss_mae_value)
+        (loss_mae / accum).backward()
+        if boundary:
+            out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.mae.parameters(), float("inf")))
+            if not math.isfinite(out["grad_norm"]):
+                return self._skip_step("grad_norm", out["grad_norm"])
+            set_lr(self.opt_mae, lr)
+            self.opt_mae.step()
+            self.opt_mae.zero_grad(set_to_none=True)
+        out["loss_mae"] = loss_mae_value
+
+        # 2) Masking-module step: MAE frozen (no parameter gradients), scores scale the tokens.
+        if self.masker.learnable and window % cfg.masker_every == 0:
+            out.update(self._masker_step(imgs, lam, lr, boundary))
+        self.nonfinite_in_a_row = 0
+        return out
+
+    def _masker_step(self, imgs: torch.Tensor, lam: float, lr: float, boundary: bool) -> dict[str, float]:
+        cfg = self.cfg
+        if cfg.masker_batch_fraction < 1.0:
+            n = max(2, int(round(imgs.shape[0] * cfg.masker_batch_fraction)))
+            idx = torch.randperm(imgs.shape[0], generator=self.generator)[:n].to(imgs.device)
+            imgs = imgs.index_select(0, idx)
+        params = [p for p in self.masker.parameters() if p.requires_grad]
+        with self.autocast:
+            with torch.no_grad():
+                tokens = self.mae.embed(imgs)
+            scores = self.masker_forward(tokens)
+            pred = self.soft_forward(imgs, scores, tokens)
+            terms = masker_loss_terms(pred, self.mae.target(imgs), scores, cfg, 1.0 - cfg.mask_ratio)
+        loss = lam * terms["loss_rec"] + terms["loss_gauss"] + terms["loss_kl"] + terms["loss_div"]
+        value = loss.item()
+        if not math.isfinite(value):
+            self.opt_masker.zero_grad(set_to_none=True)
+            return self._skip_step("loss_masker", value, masker_only=True)
+        (loss / cfg.accum_iter).backward(inputs=params)
+        if boundary:
+            set_lr(self.opt_masker, lr)
+            self.opt_masker.step()
+            self.opt_masker.zero_grad(set_to_none=True)
+            self.masker_updates += 1
+        s = scores.detach().float()
+        out = {k: float(v) for k, v in terms.items()}
+        out.update(loss_masker=value, score_mean=float(s.mean()), score_low_frac=float((s < 0.1).float().mean()),
+                   score_high_frac=float((s > 0.9).float().mean()))
+        return out
+
+    def _skip_step(self, what: str, value: float, masker_only: bool = False) -> dict[str, float]:
+        """A non-finite loss or gradient: drop this step's gradients, warn, stop after several in a row."""
+        if not masker_only:
+            self.opt_mae.zero_grad(set_to_none=True)
+            if self.opt_masker is not None:
+                self.opt_masker.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row += 1
+        self.skipped_steps += 1
+        tqdm.write(f"clmae: warning: non-finite {what} ({value}) at iteration {self.iteration}; step skipped "
+                   f"({self.nonfinite_in_a_row} in a row)", file=sys.stderr)
+        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite:
+            self.save_checkpoint()
+            raise TrainingDiverged(
+                f"{self.nonfinite_in_a_row} non-finite steps in a row (last: {what}={value}); the last good weights are in "
+                f"{self.output_dir / 'checkpoint-last.safetensors'}. Lower --base-lr or check the data, then --resume"
+            )
+        return {"skipped": 1.0}
+
+    # ------------------------------------------------------------------------------------------
+    # the run
+
+    def fit(self) -> RunResult:
+        """Train from the current position to ``cfg.epochs``; checkpoint every epoch."""
+        cfg = self.cfg
+        steps_per_epoch = len(self.batches)
+        total = cfg.epochs * steps_per_epoch
+        self._write_run_info(steps_per_epoch)
+        bar = tqdm(total=total, initial=min(self.epoch * steps_per_epoch + self.step_in_epoch, total),
+                   disable=not cfg.progress, dynamic_ncols=True, unit="it", desc=f"{cfg.method} {self.model_name}")
+        window: dict[str, list[float]] = {}
+        last_log = time.perf_counter()
+        images_since_log = 0
+        final: dict[str, float] = {}
+        with self._graceful_stop():
+            while self.epoch < cfg.epochs and not self.stop_requested:
+                epoch_sums: dict[str, list[float]] = {}
+                for imgs in self.batches.epoch(self.epoch, self.generator, self.step_in_epoch):
+                    progress = self.epoch + self.step_in_epoch / steps_per_epoch
+                    lam = curriculum_factor(progress if cfg.curriculum == "linear" else self.epoch, cfg.epochs,
+                                            cfg.curriculum, cfg.curriculum_value)
+                    lr = lr_at(progress, self.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+                    metrics = self.train_step(imgs, lam, lr)
+                    self.iteration += 1
+                    self.step_in_epoch += 1
+                    images_since_log += imgs.shape[0]
+                    for k, v in metrics.items():
+                        window.setdefault(k, []).append(v)
+                        epoch_sums.setdefault(k, []).append(v)
+                    bar.update(1)
+                    if self.iteration % cfg.log_every == 0:
+                        now = time.perf_counter()
+                        record = {k: sum(v) / len(v) for k, v in window.items()}
+                        record.update(kind="train", epoch=self.epoch, step=self.iteration, lr=lr,
+                                      img_per_s=images_since_log / max(now - last_log, 1e-9))
+                        if self.masker.learnable:
+                            record["curriculum_factor"] = lam
+                            record["masker_updates"] = self.masker_updates
+                        self.logger.log(record, step=self.iteration)
+                        bar.set_postfix({"loss": f"{record.get('loss_mae', float('nan')):.4f}", "λ": f"{lam:+.2f}",
+                                         "img/s": f"{record['img_per_s']:.0f}"}, refresh=False)
+                        window, last_log, images_since_log = {}, now, 0
+                    if self.stop_requested:
+                        break
+                if self.stop_requested:
+                    break
+                final = {k: sum(v) / len(v) for k, v in epoch_sums.items() if v}
+                self.epoch += 1
+                self.step_in_epoch = 0
+                self._end_of_epoch(final)
+        bar.close()
+        if self.stop_requested:
+            self.save_checkpoint()
+            print(f"clmae: stopped at epoch {self.epoch}, iteration {self.iteration}; checkpoint saved. "
+                  f"Resume with: clmae pretrain --resume {self.output_dir}", file=sys.stderr)
+        elif not (self.output_dir / "checkpoint-last.pt").exists():
+            self.save_checkpoint()
+        self._report_skipped_files()
+        self.logger.close()
+        return RunResult(self.output_dir, self.output_dir / "checkpoint-last.pt",
+                         self.output_dir / "checkpoint-last.safetensors", self.logger.path, self.epoch, final)
+
+    def _end_of_epoch(self, epoch_means: dict[str, float]) -> None:
+        cfg = self.cfg
+        record = {"kind": "epoch", "epoch": self.epoch - 1, "step": self.iteration, **epoch_means}
+        if self.masker.learnable:
+            record["curriculum_factor"] = curriculum_factor(self.epoch - 1, cfg.epochs, cfg.curriculum,
+                                                            cfg.curriculum_value) if cfg.curriculum != "linear" else None
+        self.logger.log(record, step=self.iteration)
+        self.save_checkpoint()
+        if cfg.save_every and self.epoch % cfg.save_every == 0:
+            self.save_checkpoint(f"checkpoint-{self.epoch:04d}")
+        if cfg.eval_every and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
+            self.evaluate_knn()
+
+    def evaluate_knn(self) -> dict[str, float]:
+        """Quick k-NN accuracy of the current encoder on the held-out split (if it has labels)."""
+        from .evaluation import quick_knn
+
+        try:
+            test = load_dataset(self.cfg.data, self.cfg.data_dir, "test")
+        except Exception as exc:  # noqa: BLE001 — no held-out split: say so once, keep training
+            tqdm.write(f"clmae: k-NN evaluation skipped: {exc}", file=sys.stderr)
+            self.cfg.eval_every = 0
+            return {}
+        was_training = self.mae.training
+        self.mae.eval()
+        result = quick_knn(self.mae, self.dataset, test, self.model_config.img_size, self.device)
+        self.mae.train(was_training)
+        self.logger.log({"kind": "eval", "epoch": self.epoch - 1, "step": self.iteration, **result}, step=self.iteration)
+        return result
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def run_info(self) -> dict[str, Any]:
+        return {
+            "model_config": dataclasses.asdict(self.model_config),
+            "run_config": self.cfg.to_dict(),
+            "data": {"name": self.dataset.name, "mean": list(self.dataset.mean), "std": list(self.dataset.std),
+                     "channels": self.dataset.channels, "img_size": self.model_config.img_size,
+                     "num_train": len(self.dataset)},
+            "model_name": self.model_name,
+            "method": self.cfg.method,
+            "clmae_version": __version__,
+        }
+
+    def _write_run_info(self, steps_per_epoch: int) -> None:
+        info = {**self.run_info(), "steps_per_epoch": steps_per_epoch, "torch": torch.__version__,
+                "device": str(self.device), "argv": sys.argv}
+        (self.output_dir / "config.json").write_text(json.dumps(info, indent=2, default=str))
+
+    def save_checkpoint(self, stem: str = "checkpoint-last") -> Path:
+        info = self.run_info()
+        position = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "iteration": self.iteration,
+                    "masker_updates": self.masker_updates}
+        modules = {"mae": self.mae, "masker": self.masker if self.masker.learnable else None}
+        state = {
+            "format": FORMAT,
+            **position,
+            "skipped_steps": self.skipped_steps,
+            "weights": {f"{p}.{k}": v.detach().cpu().clone() for p, m in modules.items() if m is not None
+                        for k, v in m.state_dict().items()},
+            "opt_mae": self.opt_mae.state_dict(),
+            "opt_masker": self.opt_masker.state_dict() if self.opt_masker is not None else None,
+            "generator": self.generator.get_state(),
+            "model_config": info["model_config"],
+            "run_config": info["run_config"],
+            "data": info["data"],
+        }
+        save_training_state(self.output_dir / f"{stem}.pt", state)
+        save_weights(self.output_dir / f"{stem}.safetensors", modules, {**info, **position})
+        return self.output_dir / f"{stem}.pt"
+
+    # ------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _graceful_stop(self):
+        """SIGINT/SIGTERM finish the current step, save a checkpoint and end the run cleanly."""
+        def request_stop(signum, _frame):
+            if self.stop_requested:  # second signal: stop now
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            tqdm.write(f"clmae: received {signal.Signals(signum).name}; finishing this step and saving a checkpoint "
+                       "(send again to abort)", file=sys.stderr)
+
+        previous = {}
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, request_stop)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _report_skipped_files(self) -> None:
+        skipped = self.batches.skipped
+        if skipped:
+            total = sum(skipped.values())
+            reasons = ", ".join(f"{n} {r}" for r, n in skipped.most_common())
+            print(f"clmae: skipped {total} unreadable image(s): {reasons}", file=sys.stderr)
+            for path, reason in self.batches.skipped_examples[:5]:
+                print(f"  {path}: {reason}", file=sys.stderr)
+            self.logger.log({"kind": "data", "skipped_files": total, **{f"skipped_{r}": n for r, n in skipped.items()}})
+
+
+def pretrain(config: PretrainConfig | None = None, **options) -> RunResult:
+    """Pretrain with CL-MAE (or MAE) and return where the outputs are.
+
+    ``pretrain(data="cifar10", data_dir="data", model="vit_tiny_patch4_32", epochs=100)`` or
+    ``pretrain(PretrainConfig(...))``; keyword options override the config's fields.
+    """
+    from .config import make_config
+
+    values = dataclasses.asdict(config) if config is not None else {}
+    values.update(options)
+    cfg = make_config(values)
+    return Trainer(cfg, overrides=options if cfg.resume else None).fit()
