@@ -59,6 +59,10 @@ class PretrainConfig:
     eval_every: int = 0  # quick k-NN every N epochs on held-out data (0 = only at the end)
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     compile: bool = False  # torch.compile the model and masker
+    # curriculum probe (clmae.probe): difficulty of the learned masks on a fixed batch
+    probe_every: int = 0  # iterations between probe measurements (0 = off)
+    probe_images: int = 16  # size of the fixed probe batch
+    snapshot_every: int = 0  # save probe scores/masks every N epochs (0 = off)
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with the run
 
@@ -106,6 +110,9 @@ class PretrainConfig:
         need(self.save_every >= 0, "save_every", "an integer >= 0")
         need(self.log_every >= 1, "log_every", "an integer >= 1")
         need(self.eval_every >= 0, "eval_every", "an integer >= 0")
+        need(self.probe_every >= 0, "probe_every", "an integer >= 0")
+        need(self.probe_images >= 2, "probe_images", "an integer >= 2")
+        need(self.snapshot_every >= 0, "snapshot_every", "an integer >= 0")
         need(self.max_nonfinite >= 1, "max_nonfinite", "an integer >= 1")
         return self
 

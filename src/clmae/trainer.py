@@ -145,6 +145,13 @@ class Trainer:
         if cfg.resume:
             self._load_resume_state()
         self.logger = MetricsLogger(self.output_dir)
+        # Observers of the run: ``on_step(trainer, metrics)`` after every iteration and
+        # ``on_epoch_end(trainer)`` after each epoch's checkpoint. They must not change training.
+        self.callbacks: list[Any] = []
+        if cfg.probe_every or cfg.snapshot_every:
+            from .probe import CurriculumProbe
+
+            self.callbacks.append(CurriculumProbe(self))
 
     # ------------------------------------------------------------------------------------------
     # setup helpers
@@ -328,6 +335,8 @@ class Trainer:
                         window.setdefault(k, []).append(v)
                         epoch_sums.setdefault(k, []).append(v)
                     bar.update(1)
+                    for cb in self.callbacks:
+                        cb.on_step(self, metrics)
                     if self.iteration % cfg.log_every == 0:
                         now = time.perf_counter()
                         record = {k: sum(v) / len(v) for k, v in window.items()}
@@ -372,6 +381,8 @@ class Trainer:
             self.save_checkpoint(f"checkpoint-{self.epoch:04d}")
         if cfg.eval_every and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
             self.evaluate_knn()
+        for cb in self.callbacks:
+            cb.on_epoch_end(self)
 
     def evaluate_knn(self) -> dict[str, float]:
         """Quick k-NN accuracy of the current encoder on the held-out split (if it has labels)."""
