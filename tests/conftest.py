@@ -1,0 +1,23 @@
+"""Shared fixtures: small, fast, CPU-only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    """The folder holding cifar10.npz (../shared/datasets beside the checkout, or $CLMAE_DATA)."""
+    for d in (os.environ.get("CLMAE_DATA"), SHARED_DATA):
+        if d and (Path(d) / "cifar10.npz").is_file():
+            return Path(d)
+    pytest.fail("cifar10.npz not found in $CLMAE_DATA or ../shared/datasets; the CIFAR-10 tests need it")

@@ -1,0 +1,34 @@
+import pytest
+
+from clmae.curriculum import curriculum_factor
+from clmae.errors import ConfigError
+
+
+def test_official_schedule_for_200_epochs():
+    values = [curriculum_factor(e, 200) for e in range(200)]
+    assert values[0] == pytest.approx(1.0)
+    assert values[1] == pytest.approx(0.99)
+    assert values[99] == pytest.approx(0.01)
+    assert values[100] == pytest.approx(-0.01)
+    assert values[199] == pytest.approx(-1.0)
+    assert 0.0 not in values
+    assert all(a > b for a, b in zip(values, values[1:]))
+
+
+def test_linear_schedule_per_step():
+    assert curriculum_factor(0.0, 10, "linear") == pytest.approx(1.0)
+    assert curriculum_factor(5.0, 10, "linear") == pytest.approx(0.0)
+    assert curriculum_factor(2.5, 10, "linear") == pytest.approx(0.5)
+    assert curriculum_factor(10.0, 10, "linear") == pytest.approx(-1.0)
+
+
+def test_constant_schedules():
+    assert curriculum_factor(3, 10, "partner") == 1.0
+    assert curriculum_factor(3, 10, "neutral") == 0.0
+    assert curriculum_factor(3, 10, "adversary") == -1.0
+    assert curriculum_factor(7, 10, "constant", value=-0.3) == -0.3
+
+
+def test_unknown_schedule_is_a_config_error():
+    with pytest.raises(ConfigError, match="curriculum"):
+        curriculum_factor(0, 10, "cosine")

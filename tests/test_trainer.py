@@ -1,0 +1,152 @@
+"""The CL-MAE iteration and the run: freezing, gradient paths, resume, datasets, learning."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clmae.config import make_config
+from clmae.losses import binarization_loss, diversity_loss, mask_ratio_kl_loss, soft_reconstruction_loss
+from clmae.metrics import read_metrics
+from clmae.trainer import Trainer, pretrain
+
+
+def tiny_trainer(tmp_path, **options) -> Trainer:
+    values = dict(data="digits", subset=256, batch_size=32, epochs=2, progress=False, output_dir=str(tmp_path / "run"),
+                  log_every=1)
+    values.update(options)
+    return Trainer(make_config(values))
+
+
+def params(module):
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_each_step_updates_only_its_own_part(tmp_path):
+    trainer = tiny_trainer(tmp_path)
+    imgs = next(iter(trainer.batches.epoch(0, trainer.generator)))
+    seen = {}
+    original = trainer._masker_step
+
+    def spy(*args, **kwargs):
+        seen["mae_at_masker_step"] = params(trainer.mae)
+        seen["masker_at_masker_step"] = params(trainer.masker)
+        result = original(*args, **kwargs)
+        seen["mae_grads"] = [p.grad for p in trainer.mae.parameters()]
+        return result
+
+    trainer._masker_step = spy
+    mae0, masker0 = params(trainer.mae), params(trainer.masker)
+    trainer.train_step(imgs, lam=1.0, lr=1e-3)
+    # MAE step: the MAE moved, the masking module did not.
+    assert not same(mae0, seen["mae_at_masker_step"])
+    assert same(masker0, seen["masker_at_masker_step"])
+    # Masking-module step: the MAE did not move and got no gradient; the masking module moved.
+    assert same(seen["mae_at_masker_step"], params(trainer.mae))
+    assert all(g is None for g in seen["mae_grads"])
+    assert not same(masker0, params(trainer.masker))
+
+
+def test_masker_gradient_flows_only_through_the_scores(tmp_path):
+    """d loss/d θ equals (d loss/d s)·(d s/d θ): the scores are the only path into the masking module."""
+    trainer = tiny_trainer(tmp_path)
+    mae, masker, cfg = trainer.mae, trainer.masker, trainer.cfg
+    imgs = next(iter(trainer.batches.epoch(0, trainer.generator)))
+    theta = list(masker.parameters())
+    with torch.no_grad():
+        tokens = mae.embed(imgs)
+
+    def loss_of(scores):
+        pred = mae.forward_soft(imgs, scores, tokens)
+        target = mae.target(imgs)
+        return (0.7 * soft_reconstruction_loss(pred, target, scores) + cfg.lambda_gauss * binarization_loss(scores)
+                + cfg.lambda_kl * mask_ratio_kl_loss(scores, 0.25) + cfg.lambda_div * diversity_loss(scores))
+
+    scores = masker(tokens)
+    direct = torch.autograd.grad(loss_of(scores), theta)
+    scores = masker(tokens)
+    leaf = scores.detach().requires_grad_(True)
+    g_scores = torch.autograd.grad(loss_of(leaf), leaf)[0]
+    chained = torch.autograd.grad(scores, theta, grad_outputs=g_scores)
+    for a, b in zip(direct, chained):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    assert any(float(g.abs().sum()) > 0 for g in direct)
+
+
+def test_mae_method_has_no_masking_module(tmp_path):
+    trainer = tiny_trainer(tmp_path, method="mae", epochs=1)
+    assert not trainer.masker.learnable and trainer.opt_masker is None
+    result = trainer.fit()
+    record = [r for r in read_metrics(result.metrics) if r["kind"] == "train"][0]
+    assert "loss_mae" in record and "loss_rec" not in record
+
+
+def test_metrics_have_all_terms_and_checkpoints_exist(tmp_path):
+    result = pretrain(data="digits", subset=256, batch_size=32, epochs=2, progress=False, log_every=2,
+                      output_dir=str(tmp_path / "run"))
+    records = [r for r in read_metrics(result.metrics) if r["kind"] == "train"]
+    needed = {"epoch", "step", "lr", "loss_mae", "curriculum_factor", "loss_rec", "loss_gauss", "loss_kl", "loss_div",
+              "score_mean", "score_low_frac", "score_high_frac", "img_per_s"}
+    assert needed <= set(records[0])
+    assert {r["curriculum_factor"] for r in records} == {1.0, -1.0}  # official schedule, E=2
+    assert result.weights.is_file() and result.checkpoint.is_file()
+    config = json.loads((result.output_dir / "config.json").read_text())
+    assert config["run_config"]["method"] == "clmae" and config["model_config"]["in_chans"] == 1
+    state = torch.load(result.checkpoint, weights_only=True)
+    assert state["epoch"] == 2 and set(state) >= {"opt_mae", "opt_masker", "generator", "iteration"}
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path):
+    common = dict(data="digits", subset=192, batch_size=32, progress=False, seed=3, warmup_epochs=1)
+    full = pretrain(epochs=3, output_dir=str(tmp_path / "full"), **common)
+    # The same 3-epoch run, stopped after its first epoch (as a graceful stop would), then resumed.
+    part = Trainer(make_config(dict(epochs=3, output_dir=str(tmp_path / "part2"), **common)))
+    original = part._end_of_epoch
+
+    def stop_after_first(means):
+        original(means)
+        part.stop_requested = True
+
+    part._end_of_epoch = stop_after_first
+    part.fit()
+    assert part.epoch == 1
+    resumed = pretrain(resume=str(tmp_path / "part2"), progress=False)
+    assert resumed.epochs_done == 3
+    a = torch.load(full.checkpoint, weights_only=True)["weights"]
+    b = torch.load(resumed.checkpoint, weights_only=True)["weights"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cifar10_slice_both_methods_learn(cifar_dir, tmp_path):
+    """On a CIFAR-10 slice the MAE loss falls during the first epoch, for CL-MAE and for MAE."""
+    for method in ("clmae", "mae"):
+        result = pretrain(data="cifar10", data_dir=str(cifar_dir), method=method, subset=192, batch_size=16, epochs=1,
+                          model="vit_tiny_patch4_32", progress=False, log_every=1, output_dir=str(tmp_path / method))
+        losses = [r["loss_mae"] for r in read_metrics(result.metrics) if r["kind"] == "train"]
+        assert len(losses) == 12
+        assert np.mean(losses[-4:]) < np.mean(losses[:4]), (method, losses)
+
+
+def test_image_folder_run_completes(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    result = pretrain(data=str(folder), model="vit_micro_patch2_8", img_size=16, batch_size=8, epochs=1,
+                      num_workers=0, progress=False, output_dir=str(tmp_path / "run"))
+    assert result.epochs_done == 1
+    data_records = [r for r in read_metrics(result.metrics) if r["kind"] == "data"]
+    assert data_records and data_records[0]["skipped_files"] >= 1
+    state = torch.load(result.checkpoint, weights_only=True)
+    assert state["model_config"]["in_chans"] == 3 and state["model_config"]["img_size"] == 16
