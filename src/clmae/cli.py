@@ -27,6 +27,7 @@ HELP = {
     "patch_size": "override the model's patch size",
     "norm_pix_loss": "reconstruct per-patch normalised pixels (MAE option)",
     "mask_ratio": "fraction of patches hidden from the encoder, in (0, 1)",
+    "init_from": "start from an MAE checkpoint (facebookresearch/mae .pth, clmae run, or timm export)",
     "curriculum": "λ schedule: official (per epoch, +1→−1), linear (per step), constant, partner, neutral, adversary",
     "curriculum_value": "λ for --curriculum constant",
     "lambda_gauss": "weight of the binarization (Gaussian) loss",
@@ -87,11 +88,14 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     values.update(given)
     cfg = make_config(values)
     trainer = Trainer(cfg, overrides=values if cfg.resume else None)
-    print(f"clmae: {cfg.method} on {trainer.dataset.name} ({len(trainer.dataset)} images), model {trainer.model_name}, "
-          f"{trainer.model_config.num_patches} patches, device {trainer.device}, output {trainer.output_dir}",
-          file=sys.stderr)
+    main_process = trainer.dist.is_main
+    if main_process:
+        print(f"clmae: {cfg.method} on {trainer.dataset.name} ({len(trainer.dataset)} images), model {trainer.model_name}, "
+              f"{trainer.model_config.num_patches} patches, device {trainer.device}, output {trainer.output_dir}",
+              file=sys.stderr)
     result = trainer.fit()
-    print(result.summary())
+    if main_process:
+        print(result.summary())
     return 0
 
 

@@ -7,6 +7,9 @@ masking-module step.
 Two optimisers, one per part, share the schedule, so the part that is frozen in a step is never
 touched by weight decay or momentum. In the masking-module step the MAE's parameters get no
 gradient at all: ``backward(inputs=masker parameters)`` asks autograd only for what it needs.
+
+Launched by ``torchrun`` the same loop is data-parallel (see :mod:`clmae.distributed`): the MAE
+and the masker are DDP-wrapped separately, ``batch_size`` is per rank, and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -38,18 +41,39 @@ from .checkpoint import (
 )
 from .config import PretrainConfig
 from .curriculum import curriculum_factor
-from .data import InMemoryImages, TrainBatches, load_dataset
+from .data import load_dataset
+from .distributed import (
+    SINGLE,
+    DistContext,
+    RankBatches,
+    all_true,
+    any_true,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    global_random_keep,
+    map_position,
+    mean_metrics,
+    no_sync,
+    on_main,
+    split_mean,
+    teardown,
+    wrap,
+)
+from .distributed import setup as setup_distributed
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .losses import binarization_loss, diversity_loss, mask_ratio_kl_loss, soft_reconstruction_loss
 from .maskers import Masker, create_masker
 from .metrics import MetricsLogger
 from .model import MaskedAutoencoderViT, model_config
 from .optim import lr_at, make_optimizer, set_lr
+from .shards import ShardBatches, ShardData
 
 DEFAULT_MODELS = {"digits": "vit_micro_patch2_8", "cifar10": "vit_tiny_patch4_32"}
 # Options a resumed run may change; every other one must match the checkpoint.
+# batch_size/accum_iter may change so the global batch can be kept when the number of GPUs changes.
 RESUMABLE_OVERRIDES = {"device", "num_workers", "progress", "log_every", "eval_every", "save_every", "epochs",
-                       "max_nonfinite", "data_dir", "output_dir", "resume", "compile"}
+                       "max_nonfinite", "data_dir", "output_dir", "resume", "compile", "batch_size", "accum_iter"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,8 +131,11 @@ class Trainer:
         if cfg.resume:
             cfg = self._merge_resume_config(cfg, overrides)
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        self.output_dir = self._prepare_output_dir()
+        # One process per device under torchrun; SINGLE otherwise.
+        self.dist: DistContext = setup_distributed(cfg.device) or SINGLE
+        self.device = self.dist.device if self.dist.enabled else resolve_device(cfg.device)
+        self.output_dir = Path(on_main(self._prepare_output_dir, self.dist))
+        cfg.output_dir = str(self.output_dir)
 
         # Data: in-memory sets keep their channel count; folders are read as RGB.
         self.dataset = load_dataset(cfg.data, cfg.data_dir, "train").subset(cfg.subset)
@@ -118,21 +145,23 @@ class Trainer:
             norm_pix_loss=cfg.norm_pix_loss or None,
         )
         self.model_name = model_name
-        self.batches = TrainBatches(self.dataset, cfg.batch_size, self.model_config.img_size, self.device,
-                                    cfg.seed, cfg.num_workers)
+        self.batches = self._make_batches()
 
         torch.manual_seed(cfg.seed)
         self.mae = MaskedAutoencoderViT(self.model_config).to(self.device)
+        if cfg.init_from and not cfg.resume:
+            self._init_from(cfg.init_from)
         self.masker: Masker = create_masker(cfg.method, self.model_config).to(self.device)
-        self.generator = torch.Generator().manual_seed(cfg.seed)  # augmentation, random masks, sub-batches
-        self.lr = cfg.absolute_lr()
+        # Augmentation, random masks, sub-batches. The same on every rank: global draws, sliced per rank.
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.lr = cfg.absolute_lr(self.dist.world_size)
         self.opt_mae = make_optimizer(self.mae, self.lr, cfg.weight_decay, self.device)
         self.opt_masker = make_optimizer(self.masker, self.lr, cfg.weight_decay, self.device) if self.masker.learnable else None
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
-        self.mae_forward = torch.compile(self.mae) if cfg.compile else self.mae
-        self.soft_forward = torch.compile(self.mae.forward_soft) if cfg.compile else self.mae.forward_soft
-        self.masker_forward = torch.compile(self.masker) if cfg.compile and self.masker.learnable else self.masker
+        # >1: the masking-module loss is the mean of this many per-group losses, as DDP over that
+        # many ranks computes it; lets one process reproduce an N-rank run (per-device semantics).
+        self.masker_loss_groups = 1
 
         # Position in the run; restored by resume.
         self.epoch = 0
@@ -144,17 +173,45 @@ class Trainer:
         self.stop_requested = False
         if cfg.resume:
             self._load_resume_state()
-        self.logger = MetricsLogger(self.output_dir)
+        # DDP after every weight is in place: the MAE step runs through mae_ddp, the masking step
+        # through the plain MAE and masker_ddp (see module docstring of clmae.distributed).
+        self.mae_ddp = wrap(self.mae, self.dist)
+        self.masker_ddp = wrap(self.masker, self.dist) if self.masker.learnable else self.masker
+        self.mae_forward = torch.compile(self.mae_ddp) if cfg.compile else self.mae_ddp
+        self.soft_forward = torch.compile(self.mae.forward_soft) if cfg.compile else self.mae.forward_soft
+        self.masker_forward = (torch.compile(self.masker_ddp) if cfg.compile and self.masker.learnable
+                               else self.masker_ddp)
+        self.logger = MetricsLogger(self.output_dir, enabled=self.dist.is_main)
         # Observers of the run: ``on_step(trainer, metrics)`` after every iteration and
         # ``on_epoch_end(trainer)`` after each epoch's checkpoint. They must not change training.
+        # They run on rank 0 only.
         self.callbacks: list[Any] = []
-        if cfg.probe_every or cfg.snapshot_every:
-            from .probe import CurriculumProbe
+        if (cfg.probe_every or cfg.snapshot_every) and self.dist.is_main:
+            if isinstance(self.dataset, ShardData):
+                print("clmae: the curriculum probe needs random access to images; it is off for tar shards",
+                      file=sys.stderr)
+            else:
+                from .probe import CurriculumProbe
 
-            self.callbacks.append(CurriculumProbe(self))
+                self.callbacks.append(CurriculumProbe(self))
 
     # ------------------------------------------------------------------------------------------
     # setup helpers
+
+    def _make_batches(self):
+        """This rank's training batches: tar shards stream, everything else by global permutation."""
+        cfg, size = self.cfg, self.model_config.img_size
+        if isinstance(self.dataset, ShardData):
+            return ShardBatches(self.dataset, cfg.batch_size, size, self.device, cfg.seed, cfg.num_workers, self.dist)
+        return RankBatches(self.dataset, cfg.batch_size, size, self.device, cfg.seed, cfg.num_workers, self.dist)
+
+    def _init_from(self, path: str) -> None:
+        """Start from an existing MAE's weights (facebookresearch/mae ``.pth`` or a clmae checkpoint)."""
+        from .export import load_mae_checkpoint
+
+        report = load_mae_checkpoint(path, self.mae)
+        if self.dist.is_main:
+            print(f"clmae: initialised from {path}: {report.summary()}", file=sys.stderr)
 
     def _merge_resume_config(self, cfg: PretrainConfig, overrides: dict[str, Any] | None) -> PretrainConfig:
         self.resume_path = self._resume_file(cfg)
@@ -216,7 +273,19 @@ class Trainer:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.iteration, self.masker_updates = state["iteration"], state["masker_updates"]
         self.skipped_steps = state.get("skipped_steps", 0)
-        if self.epoch >= self.cfg.epochs:
+        # The state is rank-independent; a changed global batch (world size or --batch-size) keeps
+        # the images of the epoch already seen, rounded down to whole new batches.
+        saved_global = state.get("global_batch", state["run_config"]["batch_size"])
+        global_batch = self.cfg.batch_size * self.dist.world_size
+        if saved_global != global_batch:
+            mapped = map_position(self.step_in_epoch, saved_global, global_batch)
+            if self.dist.is_main:
+                print(f"clmae: global batch {saved_global} -> {global_batch} images "
+                      f"({state.get('world_size', 1)} -> {self.dist.world_size} processes); resuming epoch "
+                      f"{self.epoch} at step {mapped} (was {self.step_in_epoch}); lr follows the new batch",
+                      file=sys.stderr)
+            self.step_in_epoch = mapped
+        if self.epoch >= self.cfg.epochs and self.dist.is_main:
             print(f"clmae: {source} already finished {self.epoch} of {self.cfg.epochs} epochs; "
                   "pass a larger --epochs to train longer", file=sys.stderr)
 
@@ -232,15 +301,21 @@ class Trainer:
         num_keep = self.mae.num_keep(cfg.mask_ratio)
         out: dict[str, float] = {}
 
-        # 1) MAE step: masks from the (frozen) masker, no gradient through it.
-        with self.autocast:
-            with torch.no_grad():
-                ids_keep = self.masker.keep_indices(self.mae.embed(imgs), num_keep, self.generator)
-            loss_mae = self.mae_forward(imgs, ids_keep)["loss"]
-        loss_mae_value = loss_mae.item()
-        if not math.isfinite(loss_mae_value):
-            return self._skip_step("loss_mae", loss_mae_value)
-        (loss_mae / accum).backward()
+        # 1) MAE step: masks from the (frozen) masker, no gradient through it. Random masks are
+        #    drawn for the global batch so N ranks see what one process with N·B images would.
+        with no_sync(self.mae_ddp, not boundary):
+            with self.autocast:
+                with torch.no_grad():
+                    tokens = self.mae.embed(imgs)
+                    if self.masker.learnable:
+                        ids_keep = self.masker.keep_indices(tokens, num_keep, self.generator)
+                    else:
+                        ids_keep = global_random_keep(self.masker, tokens, num_keep, self.generator, self.dist)
+                loss_mae = self.mae_forward(imgs, ids_keep)["loss"]
+            loss_mae_value = loss_mae.item()
+            if not all_true(math.isfinite(loss_mae_value), self.dist):
+                return self._skip_step("loss_mae", loss_mae_value)
+            (loss_mae / accum).backward()
         if boundary:
             out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.mae.parameters(), float("inf")))
             if not math.isfinite(out["grad_norm"]):
@@ -263,25 +338,29 @@ class Trainer:
             idx = torch.randperm(imgs.shape[0], generator=self.generator)[:n].to(imgs.device)
             imgs = imgs.index_select(0, idx)
         params = [p for p in self.masker.parameters() if p.requires_grad]
-        with self.autocast:
-            with torch.no_grad():
-                tokens = self.mae.embed(imgs)
-            scores = self.masker_forward(tokens)
-            pred = self.soft_forward(imgs, scores, tokens)
-            terms = masker_loss_terms(pred, self.mae.target(imgs), scores, cfg, 1.0 - cfg.mask_ratio)
-        loss = lam * terms["loss_rec"] + terms["loss_gauss"] + terms["loss_kl"] + terms["loss_div"]
-        value = loss.item()
-        if not math.isfinite(value):
-            self.opt_masker.zero_grad(set_to_none=True)
-            return self._skip_step("loss_masker", value, masker_only=True)
-        (loss / cfg.accum_iter).backward(inputs=params)
+        keep_ratio = 1.0 - cfg.mask_ratio
+        # Per-device semantics: the KL and diversity terms see this rank's batch only (the authors').
+        with no_sync(self.masker_ddp, not boundary):
+            with self.autocast:
+                with torch.no_grad():
+                    tokens = self.mae.embed(imgs)
+                scores = self.masker_forward(tokens)
+                pred = self.soft_forward(imgs, scores, tokens)
+                terms = split_mean(lambda p, t, sc: masker_loss_terms(p, t, sc, cfg, keep_ratio),
+                                   self.masker_loss_groups, pred, self.mae.target(imgs), scores)
+            loss = lam * terms["loss_rec"] + terms["loss_gauss"] + terms["loss_kl"] + terms["loss_div"]
+            value = loss.item()
+            if not all_true(math.isfinite(value), self.dist):
+                self.opt_masker.zero_grad(set_to_none=True)
+                return self._skip_step("loss_masker", value, masker_only=True)
+            (loss / cfg.accum_iter).backward(inputs=params)
         if boundary:
             set_lr(self.opt_masker, lr)
             self.opt_masker.step()
             self.opt_masker.zero_grad(set_to_none=True)
             self.masker_updates += 1
         s = scores.detach().float()
-        out = {k: float(v) for k, v in terms.items()}
+        out = {k: float(v.detach()) for k, v in terms.items()}
         out.update(loss_masker=value, score_mean=float(s.mean()), score_low_frac=float((s < 0.1).float().mean()),
                    score_high_frac=float((s > 0.9).float().mean()))
         return out
@@ -294,8 +373,9 @@ class Trainer:
                 self.opt_masker.zero_grad(set_to_none=True)
         self.nonfinite_in_a_row += 1
         self.skipped_steps += 1
-        tqdm.write(f"clmae: warning: non-finite {what} ({value}) at iteration {self.iteration}; step skipped "
-                   f"({self.nonfinite_in_a_row} in a row)", file=sys.stderr)
+        if self.dist.is_main:
+            tqdm.write(f"clmae: warning: non-finite {what} ({value}) at iteration {self.iteration}; step skipped "
+                       f"({self.nonfinite_in_a_row} in a row)", file=sys.stderr)
         if self.nonfinite_in_a_row >= self.cfg.max_nonfinite:
             self.save_checkpoint()
             raise TrainingDiverged(
@@ -314,7 +394,8 @@ class Trainer:
         total = cfg.epochs * steps_per_epoch
         self._write_run_info(steps_per_epoch)
         bar = tqdm(total=total, initial=min(self.epoch * steps_per_epoch + self.step_in_epoch, total),
-                   disable=not cfg.progress, dynamic_ncols=True, unit="it", desc=f"{cfg.method} {self.model_name}")
+                   disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True, unit="it",
+                   desc=f"{cfg.method} {self.model_name}")
         window: dict[str, list[float]] = {}
         last_log = time.perf_counter()
         images_since_log = 0
@@ -337,11 +418,13 @@ class Trainer:
                     bar.update(1)
                     for cb in self.callbacks:
                         cb.on_step(self, metrics)
+                    if self.dist.enabled:  # a signal seen by one rank stops all of them at the same step
+                        self.stop_requested = any_true(self.stop_requested, self.dist)
                     if self.iteration % cfg.log_every == 0:
                         now = time.perf_counter()
-                        record = {k: sum(v) / len(v) for k, v in window.items()}
+                        record = mean_metrics({k: sum(v) / len(v) for k, v in window.items()}, self.dist)
                         record.update(kind="train", epoch=self.epoch, step=self.iteration, lr=lr,
-                                      img_per_s=images_since_log / max(now - last_log, 1e-9))
+                                      img_per_s=images_since_log * self.dist.world_size / max(now - last_log, 1e-9))
                         if self.masker.learnable:
                             record["curriculum_factor"] = lam
                             record["masker_updates"] = self.masker_updates
@@ -353,19 +436,22 @@ class Trainer:
                         break
                 if self.stop_requested:
                     break
-                final = {k: sum(v) / len(v) for k, v in epoch_sums.items() if v}
+                final = mean_metrics({k: sum(v) / len(v) for k, v in epoch_sums.items() if v}, self.dist)
                 self.epoch += 1
                 self.step_in_epoch = 0
                 self._end_of_epoch(final)
         bar.close()
         if self.stop_requested:
             self.save_checkpoint()
-            print(f"clmae: stopped at epoch {self.epoch}, iteration {self.iteration}; checkpoint saved. "
-                  f"Resume with: clmae pretrain --resume {self.output_dir}", file=sys.stderr)
-        elif not (self.output_dir / "checkpoint-last.pt").exists():
+            if self.dist.is_main:
+                print(f"clmae: stopped at epoch {self.epoch}, iteration {self.iteration}; checkpoint saved. "
+                      f"Resume with: clmae pretrain --resume {self.output_dir}", file=sys.stderr)
+        elif not broadcast_object((self.output_dir / "checkpoint-last.pt").exists(), self.dist):
             self.save_checkpoint()
         self._report_skipped_files()
         self.logger.close()
+        barrier(self.dist)  # every rank returns only once rank 0 has written everything
+        teardown(self.dist)
         return RunResult(self.output_dir, self.output_dir / "checkpoint-last.pt",
                          self.output_dir / "checkpoint-last.safetensors", self.logger.path, self.epoch, final)
 
@@ -379,8 +465,8 @@ class Trainer:
         self.save_checkpoint()
         if cfg.save_every and self.epoch % cfg.save_every == 0:
             self.save_checkpoint(f"checkpoint-{self.epoch:04d}")
-        if cfg.eval_every and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
-            self.evaluate_knn()
+        if cfg.eval_every and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs) and self.dist.is_main:
+            self.evaluate_knn()  # rank 0 only; the others wait at the next collective
         for cb in self.callbacks:
             cb.on_epoch_end(self)
 
@@ -388,6 +474,11 @@ class Trainer:
         """Quick k-NN accuracy of the current encoder on the held-out split (if it has labels)."""
         from .evaluation import quick_knn
 
+        if isinstance(self.dataset, ShardData):
+            tqdm.write("clmae: k-NN evaluation skipped: tar shards have no random access; evaluate the "
+                       "checkpoint on an image folder with `clmae eval knn`", file=sys.stderr)
+            self.cfg.eval_every = 0
+            return {}
         try:
             test = load_dataset(self.cfg.data, self.cfg.data_dir, "test")
         except Exception as exc:  # noqa: BLE001 — no held-out split: say so once, keep training
@@ -417,14 +508,22 @@ class Trainer:
         }
 
     def _write_run_info(self, steps_per_epoch: int) -> None:
+        if not self.dist.is_main:
+            return
         info = {**self.run_info(), "steps_per_epoch": steps_per_epoch, "torch": torch.__version__,
-                "device": str(self.device), "argv": sys.argv}
+                "device": str(self.device), "argv": sys.argv, "world_size": self.dist.world_size,
+                "global_batch": self.cfg.batch_size * self.dist.world_size,
+                "effective_batch": self.cfg.effective_batch_size * self.dist.world_size, "lr": self.lr}
         (self.output_dir / "config.json").write_text(json.dumps(info, indent=2, default=str))
 
     def save_checkpoint(self, stem: str = "checkpoint-last") -> Path:
+        """Write ``STEM.pt`` and ``STEM.safetensors`` (rank 0 only; the state is the same on every rank)."""
+        if not self.dist.is_main:
+            return self.output_dir / f"{stem}.pt"
         info = self.run_info()
         position = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "iteration": self.iteration,
-                    "masker_updates": self.masker_updates}
+                    "masker_updates": self.masker_updates, "world_size": self.dist.world_size,
+                    "global_batch": self.cfg.batch_size * self.dist.world_size}
         modules = {"mae": self.mae, "masker": self.masker if self.masker.learnable else None}
         state = {
             "format": FORMAT,
@@ -448,12 +547,19 @@ class Trainer:
     @contextlib.contextmanager
     def _graceful_stop(self):
         """SIGINT/SIGTERM finish the current step, save a checkpoint and end the run cleanly."""
+        first: list[float] = []
+
         def request_stop(signum, _frame):
-            if self.stop_requested:  # second signal: stop now
+            now = time.monotonic()
+            if first and now - first[0] > 2.0:  # a second, deliberate signal: stop now
                 raise KeyboardInterrupt
+            if first:  # the same request delivered twice (SLURM signals the step, torchrun forwards it)
+                return
+            first.append(now)
             self.stop_requested = True
-            tqdm.write(f"clmae: received {signal.Signals(signum).name}; finishing this step and saving a checkpoint "
-                       "(send again to abort)", file=sys.stderr)
+            if self.dist.is_main:
+                tqdm.write(f"clmae: received {signal.Signals(signum).name}; finishing this step and saving a "
+                           "checkpoint (send again to abort)", file=sys.stderr)
 
         previous = {}
         import threading
@@ -468,12 +574,21 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def _report_skipped_files(self) -> None:
-        skipped = self.batches.skipped
+        from collections import Counter
+
+        parts = gather_objects((dict(self.batches.skipped), self.batches.skipped_examples[:5]), self.dist)
+        if not self.dist.is_main:
+            return
+        skipped: Counter = Counter()
+        examples: list[tuple[str, str]] = []
+        for counts, some in parts:
+            skipped.update(counts)
+            examples += some
         if skipped:
             total = sum(skipped.values())
             reasons = ", ".join(f"{n} {r}" for r, n in skipped.most_common())
             print(f"clmae: skipped {total} unreadable image(s): {reasons}", file=sys.stderr)
-            for path, reason in self.batches.skipped_examples[:5]:
+            for path, reason in examples[:5]:
                 print(f"  {path}: {reason}", file=sys.stderr)
             self.logger.log({"kind": "data", "skipped_files": total, **{f"skipped_{r}": n for r, n in skipped.items()}})
 

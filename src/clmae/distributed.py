@@ -1,0 +1,369 @@
+"""Data-parallel training with PyTorch's own engine (``torchrun`` + DistributedDataParallel).
+
+One process per device. ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``;
+:func:`setup` reads them, joins the process group (NCCL on GPUs, gloo on CPUs) and picks the
+device. Without those variables everything here is a no-op and training is single-process.
+
+Design, so that N ranks with batch B train exactly like one process with batch N·B:
+
+* Every rank holds the same shared random generator (same seed, same draws). Each step's random
+  numbers (crop boxes, flips, random masks) are drawn for the *global* batch and each rank keeps
+  its slice, so a rank's images and masks are the rows ``rank·B … (rank+1)·B`` of the global
+  batch a single process would see. The epoch order is one permutation from ``seed + epoch``;
+  global step ``s`` covers ``order[s·N·B : (s+1)·N·B]`` and each rank takes its block.
+* The MAE and the masking module are wrapped in DDP separately. The MAE step runs through the
+  wrapped MAE; the masking step runs the *unwrapped* MAE (``forward_soft``) with the wrapped
+  masker and ``backward(inputs=masker parameters)``, so the MAE's DDP hooks never fire there and
+  neither ``find_unused_parameters`` nor toggling ``requires_grad`` is needed.
+* Decisions that change control flow (skip a non-finite step, stop on a signal, end an epoch
+  early) are agreed by all ranks, so no rank ever waits alone in a collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .data import InMemoryImages, TrainBatches, sample_crop_boxes
+from .errors import ConfigError, DataError
+
+T = TypeVar("T")
+
+
+@dataclass
+class DistContext:
+    """Where this process stands in the job. ``world_size == 1`` means no process group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str | None = None
+    owns_group: bool = False  # we created the process group, so we destroy it
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, local_batch: int) -> slice:
+        """This rank's rows of a global batch of ``world_size · local_batch``."""
+        return slice(self.rank * local_batch, (self.rank + 1) * local_batch)
+
+
+SINGLE = DistContext()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer; launch with torchrun") from None
+
+
+def launched_world() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from the launcher's environment (torchrun, SLURM via torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", dist.get_rank())
+    return _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
+
+
+def rank_device(option: str, local_rank: int) -> torch.device:
+    """The device of one rank: ``cuda:LOCAL_RANK`` when CUDA is used, else the CPU (gloo)."""
+    if option in ("auto", "cuda"):
+        if torch.cuda.is_available():
+            if local_rank >= torch.cuda.device_count():
+                raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) visible; "
+                                  "use --nproc-per-node <= the number of GPUs")
+            return torch.device("cuda", local_rank)
+        if option == "cuda":
+            raise ConfigError("--device: CUDA was requested but no CUDA GPU is available; use --device cpu")
+        return torch.device("cpu")
+    if option == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"--device {option!r} cannot be used with several processes; use --device cuda (each rank takes "
+                      "cuda:LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES) or --device cpu")
+
+
+def setup(device_option: str) -> DistContext | None:
+    """Join the process group when launched by torchrun; ``None`` for a single-process run."""
+    rank, world, local = launched_world()
+    if world <= 1:
+        return None
+    if not dist.is_available():
+        raise ConfigError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+    device = rank_device(device_option, local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    owns = False
+    if not dist.is_initialized():
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+        if missing:
+            raise ConfigError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; launch with "
+                              "`torchrun --nproc-per-node N -m clmae pretrain ...`")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, rank=rank, world_size=world, **kwargs)
+        owns = True
+    backend = dist.get_backend()
+    if device.type == "cpu" and backend != "gloo":
+        raise ConfigError(f"the process group uses {backend}, which cannot run on CPU tensors; use --device cuda")
+    return DistContext(rank, world, local, device, backend, owns)
+
+
+def teardown(ctx: DistContext) -> None:
+    if ctx.enabled and ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Small collectives (all no-ops for a single process)
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def all_true(flag: bool, ctx: DistContext) -> bool:
+    """True only if ``flag`` holds on every rank (used for skip / continue decisions)."""
+    if not ctx.enabled:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0.5)
+
+
+def any_true(flag: bool, ctx: DistContext) -> bool:
+    return not all_true(not flag, ctx)
+
+
+def mean_metrics(values: dict[str, float], ctx: DistContext) -> dict[str, float]:
+    """Average each metric over the ranks that have it (the logged losses of all ranks)."""
+    if not ctx.enabled:
+        return dict(values)
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, dict(values))
+    out: dict[str, float] = {}
+    for key in sorted({k for d in gathered for k in d}):
+        vals = [float(d[key]) for d in gathered if key in d]
+        out[key] = sum(vals) / len(vals)
+    return out
+
+
+def gather_objects(obj: T, ctx: DistContext) -> list[T]:
+    if not ctx.enabled:
+        return [obj]
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: T, ctx: DistContext) -> T:
+    """Rank 0's value of ``obj`` on every rank (e.g. a time-stamped output folder)."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_main(fn: Callable[[], T], ctx: DistContext) -> T:
+    """Run ``fn`` on rank 0 only; its result or its user error reaches every rank.
+
+    For file-system work (create the run folder, refuse to overwrite a run) that must happen
+    once, while a refusal must stop all ranks, not leave the others waiting.
+    """
+    if not ctx.enabled:
+        return fn()
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 — every rank must learn that rank 0 failed
+            error = exc
+    result, error = broadcast_object((result, error), ctx)
+    if error is not None:
+        raise error
+    return result
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: leave SIGINT/SIGTERM to the training process.
+
+    Ctrl-C and SLURM's or torchrun's SIGTERM reach the whole process group. The training process
+    then finishes its step and saves a checkpoint; workers that died on the signal would make the
+    DataLoader raise in the middle of that. Workers still exit when the training process does.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def wrap(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    """DDP-wrap ``module`` (unchanged for one process). Buffers are fixed, so none are broadcast."""
+    if not ctx.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DDP(module, device_ids=device_ids, broadcast_buffers=False)
+
+
+def no_sync(module: torch.nn.Module, skip_sync: bool):
+    """DDP's ``no_sync`` during gradient accumulation (a plain context otherwise)."""
+    if skip_sync and hasattr(module, "no_sync"):
+        return module.no_sync()
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def map_position(step_in_epoch: int, saved_global_batch: int, global_batch: int) -> int:
+    """The step to resume at after the global batch changed (other world size or --batch-size).
+
+    Keeps the number of images of the epoch already seen, rounded down to whole new batches:
+    no image of the epoch is skipped; at most one new batch's worth is seen again.
+    """
+    if saved_global_batch == global_batch:
+        return step_in_epoch
+    return (step_in_epoch * saved_global_batch) // global_batch
+
+
+def crop_flip(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """Apply given crop boxes ``(N, 4)`` (top, left, h, w) and flips ``(N,)`` to ``uint8`` images.
+
+    The same bicubic affine resampling as :func:`clmae.data.random_resized_crop_flip`, with the
+    random numbers supplied, so they can be drawn for a global batch and sliced per rank.
+    """
+    n, _, height, width = images.shape
+    top, left, h, w = boxes.unbind(1)
+    sx, sy = w / width, h / height
+    cx = (left + w / 2) / width * 2 - 1
+    cy = (top + h / 2) / height * 2 - 1
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = torch.where(flips, -sx, sx)
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = sy
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta.to(images.device), [n, images.shape[1], size, size], align_corners=False)
+    out = F.grid_sample(images.float().div_(255.0), grid, mode="bicubic", padding_mode="border", align_corners=False)
+    return out.clamp_(0.0, 1.0)
+
+
+class RankBatches(TrainBatches):
+    """:class:`TrainBatches` for one rank of ``world_size``: its block of every global batch.
+
+    ``batch_size`` is per rank. With ``world_size == 1`` the batches are exactly
+    :class:`TrainBatches`'s. For in-memory data, N ranks together yield bit-for-bit the batches
+    one process with batch N·B would (up to float summation order). For image folders each rank
+    decodes only its own files; its workers' augmentation seeds differ per rank.
+    """
+
+    def __init__(self, dataset, batch_size: int, img_size: int, device: torch.device, seed: int,
+                 num_workers: int = 2, ctx: DistContext = SINGLE):
+        self.ctx = ctx
+        self.global_batch = batch_size * ctx.world_size
+        if len(dataset) < self.global_batch:
+            raise DataError(f"{dataset.name}: {len(dataset)} training images, fewer than one global batch "
+                            f"({batch_size} per rank x {ctx.world_size} ranks); lower --batch-size or use more data")
+        super().__init__(dataset, batch_size, img_size, device, seed, num_workers)
+
+    def __len__(self) -> int:
+        return len(self.dataset) // self.global_batch
+
+    def rank_indices(self, epoch: int, start_step: int = 0) -> torch.Tensor:
+        """This rank's sample indices for the rest of ``epoch``, step after step."""
+        g, b = self.global_batch, self.batch_size
+        order = self._order(epoch)[: len(self) * g].view(len(self), g)
+        return order[start_step:, self.ctx.rows(b)].reshape(-1)
+
+    def epoch(self, epoch: int, generator: torch.Generator, start_step: int = 0) -> Iterator[torch.Tensor]:
+        if not self.ctx.enabled and not isinstance(self.dataset, InMemoryImages):
+            yield from super().epoch(epoch, generator, start_step)
+            return
+        if isinstance(self.dataset, InMemoryImages):
+            yield from self._memory_epoch(epoch, generator, start_step)
+        else:
+            yield from self._rank_folder_epoch(epoch, generator, start_step)
+
+    def _memory_epoch(self, epoch: int, generator: torch.Generator, start_step: int) -> Iterator[torch.Tensor]:
+        b, g = self.batch_size, self.global_batch
+        rows = self.ctx.rows(b)
+        _, _, height, width = self.dataset.images.shape
+        idx_all = self.rank_indices(epoch, start_step).view(-1, b)
+        for idx in idx_all:
+            # Random numbers for the whole global batch, in TrainBatches' order; keep our rows.
+            boxes = sample_crop_boxes(g, height, width, generator)
+            flips = torch.rand(g, generator=generator) < 0.5
+            images = self._images.index_select(0, idx.to(self.device))
+            x = crop_flip(images, boxes[rows], flips[rows], self.img_size)
+            yield (x - self._mean) / self._std
+
+    def _rank_folder_epoch(self, epoch: int, generator: torch.Generator, start_step: int) -> Iterator[torch.Tensor]:
+        # One draw from the shared generator (all ranks stay in step), then a per-rank worker seed.
+        base = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        rank_gen = torch.Generator().manual_seed(base + 7919 * self.ctx.rank)
+        batches = self._folder_epoch(self.rank_indices(epoch, start_step), rank_gen)
+        yield from in_step(batches, len(self) - start_step, self.ctx)
+
+
+def in_step(batches: Iterator[torch.Tensor], steps: int, ctx: DistContext) -> Iterator[torch.Tensor]:
+    """At most ``steps`` batches, ending on every rank as soon as one rank runs out.
+
+    Skipped unreadable files can leave a rank one batch short at the end of an epoch; the others
+    must not wait for it in the next gradient all-reduce.
+    """
+    it = iter(batches)
+    for _ in range(steps):
+        batch = next(it, None)
+        if not all_true(batch is not None, ctx):
+            return
+        yield batch
+
+
+def global_random_keep(masker, tokens: torch.Tensor, num_keep: int, generator: torch.Generator,
+                       ctx: DistContext) -> torch.Tensor:
+    """Keep-indices of a random masker drawn for the global batch; this rank's rows.
+
+    Random maskers only look at the token shape, so the global batch is an expanded view (no
+    copy). With one process this is exactly ``masker.keep_indices(tokens, ...)``.
+    """
+    b = tokens.shape[0]
+    full = tokens[:1].expand(b * ctx.world_size, *tokens.shape[1:])
+    return masker.keep_indices(full, num_keep, generator)[ctx.rows(b)]
+
+
+def split_mean(fn: Callable[..., dict[str, torch.Tensor]], groups: int,
+               *tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``fn`` on ``groups`` equal row blocks of ``tensors``, averaged: per-device loss semantics in one process.
+
+    DDP averages the ranks' gradients, i.e. it optimises the mean of the per-rank losses; a single
+    process that wants the same objective (e.g. to reproduce an N-GPU run) evaluates the loss this way.
+    """
+    if groups == 1:
+        return fn(*tensors)
+    n = tensors[0].shape[0]
+    if n % groups:
+        raise ConfigError(f"cannot split a batch of {n} into {groups} equal loss groups")
+    chunks = [t.chunk(groups) for t in tensors]
+    parts = [fn(*(c[i] for c in chunks)) for i in range(groups)]
+    return {k: sum(p[k] for p in parts) / groups for k in parts[0]}

@@ -1,0 +1,396 @@
+"""The encoder in other libraries' formats, and MAE checkpoints into clmae.
+
+* :func:`export_timm` — ``model.safetensors`` + ``config.json`` in timm's Hub layout: load with
+  ``timm.create_model("local-dir:DIR", pretrained=True)``.
+* :func:`export_hf` — a Hugging Face ``ViTModel`` folder: ``ViTModel.from_pretrained(DIR,
+  add_pooling_layer=False)``.
+* :func:`load_mae_checkpoint` — start (CL-)MAE training from an MAE someone already trained
+  (facebookresearch/mae ``.pth``, a clmae run, or an exported encoder).
+
+Only the encoder travels out: patch embedding, CLS token, blocks, final norm, and the fixed
+sin-cos position embedding (CLS slot included) as the learned ``pos_embed`` the other libraries
+expect. No decoder, masking module or mask token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import CheckpointError, ConfigError
+
+FORMATS = ("timm", "hf")
+# timm architectures by (width, depth, heads); any other shape is described fully by model_args.
+TIMM_BY_SHAPE = {
+    (192, 12, 3): "vit_tiny_patch16_224",
+    (384, 12, 6): "vit_small_patch16_224",
+    (768, 12, 12): "vit_base_patch16_224",
+    (1024, 24, 16): "vit_large_patch16_224",
+    (1280, 32, 16): "vit_huge_patch14_224",
+}
+VERIFY_ATOL = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder weights in timm's naming (ours already is, plus pos_embed)
+
+
+def timm_state_dict(mae) -> dict[str, torch.Tensor]:
+    """The encoder as a timm ``VisionTransformer(num_classes=0, global_pool='token')`` state dict."""
+    state = {k: v.detach().float().cpu().contiguous() for k, v in mae.encoder_state_dict().items()}
+    state["pos_embed"] = mae.pos_embed.detach().float().cpu().contiguous()  # fixed sin-cos, CLS slot zeros
+    return state
+
+
+def timm_architecture(mae, model_name: str | None = None) -> str:
+    import timm
+
+    c = mae.config
+    if model_name and timm.is_model(model_name):
+        return model_name
+    return TIMM_BY_SHAPE.get((c.embed_dim, c.depth, c.num_heads), "vit_base_patch16_224")
+
+
+def timm_model_args(mae) -> dict[str, Any]:
+    c = mae.config
+    return {"img_size": c.img_size, "patch_size": c.patch_size, "in_chans": c.in_chans, "embed_dim": c.embed_dim,
+            "depth": c.depth, "num_heads": c.num_heads, "mlp_ratio": c.mlp_ratio, "qkv_bias": True,
+            "class_token": True, "global_pool": "token", "num_classes": 0}
+
+
+def hf_state_dict(mae) -> dict[str, torch.Tensor]:
+    """The encoder as a transformers ``ViTModel`` state dict (the Hub's long-standing key layout).
+
+    timm's fused ``qkv`` is split into query, key and value (rows in that order).
+    """
+    t = timm_state_dict(mae)
+    out = {
+        "embeddings.cls_token": t["cls_token"],
+        "embeddings.position_embeddings": t["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": t["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": t["patch_embed.proj.bias"],
+        "layernorm.weight": t["norm.weight"],
+        "layernorm.bias": t["norm.bias"],
+    }
+    names = {"norm1": "layernorm_before", "attn.proj": "attention.output.dense", "norm2": "layernorm_after",
+             "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+    for i in range(mae.config.depth):
+        src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
+        for ours, theirs in names.items():
+            for p in ("weight", "bias"):
+                out[f"{dst}{theirs}.{p}"] = t[f"{src}{ours}.{p}"]
+        for p in ("weight", "bias"):
+            q, k, v = t[f"{src}attn.qkv.{p}"].chunk(3, dim=0)
+            for name, part in (("query", q), ("key", k), ("value", v)):
+                out[f"{dst}attention.attention.{name}.{p}"] = part.contiguous()
+    return out
+
+
+def hf_config(mae) -> dict[str, Any]:
+    c = mae.config
+    return {
+        "architectures": ["ViTModel"], "model_type": "vit",
+        "hidden_size": c.embed_dim, "num_hidden_layers": c.depth, "num_attention_heads": c.num_heads,
+        "intermediate_size": int(c.embed_dim * c.mlp_ratio), "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
+        "layer_norm_eps": 1e-6, "image_size": c.img_size, "patch_size": c.patch_size, "num_channels": c.in_chans,
+        "qkv_bias": True, "encoder_stride": c.patch_size, "torch_dtype": "float32",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+@dataclass
+class ExportResult:
+    output: Path
+    files: list[Path]
+    verified: str  # what the round-trip check compared, or why it was not run
+
+    def summary(self) -> str:
+        return "\n".join([f"wrote {p}" for p in self.files] + [f"check        {self.verified}"])
+
+
+def _source(checkpoint) -> tuple[Any, dict[str, Any], str | None]:
+    """``(mae, data_info, model_name)`` from a checkpoint path or an in-memory model."""
+    from .checkpoint import load_pretrained
+
+    if isinstance(checkpoint, torch.nn.Module):
+        return checkpoint, {}, None
+    mae, _masker, run_cfg = load_pretrained(checkpoint, "cpu")
+    return mae, dict(run_cfg.get("data_info") or {}), run_cfg.get("model")
+
+
+def _prepare(output: str | Path, overwrite: bool) -> Path:
+    out = Path(output)
+    if (out / "model.safetensors").exists() and not overwrite:
+        raise ConfigError(f"--output: {out} already holds a model.safetensors; pass --overwrite or choose another "
+                          "folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--output: cannot create {out}: {exc.strerror}") from None
+    return out
+
+
+def _stats(mae, data_info: dict[str, Any]) -> tuple[list[float], list[float]]:
+    c = mae.config.in_chans
+    mean = list(data_info.get("mean") or ([0.485, 0.456, 0.406] if c == 3 else [0.5]))
+    std = list(data_info.get("std") or ([0.229, 0.224, 0.225] if c == 3 else [0.5]))
+    return mean, std
+
+
+def _probe_input(mae, n: int = 2) -> torch.Tensor:
+    c = mae.config
+    return torch.randn(n, c.in_chans, c.img_size, c.img_size, generator=torch.Generator().manual_seed(0))
+
+
+def _compare(ours: torch.Tensor, theirs: torch.Tensor, library: str) -> str:
+    diff = float((ours - theirs).abs().max())
+    if not diff <= VERIFY_ATOL * max(1.0, float(ours.abs().max())):
+        raise CheckpointError(f"the exported encoder's {library} features differ from clmae's by {diff:.2e}; "
+                              "please report this with your timm/transformers versions")
+    return f"{library} CLS features match clmae's (max abs diff {diff:.1e})"
+
+
+def export_timm(checkpoint, output: str | Path, overwrite: bool = False, verify: bool = True) -> ExportResult:
+    """Write ``model.safetensors`` and ``config.json`` (timm Hub layout) for the checkpoint's encoder."""
+    import timm
+
+    mae, data_info, model_name = _source(checkpoint)
+    mae = mae.float().eval()
+    out = _prepare(output, overwrite)
+    arch = timm_architecture(mae, model_name)
+    args = timm_model_args(mae)
+    state = timm_state_dict(mae)
+    c = mae.config
+    mean, std = _stats(mae, data_info)
+    config = {
+        "architecture": arch,
+        "num_classes": 0,
+        "num_features": c.embed_dim,
+        "global_pool": "token",
+        "model_args": args,
+        "pretrained_cfg": {
+            "tag": "clmae", "custom_load": False, "input_size": [c.in_chans, c.img_size, c.img_size],
+            "fixed_input_size": True, "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center",
+            "mean": mean, "std": std, "num_classes": 0, "pool_size": None,
+            "first_conv": "patch_embed.proj", "classifier": "head",
+        },
+    }
+    model = timm.create_model(arch, pretrained=False, **args)
+    model.load_state_dict(state, strict=True)  # raises on any missing/unexpected key
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    verified = "not run"
+    if verify:
+        reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+        x = _probe_input(mae)
+        with torch.no_grad():
+            verified = _compare(mae.forward_features(x, "cls"), reloaded.forward_features(x)[:, 0], "timm")
+    return ExportResult(out, [out / "model.safetensors", out / "config.json"], verified)
+
+
+def export_hf(checkpoint, output: str | Path, overwrite: bool = False, verify: bool = True) -> ExportResult:
+    """Write a transformers ``ViTModel`` folder (``config.json``, ``model.safetensors``, image processor)."""
+    mae, data_info, _ = _source(checkpoint)
+    mae = mae.float().eval()
+    out = _prepare(output, overwrite)
+    c = mae.config
+    mean, std = _stats(mae, data_info)
+    save_file(hf_state_dict(mae), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config(mae), indent=2))
+    processor = {"image_processor_type": "ViTImageProcessor", "do_resize": True,
+                 "size": {"height": c.img_size, "width": c.img_size}, "resample": 3, "do_rescale": True,
+                 "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean, "image_std": std}
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    files = [out / "model.safetensors", out / "config.json", out / "preprocessor_config.json"]
+    verified = "not run"
+    if verify:
+        try:
+            from transformers import ViTModel
+        except ImportError:
+            return ExportResult(out, files, "not run (transformers is not installed)")
+        model, info = ViTModel.from_pretrained(str(out), add_pooling_layer=False, output_loading_info=True)
+        bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if bad:
+            raise CheckpointError(f"transformers did not load the export cleanly ({bad}); please report this")
+        x = _probe_input(mae)
+        with torch.no_grad():
+            theirs = model.eval()(pixel_values=x).last_hidden_state[:, 0]
+            verified = _compare(mae.forward_features(x, "cls"), theirs, "transformers")
+    return ExportResult(out, files, verified)
+
+
+def export_encoder(checkpoint, fmt: str, output: str | Path, overwrite: bool = False,
+                   verify: bool = True) -> ExportResult:
+    if fmt == "timm":
+        return export_timm(checkpoint, output, overwrite, verify)
+    if fmt == "hf":
+        return export_hf(checkpoint, output, overwrite, verify)
+    raise ConfigError(f"--format: got {fmt!r}, expected one of {', '.join(FORMATS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Import: an MAE checkpoint as the starting point
+
+
+@dataclass
+class ImportReport:
+    source: str
+    encoder_tensors: int
+    decoder: str  # "loaded" or "new (not in the checkpoint)"
+    notes: list[str] = field(default_factory=list)
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        parts = [f"{self.encoder_tensors} encoder tensors, decoder {self.decoder}"] + self.notes
+        return "; ".join(parts)
+
+
+IGNORED = ("pos_embed", "decoder_pos_embed")  # fixed sin-cos in clmae; checked, not loaded
+
+
+def _load_pickle(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, allowing only ``argparse.Namespace`` (MAE's saved ``args``)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = next((ln.strip() for ln in str(exc).splitlines() if "nsupported" in ln or "allowed" in ln),
+                      str(exc).splitlines()[0] if str(exc) else "")
+        raise CheckpointError(
+            f"{path}: refused to load: it holds Python objects other than tensors and plain values ({reason[:160]}); "
+            "if you trust the file, keep only the weights with: python -c \"import torch; "
+            f"c = torch.load('{path}', weights_only=False); torch.save({{'model': c['model']}}, 'weights.pth')\""
+        ) from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({exc.__class__.__name__}: "
+                              f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+
+
+def read_mae_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """``(state dict in MAE layout, training args, description)`` from any supported file or folder."""
+    from .checkpoint import FORMAT, read_weights, split_prefix
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for name in ("checkpoint-last.safetensors", "model.safetensors"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise CheckpointError(f"{path}: no checkpoint-last.safetensors or model.safetensors in this folder")
+    if not path.is_file():
+        raise CheckpointError(f"--init-from: {path} not found")
+    if path.suffix == ".safetensors":
+        tensors, meta = read_weights(path)
+        if meta.get("format") == FORMAT:
+            return split_prefix(tensors, "mae"), dict(meta.get("run_config") or {}), "clmae checkpoint"
+        return tensors, {}, "safetensors"
+    obj = _load_pickle(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT and isinstance(obj.get("weights"), dict):
+        return split_prefix(obj["weights"], "mae"), dict(obj.get("run_config") or {}), "clmae resume file"
+    args: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        raw_args = obj.get("args")
+        if isinstance(raw_args, argparse.Namespace):
+            args = dict(vars(raw_args))
+        elif isinstance(raw_args, dict):
+            args = dict(raw_args)
+        for key in ("model", "state_dict", "model_state"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: no state dict found (expected a dict of tensors, or one under 'model')")
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    return state, args, "MAE checkpoint"
+
+
+def load_mae_checkpoint(path: str | Path, model) -> ImportReport:
+    """Load an MAE's encoder (and decoder, if present) into ``model`` (a :class:`MaskedAutoencoderViT`).
+
+    Keys follow facebookresearch/mae (``patch_embed.proj.*``, ``blocks.N.*``, ``norm.*``,
+    ``decoder_blocks.N.*``, …), optionally under ``model`` and with DDP's ``module.`` prefix.
+    ``pos_embed``/``decoder_pos_embed`` are clmae's fixed sin-cos and are only checked. A
+    checkpoint without decoder (e.g. the released encoder-only MAE weights) keeps the new decoder.
+    """
+    state, args, kind = read_mae_weights(path)
+    source = str(path)
+    own = model.state_dict()
+    notes: list[str] = []
+
+    for name in IGNORED:
+        if name in state:
+            theirs, ours = state.pop(name).float(), getattr(model, name).float().cpu()
+            if theirs.shape != ours.shape:
+                raise CheckpointError(f"{source}: {name} has shape {tuple(theirs.shape)}, the model "
+                                      f"{tuple(ours.shape)}; check --model, --img-size and --patch-size")
+            if float((theirs - ours).abs().max()) > 1e-3:
+                raise CheckpointError(f"{source}: {name} is not the fixed 2-D sin-cos embedding clmae uses (learned "
+                                      "position embeddings cannot be imported)")
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        hint = ("; it looks like a fine-tuned classifier, not an MAE pretraining checkpoint"
+                if any(k.startswith(("head.", "fc_norm.")) for k in unexpected) else "")
+        raise CheckpointError(f"{source}: keys clmae's MAE does not have: {unexpected[:5]}"
+                              f"{' …' if len(unexpected) > 5 else ''}{hint}")
+    decoder_keys = {k for k in own if k.startswith(("decoder_", "mask_token"))}
+    encoder_keys = set(own) - decoder_keys
+    missing = sorted(encoder_keys - set(state))
+    if missing:
+        raise CheckpointError(f"{source}: encoder weights missing: {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    have_decoder = decoder_keys & set(state)
+    if have_decoder and have_decoder != decoder_keys:
+        gone = sorted(decoder_keys - have_decoder)
+        raise CheckpointError(f"{source}: decoder weights incomplete, missing {gone[:5]}")
+    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+              for k, v in state.items() if v.shape != own[k].shape]
+    if shapes:
+        raise CheckpointError(f"{source}: shape mismatch ({'; '.join(shapes[:3])}); check --model, --img-size and "
+                              "--patch-size")
+    model.load_state_dict(state, strict=False)
+    if "norm_pix_loss" in args and bool(args["norm_pix_loss"]) != bool(model.config.norm_pix_loss):
+        flag = "--norm-pix-loss" if args["norm_pix_loss"] else "--no-norm-pix-loss"
+        notes.append(f"the checkpoint was trained with norm_pix_loss={bool(args['norm_pix_loss'])}, this run uses "
+                     f"{bool(model.config.norm_pix_loss)} (pass {flag} to match)")
+    decoder = "loaded" if have_decoder else "new (not in the checkpoint)"
+    return ImportReport(source, len(encoder_keys), decoder, notes, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export the encoder for timm or Hugging Face transformers",
+                       description="Write the trained encoder (no decoder, masking module or mask token) as "
+                                   "safetensors: --format timm for timm.create_model('local-dir:DIR', "
+                                   "pretrained=True), --format hf for transformers' ViTModel.from_pretrained(DIR).")
+    p.add_argument("--checkpoint", required=True, help="run folder, .safetensors or .pt checkpoint")
+    p.add_argument("--format", required=True, choices=FORMATS, dest="fmt", help="timm or hf")
+    p.add_argument("--output", required=True, help="folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export in --output")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip reloading the export and comparing features")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    result = export_encoder(args.checkpoint, args.fmt, args.output, args.overwrite, args.verify)
+    print(result.summary())
+    return 0
+
+
+__all__ = ["export_timm", "export_hf", "export_encoder", "load_mae_checkpoint", "read_mae_weights",
+           "timm_state_dict", "hf_state_dict", "ImportReport", "ExportResult", "add_cli"]
