@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Override for another platform, e.g. TORCH_SPEC="torch torchvision" or a CPU-only index.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test soak clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Fault injection: 12 SIGKILLs at random points of a run, each followed by --resume (< 10 min).
+soak: setup
+	$(PY) scripts/soak_kill_resume.py --kills 12
 
 clean:
 	rm -rf runs .pytest_cache

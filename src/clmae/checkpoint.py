@@ -8,51 +8,97 @@ A checkpoint named ``STEM`` (e.g. ``runs/x/checkpoint-last``) is two files:
   state), loadable with ``torch.load(..., weights_only=True)`` and therefore never runs code.
 
 Each file is written to a temporary name, flushed to disk and renamed over the old one, so a crash
-or a full disk leaves the previous checkpoint intact.
+or a full disk leaves the previous checkpoint intact. The ``.pt`` is written first: a process killed
+between the two renames leaves a new ``.pt`` (what ``--resume`` reads) next to the previous
+``.safetensors``, both loadable; :func:`load_pretrained` on the run folder then reads the newer
+``.pt`` (:func:`weights_file`) and the trainer rewrites the pair when it finds it torn
+(:func:`checkpoint_pair_complete`). Temporary files left by a killed writer are removed by the
+next write of the same file.
+
+Loading never runs code from the file: safetensors has no code, the ``.pt`` goes through PyTorch's
+weights-only unpickler, and anything else (truncated, edited, foreign files) is a
+:class:`~clmae.errors.CheckpointError` whose message says what is wrong.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pickle
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .errors import CheckpointError
 
 FORMAT = "clmae-checkpoint-v1"
+MAX_PATCHES = 1 << 16  # a 256x256 patch grid; a larger count in a file is an error, not an allocation
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def remove_stale_temp_files(path: Path) -> list[Path]:
+    """Delete temporary files a killed writer of ``path`` left behind (one writer per run folder)."""
+    removed = []
+    for tmp in path.parent.glob(glob.escape(_temp_prefix(path)) + "*.tmp"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (power loss); not every platform can open a folder."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then atomically rename to ``path``; on any error nothing changes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(path)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(path.parent)
     except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         if isinstance(exc, OSError):
             raise CheckpointError(
-                f"could not write {path}: {exc.strerror or exc}; the previous checkpoint is intact — free disk space "
-                "or choose another --output-dir, then --resume"
+                f"could not write {path}: {exc.strerror or exc}; the previous checkpoint is intact. Free disk space "
+                f"(or pass --output-dir elsewhere) and continue with: clmae pretrain --resume {path.parent}"
             ) from None
         raise
 
@@ -84,13 +130,14 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as fh:
             raw = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file, possibly truncated ({exc})") from None
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # noqa: BLE001 — SafetensorError, OSError, …: any unreadable file, one message
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file, possibly truncated or not a checkpoint "
+            f"({exc.__class__.__name__}: {_first_line(exc)})"
+        ) from None
     meta = {}
     for k, v in raw.items():
         try:
@@ -100,28 +147,126 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return tensors, meta
 
 
+# What a resume file must hold, and of which type, before anything in it is used.
+RESUME_KEYS: dict[str, type | tuple[type, ...]] = {
+    "weights": dict, "opt_mae": dict, "generator": torch.Tensor, "epoch": int, "step_in_epoch": int,
+    "iteration": int, "masker_updates": int, "model_config": dict, "run_config": dict,
+}
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:200] if lines else exc.__class__.__name__
+
+
+def _refusal_reason(exc: BaseException) -> str:
+    """The line of PyTorch's weights-only error that says what was refused (not its advice to disable it)."""
+    for line in str(exc).splitlines():
+        if "unsupported" in line.lower() or "not an allowed global" in line.lower():
+            return line.strip()[:200]
+    return "objects outside the allowed tensor/plain-value types"
+
+
 def read_training_state(path: str | Path) -> dict[str, Any]:
     """Load a ``.pt`` resume file without ever executing code from it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "pickle protocol 4" notices for foreign files
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"{path}: refused to load: it contains Python objects that could run code "
-            f"({str(exc).splitlines()[0][:200]}); only clmae checkpoints of tensors and plain values are accepted"
+            f"{path}: refused to load: it contains Python objects that could run code ({_refusal_reason(exc)}); "
+            "only clmae checkpoints of tensors and plain values are accepted"
         ) from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({exc.__class__.__name__}: {exc})") from None
+    except Exception as exc:  # noqa: BLE001 — EOFError, zip errors, …: a cut or damaged file
+        raise CheckpointError(
+            f"{path}: truncated or corrupt checkpoint ({exc.__class__.__name__}: {_first_line(exc)})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a clmae resume checkpoint (no {FORMAT!r} marker)")
+    missing = [k for k in RESUME_KEYS if k not in state]
+    wrong = [k for k, t in RESUME_KEYS.items() if k in state and not isinstance(state[k], t)]
+    if missing or wrong:
+        raise CheckpointError(
+            f"{path}: incomplete clmae checkpoint (missing {missing}, wrong type {wrong}); resume from another checkpoint"
+        )
+    bad = [k for k, v in state["weights"].items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: corrupt checkpoint: weights {bad[:3]} are not tensors")
     return state
 
 
 def split_prefix(flat: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     p = prefix + "."
     return {k[len(p):]: v for k, v in flat.items() if k.startswith(p)}
+
+
+def _architecture_hint(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """Name the architectural difference behind a mismatch: patch size, channels, width, depth, patches."""
+    hints = []
+
+    def shape(d, k):
+        return tuple(d[k].shape) if k in d else None
+
+    a, b = shape(state, "patch_embed.proj.weight"), shape(own, "patch_embed.proj.weight")
+    if a and b and len(a) == len(b) == 4:
+        if a[2:] != b[2:]:
+            hints.append(f"patch size {a[2]} in the checkpoint vs {b[2]} in the model")
+        if a[1] != b[1]:
+            hints.append(f"{a[1]} input channels in the checkpoint vs {b[1]} in the model")
+        if a[0] != b[0]:
+            hints.append(f"embedding width {a[0]} in the checkpoint vs {b[0]} in the model")
+    a, b = shape(state, "network.head.weight"), shape(own, "network.head.weight")  # masking module: 1 score/patch
+    if a and b and a[0] != b[0]:
+        hints.append(f"{a[0]} patches in the checkpoint vs {b[0]} in the model (image size / patch size)")
+
+    def depth(d, prefix):
+        return len({k.split(".")[1] for k in d if k.startswith(prefix)})
+
+    for prefix, what in (("blocks.", "encoder depth"), ("decoder_blocks.", "decoder depth"),
+                         ("network.blocks.", "masking-module depth")):
+        da, db = depth(state, prefix), depth(own, prefix)
+        if da != db:
+            hints.append(f"{what} {da} in the checkpoint vs {db} in the model")
+    return hints
+
+
+def config_weight_mismatch(cfg, weights: dict[str, torch.Tensor]) -> list[str]:
+    """What in a model configuration disagrees with an autoencoder state dict (empty if nothing)."""
+    expected = {
+        "patch_embed.proj.weight": (cfg.embed_dim, cfg.in_chans, cfg.patch_size, cfg.patch_size),
+        "decoder_embed.weight": (cfg.decoder_embed_dim, cfg.embed_dim),
+        "decoder_pred.weight": (cfg.patch_size**2 * cfg.in_chans, cfg.decoder_embed_dim),
+        "blocks.0.mlp.fc1.weight": (int(cfg.embed_dim * cfg.mlp_ratio), cfg.embed_dim),
+        "decoder_blocks.0.mlp.fc1.weight": (int(cfg.decoder_embed_dim * cfg.mlp_ratio), cfg.decoder_embed_dim),
+    }
+    problems = [f"{k}: weights {tuple(weights[k].shape)} vs configuration {shape}"
+                for k, shape in expected.items() if k in weights and tuple(weights[k].shape) != shape]
+    problems += [f"{k}: missing" for k in expected if k not in weights]
+    for prefix, depth, what in (("blocks.", cfg.depth, "depth"), ("decoder_blocks.", cfg.decoder_depth, "decoder_depth")):
+        found = len({k.split(".")[1] for k in weights if k.startswith(prefix)})
+        if found != depth:
+            problems.append(f"{what} {depth} in the configuration vs {found} blocks in the weights")
+    if cfg.num_patches > MAX_PATCHES:
+        problems.append(f"{cfg.num_patches} patches (img_size {cfg.img_size} / patch_size {cfg.patch_size}) is implausible")
+    return problems
+
+
+def masker_config_mismatch(cfg, weights: dict[str, torch.Tensor]) -> list[str]:
+    """The same check for the masking module's state dict (``network.*``)."""
+    width = cfg.masker_dim or cfg.embed_dim
+    problems = []
+    head = weights.get("network.head.weight")
+    if head is None or tuple(head.shape) != (cfg.num_patches, width):
+        problems.append(f"network.head.weight: weights {None if head is None else tuple(head.shape)} vs configuration "
+                        f"{(cfg.num_patches, width)}")
+    found = len({k.split(".")[2] for k in weights if k.startswith("network.blocks.")})
+    if found != cfg.masker_depth:
+        problems.append(f"masker_depth {cfg.masker_depth} in the configuration vs {found} blocks in the weights")
+    return problems
 
 
 def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, source: str) -> None:
@@ -132,7 +277,7 @@ def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], 
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
-        parts = []
+        parts = _architecture_hint(own, state)
         if shapes:
             parts.append("shape mismatch " + "; ".join(shapes[:3]) + (" …" if len(shapes) > 3 else ""))
         if missing:
@@ -159,36 +304,103 @@ def resolve_checkpoint(path: str | Path, suffix: str) -> Path:
     return candidate
 
 
+def _position(file: Path) -> tuple[int, int, int] | None:
+    """``(epoch, step_in_epoch, iteration)`` a checkpoint file was saved at; ``None`` if unreadable.
+
+    Cheap: the ``.safetensors`` header only; the ``.pt`` memory-mapped, its tensors never read.
+    """
+    keys = ("epoch", "step_in_epoch", "iteration")
+    try:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), "pt") as fh:
+                meta = fh.metadata() or {}
+            return tuple(int(json.loads(meta[k])) for k in keys)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+        return tuple(int(state[k]) for k in keys)
+    except Exception:  # noqa: BLE001 — missing, truncated, foreign: "no usable position"
+        return None
+
+
+def checkpoint_pair_complete(stem: str | Path) -> bool:
+    """True when ``STEM.pt`` and ``STEM.safetensors`` both exist and were saved at the same position.
+
+    A process killed between the two renames leaves a newer ``.pt`` next to the previous
+    ``.safetensors``; the trainer re-saves when this is False, so the pair is consistent again.
+    """
+    stem = Path(stem)
+    a = _position(stem.with_name(stem.name + ".pt"))
+    return a is not None and a == _position(stem.with_name(stem.name + ".safetensors"))
+
+
+def weights_file(path: str | Path) -> Path:
+    """The file :func:`load_pretrained` reads for ``path``: an explicit file, or for a run folder or
+    stem its ``.safetensors`` — unless a kill left the ``.pt`` newer (or the ``.safetensors``
+    missing or unreadable), then the ``.pt``, which holds the same weights and more."""
+    path = Path(path)
+    if path.suffix == ".pt" or (path.suffix == ".safetensors" and path.is_file()):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: checkpoint not found")
+        return path
+    if path.is_file():
+        raise CheckpointError(f"{path}: not a clmae checkpoint (expected a run folder, .safetensors or .pt file)")
+    stem = path / "checkpoint-last" if path.is_dir() else path.with_suffix("") if path.suffix == ".safetensors" else path
+    st, pt = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".pt")
+    if not st.is_file() and not pt.is_file():
+        raise CheckpointError(f"{st}: checkpoint not found (give a run folder or a checkpoint file)")
+    if pt.is_file():
+        pos_pt = _position(pt)
+        if pos_pt is not None and (not st.is_file() or (_position(st) or (-1, -1, -1)) < pos_pt):
+            return pt
+    if not st.is_file():
+        return pt  # unreadable .pt and no .safetensors: read_training_state says what is wrong
+    return st
+
+
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     """Rebuild the trained model from a checkpoint: ``(mae, masker or None, run_config dict)``.
 
-    Accepts a run folder, ``*.safetensors`` or ``*.pt``.
+    Accepts a run folder, ``*.safetensors`` or ``*.pt`` (see :func:`weights_file`). Never runs code
+    from the file; a truncated, foreign or mismatching file raises :class:`CheckpointError`.
     """
     from .maskers import create_masker
     from .model import MaskedAutoencoderViT, ModelConfig
 
-    path = Path(path)
+    path = weights_file(path)
     if path.suffix == ".pt":
         state = read_training_state(path)
         flat, meta = state["weights"], {"model_config": state["model_config"], "run_config": state["run_config"],
                                          "data": state.get("data", {})}
         source = str(path)
     else:
-        file = resolve_checkpoint(path, ".safetensors")
+        file = path
         flat, meta = read_weights(file)
         source = str(file)
         if meta.get("format") != FORMAT or "model_config" not in meta:
             raise CheckpointError(f"{source}: not a clmae checkpoint (no model configuration in its metadata)")
     try:
         model_cfg = ModelConfig(**meta["model_config"])
-    except TypeError as exc:
+        model_cfg.validate()
+    except (TypeError, ValueError) as exc:  # ConfigError is a ValueError
         raise CheckpointError(f"{source}: unreadable model configuration ({exc})") from None
+    # Compare before building: a crafted configuration must not make us allocate a giant model.
+    problems = config_weight_mismatch(model_cfg, split_prefix(flat, "mae"))
+    if problems:
+        raise CheckpointError(
+            f"{source}: its model configuration does not match its weights ({'; '.join(problems)}); the file was "
+            "edited or is not a clmae checkpoint"
+        )
     mae = MaskedAutoencoderViT(model_cfg)
     load_state_checked(mae, split_prefix(flat, "mae"), "autoencoder", source)
     masker = None
     run_cfg = dict(meta.get("run_config") or {})
     masker_state = split_prefix(flat, "masker")
     if masker_state:
+        problems = masker_config_mismatch(model_cfg, masker_state)
+        if problems:
+            raise CheckpointError(f"{source}: its model configuration does not match its masking-module weights "
+                                  f"({'; '.join(problems)})")
         masker = create_masker("clmae", model_cfg)
         load_state_checked(masker, masker_state, "masking module", source)
     run_cfg["data_info"] = meta.get("data", {})

@@ -6,13 +6,12 @@ Errors a user can fix (:class:`clmae.errors.ClmaeError`) print one line and exit
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import importlib.util
 import sys
 from typing import Callable, Sequence
 
-from .config import FIELDS, PretrainConfig, load_config_file, make_config, preset_names
+from .config import FIELDS, load_config_file, make_config, preset_names
 from .curriculum import SCHEDULES
 from .errors import ClmaeError
 

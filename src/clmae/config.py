@@ -31,6 +31,7 @@ class PretrainConfig:
     patch_size: int | None = None  # override the model's
     norm_pix_loss: bool = False
     mask_ratio: float = 0.75
+    init_from: str | None = None  # start from an MAE checkpoint (facebookresearch/mae .pth or clmae run)
     # CL-MAE masking module
     curriculum: str = "official"
     curriculum_value: float = 1.0  # λ for --curriculum constant
@@ -60,9 +61,9 @@ class PretrainConfig:
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     compile: bool = False  # torch.compile the model and masker
     # curriculum probe (clmae.probe): difficulty of the learned masks on a fixed batch
-    probe_every: int = 0  # iterations between probe measurements (0 = off)
+    probe_every: int = 50  # iterations between probe measurements (0 = off)
     probe_images: int = 16  # size of the fixed probe batch
-    snapshot_every: int = 0  # save probe scores/masks every N epochs (0 = off)
+    snapshot_every: int | None = None  # save probe scores/masks every N epochs (0 = off; default: ~10 per run)
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with the run
 
@@ -96,13 +97,18 @@ class PretrainConfig:
         need(self.epochs >= 1, "epochs", "an integer >= 1")
         need(self.batch_size >= 1, "batch_size", "an integer >= 1")
         need(self.accum_iter >= 1, "accum_iter", "an integer >= 1")
-        need(self.base_lr > 0, "base_lr", "a positive number")
-        need(self.lr is None or self.lr > 0, "lr", "a positive number")
-        need(self.min_lr >= 0, "min_lr", "a number >= 0")
+        need(math.isfinite(self.base_lr) and self.base_lr > 0, "base_lr", "a finite positive number")
+        need(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr", "a finite positive number")
+        need(math.isfinite(self.min_lr) and self.min_lr >= 0, "min_lr", "a finite number >= 0")
         if self.warmup_epochs is None:
             self.warmup_epochs = round(0.1 * self.epochs, 3)
         need(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", f"a number between 0 and --epochs ({self.epochs})")
-        need(self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a finite number >= 0")
+        need(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)")
+        if self.model is not None:
+            from .model import MODEL_CONFIGS
+
+            need(self.model in MODEL_CONFIGS, "model", "one of " + ", ".join(sorted(MODEL_CONFIGS)))
         need(self.subset is None or self.subset >= 1, "subset", "an integer >= 1")
         need(self.img_size is None or self.img_size >= 1, "img_size", "a positive integer")
         need(self.patch_size is None or self.patch_size >= 1, "patch_size", "a positive integer")
@@ -112,6 +118,8 @@ class PretrainConfig:
         need(self.eval_every >= 0, "eval_every", "an integer >= 0")
         need(self.probe_every >= 0, "probe_every", "an integer >= 0")
         need(self.probe_images >= 2, "probe_images", "an integer >= 2")
+        if self.snapshot_every is None:
+            self.snapshot_every = max(1, math.ceil(self.epochs / 10))  # about ten snapshots per run
         need(self.snapshot_every >= 0, "snapshot_every", "an integer >= 0")
         need(self.max_nonfinite >= 1, "max_nonfinite", "an integer >= 1")
         return self
@@ -142,7 +150,7 @@ def load_config_file(path_or_preset: str) -> dict[str, Any]:
     try:
         values = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--config: {where} is not valid YAML: {exc}") from None
+        raise ConfigError(f"--config: {where} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"--config: {where} must be a mapping of option: value")
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
@@ -160,18 +168,22 @@ def make_config(values: dict[str, Any]) -> PretrainConfig:
     cfg = PretrainConfig(**values)
     for name, f in FIELDS.items():  # coerce YAML ints to floats etc. and reject wrong types
         value = getattr(cfg, name)
+        if name == "extra" and not isinstance(value, dict):
+            raise ConfigError(f"--extra: got {value!r}, expected a mapping of notes")
         if value is None or name == "extra":
             continue
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
         try:
             if kind.startswith("float"):
                 setattr(cfg, name, float(value))
-            elif kind.startswith("int") and not isinstance(value, bool):
-                if float(value) != int(value):
+            elif kind.startswith("int"):
+                if isinstance(value, bool) or float(value) != int(value):
                     raise ValueError
                 setattr(cfg, name, int(value))
             elif kind.startswith("bool") and not isinstance(value, bool):
                 raise ValueError
-        except (TypeError, ValueError):
+            elif kind.startswith("str") and not isinstance(value, str):
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"--{name.replace('_', '-')}: got {value!r}, expected a value of type {kind}") from None
     return cfg.validate()

@@ -6,8 +6,9 @@ Two kinds of data, one interface:
   ``(N, C, H, W)``, moved to the training device once; batches are gathered and augmented there
   in one batched call (:func:`random_resized_crop_flip`), so data never holds up a small run.
 * :class:`ImageFiles` — a folder of images (ImageFolder layout with class sub-folders, or a flat
-  folder for unlabeled pretraining), decoded by DataLoader workers. Unreadable files are skipped
-  and counted, never fatal.
+  folder for unlabeled pretraining), decoded by DataLoader workers. Unreadable files (empty, cut,
+  not images, over Pillow's decompression-bomb limit) are skipped and counted by reason, never
+  fatal; huge images are decoded at reduced scale so memory stays bounded.
 
 :func:`load_dataset` turns the ``--data`` string into one of them.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -73,6 +75,16 @@ def random_resized_crop_flip(
     n, _, height, width = images.shape
     boxes = sample_crop_boxes(n, height, width, generator, scale)
     flips = (torch.rand(n, generator=generator) < 0.5) if flip else torch.zeros(n, dtype=torch.bool)
+    return crop_flip(images, boxes, flips, size)
+
+
+def crop_flip(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """Resample given crop boxes ``(N, 4)`` (top, left, h, w) and flips ``(N,)`` to ``size``×``size``.
+
+    One bicubic ``grid_sample`` for the whole batch. Split from the sampling so that distributed
+    runs can draw the random numbers for the global batch and apply each rank's rows.
+    """
+    n, _, height, width = images.shape
     top, left, h, w = boxes.unbind(1)
     # Affine map from output coords in [-1, 1] to input coords (align_corners=False convention).
     sx, sy = w / width, h / height
@@ -88,6 +100,17 @@ def random_resized_crop_flip(
     x = images.float().div_(255.0)
     out = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
     return out.clamp_(0.0, 1.0)
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: leave SIGINT/SIGTERM to the training process.
+
+    Ctrl-C and SLURM's or torchrun's SIGTERM reach the whole process group. The training process
+    then finishes its step and saves a checkpoint; workers that died on the signal would make the
+    DataLoader raise in the middle of that. Workers still exit when the training process does.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -161,7 +184,11 @@ def _from_arrays(name: str, x: np.ndarray, y: np.ndarray | None, stats_from: np.
         raise DataError(f"{name}: images must have shape (N, H, W), (N, H, W, 1) or (N, H, W, 3); got {x.shape}")
     if x.shape[0] == 0:
         raise DataError(f"{name}: the image array is empty")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise DataError(f"{name}: images must be numbers (uint8 0..255 or floats 0..1); got dtype {x.dtype}")
     if x.dtype != np.uint8:
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise DataError(f"{name}: the images contain NaN or infinite values")
         if np.issubdtype(x.dtype, np.floating) and x.max() <= 1.0:
             x = np.round(x * 255)
         x = np.clip(x, 0, 255).astype(np.uint8)
@@ -220,6 +247,9 @@ def load_npz(path: Path, split: str, name: str | None = None) -> InMemoryImages:
         y = archive[yk] if yk in keys else None
         stats = archive["x_train"] if split != "train" else None
     except Exception as exc:  # noqa: BLE001
+        if "allow_pickle" in str(exc):
+            raise DataError(f"{path}: {xk!r} holds pickled Python objects, which are never loaded (they could run "
+                            "code); store plain numeric arrays") from None
         raise DataError(f"{path}: could not read {xk!r} ({exc.__class__.__name__}: {exc}); the file may be truncated") from None
     return _from_arrays(name, x, y, stats_from=stats)
 
@@ -257,20 +287,67 @@ def _torchvision_cifar(root: Path, split: str, download: bool) -> InMemoryImages
 # -- image folders ----------------------------------------------------------------------------
 
 
-def open_image(path: str | Path, channels: int = 3) -> Image.Image:
-    """Decode any common image and convert it to RGB (or L): grayscale, RGBA, palette, 16-bit."""
-    with Image.open(path) as img:
-        img.load()
-        mode = img.mode
-        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-            arr = np.asarray(img, dtype=np.float64)
-            hi = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), mode="L")
-        elif mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, rgba)
-        return img.convert("RGB" if channels == 3 else "L")
+class ImageTooLarge(ValueError):
+    """More pixels than ``PIL.Image.MAX_IMAGE_PIXELS``: Pillow's decompression-bomb guard."""
+
+
+def skip_reason(exc: BaseException) -> str:
+    """``"category: detail"`` for a file that could not be used; the category is what gets counted."""
+    from PIL import UnidentifiedImageError
+
+    detail = f"{exc.__class__.__name__}: {str(exc)[:120]}"
+    if isinstance(exc, (ImageTooLarge, Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"too large: {detail} (Pillow's decompression-bomb guard; raise PIL.Image.MAX_IMAGE_PIXELS to allow)"
+    if isinstance(exc, UnidentifiedImageError):
+        return f"not an image: {detail}"
+    if isinstance(exc, (OSError, SyntaxError, EOFError, ValueError, IndexError)):
+        return f"truncated or corrupt: {detail}"
+    return f"{exc.__class__.__name__}: {str(exc)[:120]}"
+
+
+def _draft_size(width: int, height: int, min_side: int) -> tuple[int, int]:
+    """The smallest size of the same aspect whose shorter side is at least ``min_side``."""
+    short = min(width, height)
+    return max(1, math.ceil(width * min_side / short)), max(1, math.ceil(height * min_side / short))
+
+
+def open_image(path, channels: int = 3, min_side: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Decode any common image and convert it to RGB (or L): grayscale, RGBA, palette, 16-bit.
+
+    ``min_side``: images whose shorter side is over twice that are decoded at reduced scale
+    (JPEG ``draft``, free) or box-reduced right after decoding, so a huge photo costs little memory
+    downstream. ``max_pixels`` (default: ``PIL.Image.MAX_IMAGE_PIXELS``) refuses bigger images
+    before decoding them; Pillow's own decompression-bomb error is never silenced.
+    """
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's harmless format warnings (EXIF, palette transparency, …)
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # …but never the size guard
+        with Image.open(path) as img:
+            if limit and img.width * img.height > limit:
+                raise ImageTooLarge(f"{img.width}x{img.height} = {img.width * img.height} pixels > {limit}")
+            if min_side and min(img.size) > 2 * min_side and img.format == "JPEG":
+                img.draft(None, _draft_size(img.width, img.height, min_side))  # decode at 1/2, 1/4 or 1/8 scale
+            img.load()
+            mode = img.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                arr = np.asarray(img, dtype=np.float64)
+                peak = float(arr.max()) if arr.size else 0.0
+                if mode.startswith("I;16") or peak > 255:
+                    hi = 65535.0
+                elif mode == "F" and peak <= 1.0:
+                    hi = 1.0  # float images in [0, 1]
+                else:
+                    hi = 255.0
+                img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), mode="L")
+            elif mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, rgba)
+            out = img.convert("RGB" if channels == 3 else "L")
+    if min_side and min(out.size) >= 2 * min_side:
+        out = out.reduce(min(out.size) // min_side)  # box filter: anti-aliased, shorter side stays >= min_side
+    return out
 
 
 def _scan(folder: Path) -> list[Path]:
@@ -284,7 +361,7 @@ class ImageFiles(torch.utils.data.Dataset):
     collate function drops it and counts it, so one corrupt image among millions costs nothing.
     """
 
-    def __init__(self, root: str | Path, channels: int = 3, transform=None):
+    def __init__(self, root: str | Path, channels: int = 3, transform=None, min_side: int | None = None):
         root = Path(root)
         if not root.exists():
             raise DataError(f"{root}: folder not found")
@@ -293,6 +370,10 @@ class ImageFiles(torch.utils.data.Dataset):
         self.root = root
         self.channels = channels
         self.transform = transform
+        # Decode huge images at reduced scale (see open_image); the trainer sets it from --img-size.
+        self.min_side = min_side
+        # Captured here so DataLoader workers apply the limit in force now, whatever their start method.
+        self.max_pixels = Image.MAX_IMAGE_PIXELS
         direct = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
         subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if subdirs and not direct:
@@ -320,14 +401,12 @@ class ImageFiles(torch.utils.data.Dataset):
         label = -1 if self.labels is None else self.labels[index]
         try:
             if path.stat().st_size == 0:
-                return None, str(path), "empty file"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Pillow's warnings; its decompression-bomb error stays
-                img = open_image(path, self.channels)
+                return None, str(path), "empty file: 0 bytes"
+            img = open_image(path, self.channels, self.min_side, self.max_pixels)
             x = self.transform(img) if self.transform is not None else img
             return x, label, None
         except Exception as exc:  # noqa: BLE001 — any undecodable file is skipped with its reason
-            return None, str(path), f"{exc.__class__.__name__}: {str(exc)[:120]}"
+            return None, str(path), skip_reason(exc)
 
 
 def collate_skipping(batch):
@@ -405,6 +484,10 @@ def load_dataset(data: str, data_dir: str | None = None, split: str = "train", c
         return load_digits(split)
     if data == "cifar10":
         return load_cifar10(data_dir, split)
+    from .shards import is_shard_spec, load_shards  # tar shards: x.tar, x-{0000..0099}.tar, a folder of *.tar
+
+    if is_shard_spec(data):
+        return load_shards(data, split, channels)
     path = Path(data).expanduser()
     if path.suffix == ".npz":
         return load_npz(path, split)
@@ -450,8 +533,7 @@ class TrainBatches:
         self.device = device
         self.seed = seed
         self.num_workers = num_workers
-        self.skipped: Counter = Counter()
-        self.skipped_examples: list[tuple[str, str]] = []
+        self.bad_files: dict[str, str] = {}  # path → reason, each unreadable file once however many epochs
         if isinstance(dataset, InMemoryImages):
             self._images = dataset.images.to(device)
         self._mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
@@ -459,6 +541,15 @@ class TrainBatches:
 
     def __len__(self) -> int:
         return len(self.dataset) // self.batch_size
+
+    @property
+    def skipped(self) -> Counter:
+        """How many distinct files were skipped, by reason (``empty file``, ``not an image``, …)."""
+        return Counter(reason.split(":")[0] for reason in self.bad_files.values())
+
+    @property
+    def skipped_examples(self) -> list[tuple[str, str]]:
+        return list(self.bad_files.items())[:20]
 
     def _order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -478,6 +569,9 @@ class TrainBatches:
     def _folder_epoch(self, order: torch.Tensor, generator: torch.Generator) -> Iterator[torch.Tensor]:
         files = self.dataset.files
         files.transform = _train_transform(self.img_size)
+        if files.min_side is None:
+            # Random crops cover >= 20% of the area: 3x the input size keeps them sharp.
+            files.min_side = 3 * self.img_size
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         loader = torch.utils.data.DataLoader(
             files,
@@ -489,14 +583,14 @@ class TrainBatches:
             persistent_workers=False,
             prefetch_factor=4 if self.num_workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
         )
         pending: list[torch.Tensor] = []
         count = 0
+        yielded = 0
         for images, _, skipped in loader:
             for path, reason in skipped:
-                self.skipped[reason.split(":")[0]] += 1
-                if len(self.skipped_examples) < 20:
-                    self.skipped_examples.append((path, reason))
+                self.bad_files.setdefault(path, reason)
             if images is None:
                 continue
             pending.append(images)
@@ -507,4 +601,11 @@ class TrainBatches:
                 batch, rest = cat[: self.batch_size], cat[self.batch_size :]
                 pending, count = ([rest] if rest.shape[0] else []), rest.shape[0]
                 x = batch.to(self.device, non_blocking=True).float().div_(255.0)
+                yielded += 1
                 yield (x - self._mean) / self._std
+        if yielded == 0 and len(order) >= self.batch_size:
+            reasons = ", ".join(f"{n} {r}" for r, n in self.skipped.most_common()) or "none"
+            raise DataError(
+                f"{files.root}: not one batch of {self.batch_size} readable images in this epoch "
+                f"({len(order)} files tried; unreadable so far: {reasons}); check the folder or lower --batch-size"
+            )

@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from .data import InMemoryImages, TrainBatches, sample_crop_boxes
+from .data import InMemoryImages, TrainBatches, crop_flip, sample_crop_boxes
 from .errors import ConfigError, DataError
 
 T = TypeVar("T")
@@ -201,17 +199,6 @@ def on_main(fn: Callable[[], T], ctx: DistContext) -> T:
     return result
 
 
-def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: leave SIGINT/SIGTERM to the training process.
-
-    Ctrl-C and SLURM's or torchrun's SIGTERM reach the whole process group. The training process
-    then finishes its step and saves a checkpoint; workers that died on the signal would make the
-    DataLoader raise in the middle of that. Workers still exit when the training process does.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 # ---------------------------------------------------------------------------------------------
 # Models
 
@@ -246,27 +233,6 @@ def map_position(step_in_epoch: int, saved_global_batch: int, global_batch: int)
     if saved_global_batch == global_batch:
         return step_in_epoch
     return (step_in_epoch * saved_global_batch) // global_batch
-
-
-def crop_flip(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
-    """Apply given crop boxes ``(N, 4)`` (top, left, h, w) and flips ``(N,)`` to ``uint8`` images.
-
-    The same bicubic affine resampling as :func:`clmae.data.random_resized_crop_flip`, with the
-    random numbers supplied, so they can be drawn for a global batch and sliced per rank.
-    """
-    n, _, height, width = images.shape
-    top, left, h, w = boxes.unbind(1)
-    sx, sy = w / width, h / height
-    cx = (left + w / 2) / width * 2 - 1
-    cy = (top + h / 2) / height * 2 - 1
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = torch.where(flips, -sx, sx)
-    theta[:, 0, 2] = cx
-    theta[:, 1, 1] = sy
-    theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta.to(images.device), [n, images.shape[1], size, size], align_corners=False)
-    out = F.grid_sample(images.float().div_(255.0), grid, mode="bicubic", padding_mode="border", align_corners=False)
-    return out.clamp_(0.0, 1.0)
 
 
 class RankBatches(TrainBatches):

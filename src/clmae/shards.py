@@ -345,7 +345,8 @@ class ShardBatches:
     def epoch(self, epoch: int, generator: torch.Generator, start_step: int = 0) -> Iterator[torch.Tensor]:
         """The remaining batches of ``epoch``. A resumed epoch restarts the stream with a new shuffle."""
         from .data import _train_transform
-        from .distributed import ignore_stop_signals, in_step
+        from .data import ignore_stop_signals
+        from .distributed import in_step
 
         draw = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))  # keeps all ranks' generators in step
         stream = ShardStream(self.dataset.shards, self.ctx.rank, self.ctx.world_size,

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .checkpoint import (
     FORMAT,
+    checkpoint_pair_complete,
     load_state_checked,
     read_training_state,
     resolve_checkpoint,
@@ -61,7 +62,7 @@ from .distributed import (
     wrap,
 )
 from .distributed import setup as setup_distributed
-from .errors import CheckpointError, ConfigError, TrainingDiverged
+from .errors import ConfigError, TrainingDiverged
 from .losses import binarization_loss, diversity_loss, mask_ratio_kl_loss, soft_reconstruction_loss
 from .maskers import Masker, create_masker
 from .metrics import MetricsLogger
@@ -328,7 +329,8 @@ class Trainer:
         # 2) Masking-module step: MAE frozen (no parameter gradients), scores scale the tokens.
         if self.masker.learnable and window % cfg.masker_every == 0:
             out.update(self._masker_step(imgs, lam, lr, boundary))
-        self.nonfinite_in_a_row = 0
+        if "skipped" not in out:  # a skipped masking-module step counts towards --max-nonfinite too
+            self.nonfinite_in_a_row = 0
         return out
 
     def _masker_step(self, imgs: torch.Tensor, lam: float, lr: float, boundary: bool) -> dict[str, float]:
@@ -373,6 +375,8 @@ class Trainer:
                 self.opt_masker.zero_grad(set_to_none=True)
         self.nonfinite_in_a_row += 1
         self.skipped_steps += 1
+        self.logger.log({"kind": "skip", "epoch": self.epoch, "step": self.iteration, "what": what, "value": value,
+                         "in_a_row": self.nonfinite_in_a_row, "skipped_steps": self.skipped_steps}, step=self.iteration)
         if self.dist.is_main:
             tqdm.write(f"clmae: warning: non-finite {what} ({value}) at iteration {self.iteration}; step skipped "
                        f"({self.nonfinite_in_a_row} in a row)", file=sys.stderr)
@@ -446,7 +450,7 @@ class Trainer:
             if self.dist.is_main:
                 print(f"clmae: stopped at epoch {self.epoch}, iteration {self.iteration}; checkpoint saved. "
                       f"Resume with: clmae pretrain --resume {self.output_dir}", file=sys.stderr)
-        elif not broadcast_object((self.output_dir / "checkpoint-last.pt").exists(), self.dist):
+        elif not broadcast_object(checkpoint_pair_complete(self.output_dir / "checkpoint-last"), self.dist):
             self.save_checkpoint()
         self._report_skipped_files()
         self.logger.close()
