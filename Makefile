@@ -15,8 +15,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# Pretrain CL-MAE on digits, then k-NN of the encoder next to a random-init encoder of the same shape.
 run: setup
-	$(VENV)/bin/clmae pretrain --output-dir runs/default-$$(date +%Y%m%d-%H%M%S)
+	@out=runs/default-$$(date +%Y%m%d-%H%M%S); \
+	$(VENV)/bin/clmae pretrain --output-dir $$out && \
+	$(VENV)/bin/clmae eval knn --checkpoint $$out --no-progress
 
 test: setup
 	$(PY) -m pytest -q

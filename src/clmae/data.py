@@ -15,6 +15,7 @@ Two kinds of data, one interface:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -448,11 +449,9 @@ class FolderData:
     files: ImageFiles
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    subset_size: int | None = None
 
     def __len__(self) -> int:
-        n = len(self.files)
-        return n if self.subset_size is None else min(n, self.subset_size)
+        return len(self.files)
 
     @property
     def channels(self) -> int:
@@ -460,14 +459,21 @@ class FolderData:
 
     @property
     def labels(self):
-        return None if self.files.labels is None else torch.tensor(self.files.labels[: len(self)])
+        return None if self.files.labels is None else torch.tensor(self.files.labels)
 
     @property
     def num_classes(self) -> int | None:
         return len(self.files.classes) or None
 
     def subset(self, n: int | None) -> "FolderData":
-        return FolderData(self.name, self.files, self.mean, self.std, n)
+        """``n`` files drawn at random with a fixed seed (files are sorted by class, so not the first n)."""
+        if n is None or n >= len(self.files):
+            return self
+        pick = sorted(torch.randperm(len(self.files), generator=torch.Generator().manual_seed(0))[:n].tolist())
+        files = copy.copy(self.files)
+        files.files = [self.files.files[i] for i in pick]
+        files.labels = None if self.files.labels is None else [self.files.labels[i] for i in pick]
+        return FolderData(self.name, files, self.mean, self.std)
 
 
 Dataset = InMemoryImages | FolderData

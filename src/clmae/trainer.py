@@ -62,7 +62,7 @@ from .distributed import (
     wrap,
 )
 from .distributed import setup as setup_distributed
-from .errors import ConfigError, TrainingDiverged
+from .errors import ClmaeError, ConfigError, TrainingDiverged
 from .losses import binarization_loss, diversity_loss, mask_ratio_kl_loss, soft_reconstruction_loss
 from .maskers import Masker, create_masker
 from .metrics import MetricsLogger
@@ -483,16 +483,17 @@ class Trainer:
                        "checkpoint on an image folder with `clmae eval knn`", file=sys.stderr)
             self.cfg.eval_every = 0
             return {}
+        was_training = self.mae.training
         try:
-            test = load_dataset(self.cfg.data, self.cfg.data_dir, "test")
-        except Exception as exc:  # noqa: BLE001 — no held-out split: say so once, keep training
+            test = load_dataset(self.cfg.data, self.cfg.data_dir, "test", channels=self.dataset.channels)
+            self.mae.eval()
+            result = quick_knn(self.mae, self.dataset, test, self.model_config.img_size, self.device)
+        except ClmaeError as exc:  # no held-out split or no labels: say so once, keep training
             tqdm.write(f"clmae: k-NN evaluation skipped: {exc}", file=sys.stderr)
             self.cfg.eval_every = 0
             return {}
-        was_training = self.mae.training
-        self.mae.eval()
-        result = quick_knn(self.mae, self.dataset, test, self.model_config.img_size, self.device)
-        self.mae.train(was_training)
+        finally:
+            self.mae.train(was_training)
         self.logger.log({"kind": "eval", "epoch": self.epoch - 1, "step": self.iteration, **result}, step=self.iteration)
         return result
 
