@@ -52,6 +52,9 @@ HELP = {
     "eval_every": "quick k-NN evaluation every N epochs (0 = off)",
     "max_nonfinite": "stop after this many non-finite steps in a row",
     "compile": "torch.compile the model and the masking module",
+    "probe_every": "iterations between curriculum-probe measurements (mask_difficulty etc.; 0 = off)",
+    "probe_images": "fixed training images the curriculum probe measures on",
+    "snapshot_every": "save the probe images' scores and masks every N epochs (0 = off; default: about 10 per run)",
     "progress": "show a progress bar",
 }
 CHOICES = {"method": ["clmae", "mae"], "curriculum": list(SCHEDULES), "kl_reduction": ["sum", "mean"]}

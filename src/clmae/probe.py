@@ -1,0 +1,353 @@
+"""Watching the curriculum: how hard are the learned masks, measured on a fixed batch during training.
+
+CL-MAE's masking module is trained to make reconstruction easier (λ > 0) or harder (λ < 0). The
+probe checks that it does, on a few fixed training images seen through the deterministic
+evaluation view:
+
+* ``mask_difficulty`` = MAE loss under the learned masks ÷ MAE loss under random masks of the same
+  ratio (averaged over a few fixed random draws). Below 1 the learned masks are easier than
+  random ones, above 1 harder; under the official schedule it should rise through 1 as λ crosses 0.
+* ``mask_difficulty_shuffled`` = the same numerator ÷ the loss when each image gets the learned mask
+  of another probe image. The MAE is trained on learned masks only, so it may simply be better at
+  masks *like* them than at random ones; this ratio keeps the mask distribution and asks whether
+  the masks are easy or hard *for their own image*.
+* ``mask_overlap`` — fraction of kept patches shared with the previous probe (how fast masks move;
+  random masks would share ``K/L``). ``mask_pairwise_overlap`` — the same between different images
+  of the batch (high = every image gets the same mask).
+* ``score_entropy`` — mean binary entropy of the scores in bits (1 = undecided 0.5, 0 = binary).
+
+Snapshots (``OUTPUT/probe/epoch-EEEE.safetensors``: scores, kept indices, masks; the images once in
+``probe/images.safetensors``) let :mod:`clmae.report` draw the masks' evolution after the run.
+
+The probe never changes training: it uses its own random generator, runs under ``no_grad`` in
+eval mode on the uncompiled modules, and restores each module's mode afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import atomic_write
+from .curriculum import curriculum_factor
+from .data import InMemoryImages, normalize, open_image, resize_images
+from .errors import DataError
+from .losses import per_patch_error
+from .maskers import mask_from_keep, random_keep_indices
+
+PROBE_SEED = 1234  # which images form the probe batch and which random masks they are compared with
+RANDOM_DRAWS = 4  # random masks per image in the denominator of mask_difficulty
+TENSORBOARD_IMAGES = 8  # probe images in the TensorBoard picture
+PROBE_DIR = "probe"
+IMAGES_FILE = "images.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# The probe batch
+
+
+def choose_indices(total: int, seed: int = PROBE_SEED) -> list[int]:
+    """A seeded random order of ``range(total)``: the first ones form the batch, the rest are spares."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def eval_images(dataset, indices: list[int], size: int, limit: int | None = None) -> tuple[list[int], torch.Tensor]:
+    """The evaluation view of ``dataset[indices]``: floats in [0, 1], ``(N, C, size, size)``.
+
+    In-memory sets are resized with :func:`clmae.data.resize_images`; image folders are resized on
+    the short side and centre-cropped. Unreadable files are passed over; at most ``limit`` images
+    are returned (default: all). Returns the indices actually used and the images.
+    """
+    limit = len(indices) if limit is None else limit
+    if isinstance(dataset, InMemoryImages):
+        used = indices[:limit]
+        return used, resize_images(dataset.images[torch.tensor(used, dtype=torch.long)], size)
+    from torchvision.transforms import v2
+
+    view = v2.Compose([v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                       v2.CenterCrop(size)])
+    used, images = [], []
+    for i in indices:
+        if len(used) == limit:
+            break
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                img = open_image(dataset.files.files[i], dataset.channels)
+        except Exception:  # noqa: BLE001 — an unreadable file is simply not chosen
+            continue
+        x = torch.from_numpy(np.asarray(img).copy())
+        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+        used.append(i)
+        images.append(resize_images(view(x).unsqueeze(0), size)[0])
+    if not images:
+        raise DataError(f"{dataset.name}: none of the chosen images could be read")
+    return used, torch.stack(images)
+
+
+def probe_batch(dataset, n: int, size: int, seed: int = PROBE_SEED) -> tuple[list[int], torch.Tensor]:
+    """``n`` fixed training images (chosen with ``seed``) in the evaluation view, floats in [0, 1]."""
+    n = min(n, len(dataset))
+    return eval_images(dataset, choose_indices(len(dataset), seed), size, limit=n)
+
+
+def random_keep_sets(batch: int, length: int, num_keep: int, draws: int, seed: int = PROBE_SEED) -> torch.Tensor:
+    """``draws`` fixed random masks per image, as kept indices ``(draws, N, K)``."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.stack([random_keep_indices(batch, length, num_keep, g) for _ in range(draws)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements (pure functions of a model, images and masks)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module | None) -> Iterator[None]:
+    """Put modules in eval mode and give each its own mode back afterwards."""
+    present = [m for m in modules if m is not None]
+    modes = [m.training for m in present]
+    try:
+        for m in present:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(present, modes):
+            m.train(mode)
+
+
+@torch.no_grad()
+def per_image_loss(mae, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    """The MAE loss of each image under ``ids_keep``, ``(N,)`` fp32 (mean error over its hidden patches)."""
+    pred = mae(x, ids_keep)["pred"]
+    mask = mask_from_keep(ids_keep, pred.shape[1])
+    err = per_patch_error(pred, mae.target(x))
+    return (err * mask).sum(1) / mask.sum(1)
+
+
+@torch.no_grad()
+def shuffled_mask_loss(mae, x: torch.Tensor, ids_keep: torch.Tensor, shifts: int = 3) -> torch.Tensor:
+    """Per-image MAE loss under the masks chosen for *other* images of the batch (cyclic shifts 1..shifts).
+
+    Same mask distribution as the learned one, but no longer fitted to the image: the denominator
+    that tells image-specific choices apart from an MAE that has merely got used to its masks.
+    """
+    shifts = max(1, min(shifts, x.shape[0] - 1))
+    keeps = torch.cat([ids_keep.roll(s, dims=0) for s in range(1, shifts + 1)])
+    return per_image_loss(mae, x.repeat(shifts, 1, 1, 1), keeps).view(shifts, -1).mean(0)
+
+
+@torch.no_grad()
+def random_mask_loss(mae, x: torch.Tensor, keep_sets: torch.Tensor) -> torch.Tensor:
+    """Per-image MAE loss averaged over the random masks ``keep_sets`` ``(draws, N, K)``: ``(N,)``."""
+    draws = keep_sets.shape[0]
+    losses = per_image_loss(mae, x.repeat(draws, 1, 1, 1), keep_sets.reshape(-1, keep_sets.shape[-1]))
+    return losses.view(draws, -1).mean(0)
+
+
+def keep_indicator(ids_keep: torch.Tensor, length: int) -> torch.Tensor:
+    """``(N, K)`` indices → ``(N, L)`` floats, 1 where the patch is kept."""
+    return 1.0 - mask_from_keep(ids_keep, length)
+
+
+def keep_overlap(previous: torch.Tensor, current: torch.Tensor, length: int) -> float:
+    """Mean fraction of each image's kept patches that were kept before too (random: ``K/L``)."""
+    a, b = keep_indicator(previous, length), keep_indicator(current, length)
+    return float(((a * b).sum(1) / current.shape[1]).mean())
+
+
+def pairwise_overlap(ids_keep: torch.Tensor, length: int) -> float:
+    """Mean fraction of kept patches shared by two different images of the batch (random: ``K/L``)."""
+    m = keep_indicator(ids_keep, length)
+    n = m.shape[0]
+    if n < 2:
+        return float("nan")
+    shared = (m @ m.T) / ids_keep.shape[1]
+    return float((shared.sum() - shared.diagonal().sum()) / (n * (n - 1)))
+
+
+def score_entropy(scores: torch.Tensor) -> float:
+    """Mean binary entropy of the scores in bits: 1 when all are 0.5, 0 when all are 0 or 1."""
+    s = scores.float().clamp(1e-7, 1 - 1e-7)
+    h = -(s * torch.log2(s) + (1 - s) * torch.log2(1 - s))
+    return float(h.mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer callback
+
+
+class CurriculumProbe:
+    """Trainer callback: probe records every ``probe_every`` iterations, snapshots every ``snapshot_every`` epochs."""
+
+    def __init__(self, trainer, seed: int = PROBE_SEED, draws: int = RANDOM_DRAWS):
+        cfg = trainer.cfg
+        self.every = cfg.probe_every
+        self.snapshot_every = cfg.snapshot_every
+        self.learnable = bool(trainer.masker.learnable)
+        self.length = trainer.model_config.num_patches
+        self.num_keep = trainer.mae.num_keep(cfg.mask_ratio)
+        self.indices, images = probe_batch(trainer.dataset, cfg.probe_images, trainer.model_config.img_size, seed)
+        self.images_uint8 = images.mul(255).round().to(torch.uint8)
+        self.x = normalize(images, trainer.dataset.mean, trainer.dataset.std).to(trainer.device)
+        keeps = random_keep_sets(len(self.indices), self.length, self.num_keep, draws, seed)
+        self.random_keeps = keeps.to(trainer.device)
+        self.generator = torch.Generator().manual_seed(seed + 2)  # for maskers that draw at random; never the trainer's
+        self.previous_keep: torch.Tensor | None = None
+        self.last: dict[str, Any] = {}
+        self.folder = Path(trainer.output_dir) / PROBE_DIR
+        if self.snapshot_every and self.learnable:
+            self._save_images(trainer)
+            if trainer.epoch == 0 and trainer.step_in_epoch == 0:
+                self.snapshot(trainer)
+        if self.every and trainer.iteration == 0:
+            self.measure(trainer)
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def on_step(self, trainer, metrics: dict[str, float]) -> None:
+        if self.every and trainer.iteration % self.every == 0:
+            self.measure(trainer)
+
+    def on_epoch_end(self, trainer) -> None:
+        if not self.learnable:
+            return
+        due = self.snapshot_every and (trainer.epoch % self.snapshot_every == 0 or trainer.epoch == trainer.cfg.epochs)
+        if due:
+            self.snapshot(trainer)
+        if trainer.logger.tb is not None:
+            self._tensorboard_images(trainer)
+
+    # -- measurements ------------------------------------------------------------------------
+
+    def _lambda(self, trainer, finished_epoch: bool = False) -> float | None:
+        """λ of the iteration just done (or of the epoch just finished)."""
+        if not self.learnable:
+            return None
+        cfg = trainer.cfg
+        if finished_epoch:  # per-epoch schedules: that epoch's λ; linear: the λ reached at its end
+            epoch = trainer.epoch if cfg.curriculum == "linear" else trainer.epoch - 1
+        elif cfg.curriculum == "linear":
+            steps = max(len(trainer.batches), 1)
+            epoch = trainer.epoch + max(trainer.step_in_epoch - 1, 0) / steps
+        else:
+            epoch = trainer.epoch
+        return curriculum_factor(epoch, cfg.epochs, cfg.curriculum, cfg.curriculum_value)
+
+    @torch.no_grad()
+    def masks(self, trainer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The masking module's scores ``(N, L)`` and kept indices ``(N, K)`` on the probe batch."""
+        with eval_mode(trainer.mae, trainer.masker), trainer.autocast:
+            tokens = trainer.mae.embed(self.x)
+            scores = trainer.masker(tokens).float()
+            keep = trainer.masker.keep_indices(tokens, self.num_keep, self.generator)
+        return scores, keep
+
+    @torch.no_grad()
+    def measure(self, trainer) -> dict[str, Any]:
+        """Compute and log one probe record (``kind="probe"``) at the current iteration."""
+        mae = trainer.mae
+        record: dict[str, Any] = {"kind": "probe", "epoch": trainer.epoch, "step": trainer.iteration}
+        with eval_mode(mae, trainer.masker), trainer.autocast:
+            loss_random = float(random_mask_loss(mae, self.x, self.random_keeps).mean())
+        record["probe_loss_random"] = loss_random
+        if self.learnable:
+            scores, keep = self.masks(trainer)
+            with eval_mode(mae, trainer.masker), trainer.autocast:
+                loss_learned = float(per_image_loss(mae, self.x, keep).mean())
+                loss_shuffled = float(shuffled_mask_loss(mae, self.x, keep).mean())
+            record.update(
+                probe_loss_learned=loss_learned,
+                probe_loss_shuffled=loss_shuffled,
+                mask_difficulty=loss_learned / loss_random if loss_random > 0 else float("nan"),
+                mask_difficulty_shuffled=loss_learned / loss_shuffled if loss_shuffled > 0 else float("nan"),
+                score_entropy=score_entropy(scores),
+                mask_pairwise_overlap=pairwise_overlap(keep, self.length),
+                curriculum_factor=self._lambda(trainer),
+            )
+            if self.previous_keep is not None:
+                record["mask_overlap"] = keep_overlap(self.previous_keep, keep, self.length)
+            self.previous_keep = keep
+        trainer.logger.log(record, step=trainer.iteration)
+        self.last = record
+        return record
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def _save_images(self, trainer) -> None:
+        path = self.folder / IMAGES_FILE
+        meta = {
+            "indices": self.indices, "mean": list(trainer.dataset.mean), "std": list(trainer.dataset.std),
+            "patch_size": trainer.model_config.patch_size, "img_size": trainer.model_config.img_size,
+            "num_keep": self.num_keep, "num_patches": self.length, "data": trainer.dataset.name,
+            "mask_ratio": trainer.cfg.mask_ratio,
+        }
+        tensors = {"images": self.images_uint8.contiguous()}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()}))
+
+    def snapshot(self, trainer) -> Path:
+        """Save the probe batch's scores and masks after ``trainer.epoch`` epochs."""
+        scores, keep = self.masks(trainer)
+        epoch = trainer.epoch
+        tensors = {
+            "scores": scores.cpu().contiguous(),
+            "keep": keep.cpu().contiguous(),
+            "mask": mask_from_keep(keep, self.length).to(torch.uint8).cpu().contiguous(),
+        }
+        meta = {"epoch": epoch, "iteration": trainer.iteration,
+                "curriculum_factor": self._lambda(trainer, finished_epoch=epoch > 0)}
+        if "mask_difficulty" in self.last:
+            meta["mask_difficulty"] = self.last["mask_difficulty"]
+            meta["difficulty_step"] = self.last["step"]
+        path = self.folder / f"epoch-{epoch:04d}.safetensors"
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()}))
+        return path
+
+    def _tensorboard_images(self, trainer) -> None:
+        from .visualize import probe_mosaic
+
+        scores, keep = self.masks(trainer)
+        n = TENSORBOARD_IMAGES
+        mosaic = probe_mosaic(self.images_uint8[:n].float() / 255, scores[:n].cpu(),
+                              mask_from_keep(keep[:n], self.length).cpu(), trainer.model_config.patch_size)
+        trainer.logger.tb.add_image("probe/masks", mosaic, trainer.iteration, dataformats="HWC")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading snapshots back
+
+
+def _meta(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        raw = fh.metadata() or {}
+    return {k: json.loads(v) for k, v in raw.items()}
+
+
+def read_snapshots(run_dir: str | Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The probe images (``{"images", **metadata}``, or None) and the snapshots, oldest first.
+
+    Each snapshot is ``{"epoch", "scores", "keep", "mask", **metadata}``.
+    """
+    folder = Path(run_dir) / PROBE_DIR
+    images_path = folder / IMAGES_FILE
+    if not images_path.is_file():
+        return None, []
+    images = {**_meta(images_path), **load_file(str(images_path))}
+    snaps = []
+    for path in sorted(folder.glob("epoch-*.safetensors")):
+        try:
+            snaps.append({**_meta(path), **load_file(str(path))})
+        except Exception:  # noqa: BLE001 — a torn file (run killed mid-write) is left out
+            continue
+    snaps.sort(key=lambda s: s["epoch"])
+    return images, snaps
+
