@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from typing import Callable, Sequence
 
@@ -129,8 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(sub)
     _add_models(sub)
     for module in COMMAND_MODULES:
-        if importlib.util.find_spec(f"clmae.{module}") is None:  # TODO(integration): remove once all exist
-            continue
         importlib.import_module(f"clmae.{module}").add_cli(sub)
     return parser
 

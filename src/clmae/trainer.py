@@ -93,6 +93,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """``requires_grad=False`` on the module's parameters for the forward inside (restored after).
+
+    With ``backward(inputs=...)`` alone autograd computes no weight gradient for the MAE, but the
+    forward still saves every linear layer's input for one; frozen, it does not (~18% less peak
+    memory in the masking step of vit_tiny at batch 128). The graph keeps no edge to these
+    parameters, so restoring ``requires_grad`` before ``backward`` is safe.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def masker_loss_terms(pred, target, scores, cfg: PretrainConfig, keep_ratio: float) -> dict[str, torch.Tensor]:
     """The weighted terms of the masking module's loss (without λ on the reconstruction)."""
     return {
@@ -343,7 +362,7 @@ class Trainer:
         keep_ratio = 1.0 - cfg.mask_ratio
         # Per-device semantics: the KL and diversity terms see this rank's batch only (the authors').
         with no_sync(self.masker_ddp, not boundary):
-            with self.autocast:
+            with self.autocast, frozen(self.mae):
                 with torch.no_grad():
                     tokens = self.mae.embed(imgs)
                 scores = self.masker_forward(tokens)
@@ -362,9 +381,10 @@ class Trainer:
             self.opt_masker.zero_grad(set_to_none=True)
             self.masker_updates += 1
         s = scores.detach().float()
-        out = {k: float(v.detach()) for k, v in terms.items()}
-        out.update(loss_masker=value, score_mean=float(s.mean()), score_low_frac=float((s < 0.1).float().mean()),
-                   score_high_frac=float((s > 0.9).float().mean()))
+        stats = {**{k: v.detach().float() for k, v in terms.items()}, "score_mean": s.mean(),
+                 "score_low_frac": (s < 0.1).float().mean(), "score_high_frac": (s > 0.9).float().mean()}
+        out = dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one device sync, not seven
+        out["loss_masker"] = value
         return out
 
     def _skip_step(self, what: str, value: float, masker_only: bool = False) -> dict[str, float]:

@@ -1,0 +1,598 @@
+"""Throughput of one CL-MAE iteration against one plain-MAE iteration, measured through the trainer.
+
+What is timed is exactly what ``clmae pretrain`` runs: two :class:`clmae.trainer.Trainer` objects
+(``method="clmae"`` and ``method="mae"``) are built with the same model and batch, and each
+iteration is ``next(batches)`` + ``trainer.train_step(imgs, lam, lr)``. The variants are timed
+interleaved in one process (rep 1: MAE, CL-MAE, matmul; rep 2: ...), so a noisy shared machine
+hits all of them alike; ratios are medians of per-rep ratios.
+
+Reported per variant: median and spread of seconds per iteration, images/s, the split of the
+CL-MAE iteration into its MAE step and masking-module step, data time vs compute time, FLOPs per
+iteration (counted with ``torch.utils.flop_counter.FlopCounterMode`` on one eager iteration:
+matmuls, convolutions and attention, forward and backward; element-wise ops and the optimiser
+are not counted), achieved FLOP/s and its fraction of a dense matmul measured in the same reps.
+Peak memory is measured in a fresh subprocess per variant: the RSS high-water mark on CPU,
+``torch.cuda.max_memory_allocated`` on CUDA.
+
+    python benchmarks/throughput.py --model vit_tiny_patch4_32 --batch-size 128 \
+        --output benchmarks/results/throughput_tiny_b128.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
+
+from clmae.config import PretrainConfig
+from clmae.model import model_config
+from clmae.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min, max and quartiles: the numbers every timing is reported with."""
+    v = sorted(values)
+    q = np.percentile(v, [25, 75]) if len(v) > 1 else (v[0], v[0])
+    return {"median": statistics.median(v), "min": v[0], "max": v[-1], "q1": float(q[0]), "q3": float(q[1]), "n": len(v)}
+
+
+def git_commit() -> dict[str, Any]:
+    """HEAD and whether the tree has uncommitted changes (read-only git calls)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "--no-optional-locks", *args], cwd=REPO, capture_output=True, text=True, check=False,
+                              timeout=30).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def current_rss_bytes() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's RSS.
+
+    On Linux this is ``VmHWM`` of the current address space: ``ru_maxrss`` would not do, because
+    a child inherits the parent's RSS at fork as its starting high-water mark.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
+
+
+def reset_peak_rss() -> bool:
+    """Restart the RSS high-water mark from the current RSS (Linux >= 4.0); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+# FlopCounterMode knows the CUDA attention kernels; the CPU flash-attention op needs a formula.
+def _cpu_flash_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_flash_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def flop_counter() -> FlopCounterMode:
+    mapping = {}
+    aten = torch.ops.aten
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_flops
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_flash_backward_flops
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the trainers
+
+
+def synthetic_npz(folder: Path, n: int, img_size: int, channels: int, seed: int = 0) -> Path:
+    """Random uint8 images of the model's size: the cost of an iteration does not depend on content."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(n, img_size, img_size, channels), dtype=np.uint8)
+    path = folder / "synthetic.npz"
+    np.savez(path, x_train=x, y_train=np.zeros(n, dtype=np.int64))
+    return path
+
+
+def build_trainer(method: str, args: argparse.Namespace, workdir: Path) -> Trainer:
+    """A trainer exactly as ``clmae pretrain`` would build it, writing into a scratch folder."""
+    data = args.data
+    if data == "synthetic":
+        mc = model_config(args.model)
+        data = str(synthetic_npz(workdir, args.batch_size * 2, mc.img_size, mc.in_chans))
+    cfg = PretrainConfig(
+        data=data, data_dir=args.data_dir, subset=args.batch_size * 2 if args.data != "synthetic" else None,
+        method=method, model=args.model, batch_size=args.batch_size, device=args.device, seed=args.seed,
+        masker_every=args.masker_every, masker_batch_fraction=args.masker_batch_fraction, compile=args.compile,
+        epochs=100, warmup_epochs=0, output_dir=str(workdir / f"run-{method}"), progress=False,
+    )
+    return Trainer(cfg)
+
+
+class Runner:
+    """Drives one trainer like ``Trainer.fit`` does and times each iteration and its parts.
+
+    The masking-module step and the masker's scoring in the MAE step are wrapped with timers on
+    the instance (the wrapped functions are called unchanged), so the CL-MAE iteration can be
+    split into its two steps without touching the trainer's code.
+    """
+
+    def __init__(self, trainer: Trainer, lam: float = 1.0):
+        self.trainer = trainer
+        self.device = trainer.device
+        self.lam = lam
+        self.lr = trainer.lr
+        self.epoch = 0
+        self.batches = self._batches()
+        self.parts: dict[str, float] = {}
+        if trainer.masker.learnable:
+            self._wrap(trainer, "_masker_step", "masker_step")
+            self._wrap(trainer.masker, "keep_indices", "masker_scores")
+
+    def _wrap(self, obj: Any, name: str, label: str) -> None:
+        fn: Callable = getattr(obj, name)
+
+        def timed(*a, **kw):
+            sync(self.device)
+            t0 = time.perf_counter()
+            result = fn(*a, **kw)
+            sync(self.device)
+            self.parts[label] = self.parts.get(label, 0.0) + time.perf_counter() - t0
+            return result
+
+        setattr(obj, name, timed)
+
+    def _batches(self):
+        while True:
+            yield from self.trainer.batches.epoch(self.epoch, self.trainer.generator)
+            self.epoch += 1
+
+    def iterate(self, count: int) -> dict[str, float]:
+        """Run ``count`` iterations; seconds per iteration for data, step, and the step's parts."""
+        self.parts = {}
+        data = step = 0.0
+        cpu0 = time.process_time()
+        for _ in range(count):
+            sync(self.device)
+            t0 = time.perf_counter()
+            imgs = next(self.batches)
+            sync(self.device)
+            t1 = time.perf_counter()
+            self.trainer.train_step(imgs, self.lam, self.lr)
+            self.trainer.iteration += 1
+            sync(self.device)
+            t2 = time.perf_counter()
+            data += t1 - t0
+            step += t2 - t1
+        cpu = time.process_time() - cpu0
+        out = {"data": data / count, "step": step / count, "iteration": (data + step) / count, "cpu": cpu / count}
+        out.update({k: v / count for k, v in self.parts.items()})
+        return out
+
+    def count_flops(self, count: int) -> dict[str, float]:
+        """FLOPs per iteration (and of the masking-module step) over ``count`` eager iterations."""
+        t = self.trainer
+        compiled = (t.mae_forward, t.soft_forward, t.masker_forward)
+        if t.cfg.compile:  # count on the eager modules: same maths, and the counter sees every op
+            t.mae_forward = getattr(t, "mae_ddp", t.mae)
+            t.soft_forward = t.mae.forward_soft
+            t.masker_forward = getattr(t, "masker_ddp", t.masker)
+        masker_flops = [0]
+        original = t._masker_step
+
+        def counted(*a, **kw):
+            with flop_counter() as inner:
+                result = original(*a, **kw)
+            masker_flops[0] += inner.get_total_flops()
+            return result
+
+        if t.masker.learnable:
+            t._masker_step = counted
+        try:
+            with flop_counter() as fc:
+                for _ in range(count):
+                    t.train_step(next(self.batches), self.lam, self.lr)
+                    t.iteration += 1
+        finally:
+            t.mae_forward, t.soft_forward, t.masker_forward = compiled
+            t._masker_step = original
+        total = fc.get_total_flops()
+        return {"iteration": total / count, "masker_step": masker_flops[0] / count,
+                "mae_step": (total - masker_flops[0]) / count}
+
+
+def model_fwd_bwd(trainer: Trainer, imgs: torch.Tensor) -> Callable[[], None]:
+    """The plain MAE's forward + backward alone (no data, no masker, no optimiser): the blocks' work."""
+    mae = trainer.mae
+    gen = torch.Generator().manual_seed(0)
+    num_keep = mae.num_keep(trainer.cfg.mask_ratio)
+    ids = torch.rand(imgs.shape[0], mae.num_patches, generator=gen).argsort(1)[:, :num_keep].to(imgs.device)
+
+    def run() -> None:
+        with trainer.autocast:
+            loss = mae(imgs, ids)["loss"]
+        loss.backward()
+        mae.zero_grad(set_to_none=True)
+
+    return run
+
+
+def matmul_peak(device: torch.device, size: int | None = None) -> tuple[Callable[[], None], float]:
+    """A dense square matmul in the dtype the model computes in (fp32 on CPU, bf16 on CUDA)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    repeat = 10 if device.type == "cuda" else 2
+
+    def run() -> None:
+        for _ in range(repeat):
+            torch.mm(a, b)
+
+    return run, 2.0 * n**3 * repeat
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> dict[str, float]:
+    """Wall-clock and process CPU seconds of one call."""
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory, one fresh process per variant
+
+
+def memory_probe(args: argparse.Namespace) -> dict[str, Any]:
+    """Build one variant, run two iterations (the first has a masking-module step), report the high-water mark."""
+    with tempfile.TemporaryDirectory(prefix="clmae-bench-") as tmp:
+        trainer = build_trainer(args.memory_probe, args, Path(tmp))
+        runner = Runner(trainer)
+        device = trainer.device
+        sync(device)
+        result: dict[str, Any] = {"variant": args.memory_probe, "peak_rss_during_setup_bytes": peak_rss_bytes(),
+                                  "rss_after_setup_bytes": current_rss_bytes(), "peak_reset": reset_peak_rss()}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            result["allocated_after_setup_bytes"] = torch.cuda.memory_allocated(device)
+        runner.iterate(2)
+        result["peak_rss_bytes"] = peak_rss_bytes()
+        if device.type == "cuda":
+            result.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
+                          peak_reserved_bytes=torch.cuda.max_memory_reserved(device))
+            result["peak_bytes"] = result["peak_allocated_bytes"]
+            result["increment_bytes"] = result["peak_allocated_bytes"] - result["allocated_after_setup_bytes"]
+        else:
+            result["peak_bytes"] = result["peak_rss_bytes"]
+            result["increment_bytes"] = result["peak_rss_bytes"] - result["rss_after_setup_bytes"]
+        return result
+
+
+def measure_memory(args: argparse.Namespace, variant: str) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", variant, "--model", args.model,
+           "--batch-size", str(args.batch_size), "--device", args.device, "--data", args.data,
+           "--masker-every", str(args.masker_every), "--masker-batch-fraction", str(args.masker_batch_fraction),
+           "--seed", str(args.seed), "--output", os.devnull]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.compile:
+        cmd.append("--compile")
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe for {variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    started = time.time()
+    k = args.masker_every
+    with tempfile.TemporaryDirectory(prefix="clmae-bench-") as tmp:
+        mae_runner = Runner(build_trainer("mae", args, Path(tmp)))
+        clmae_runner = Runner(build_trainer("clmae", args, Path(tmp)))
+        device = mae_runner.device
+        imgs = next(mae_runner.batches)
+        fwd_bwd = model_fwd_bwd(mae_runner.trainer, imgs)
+        peak_fn, peak_flops = matmul_peak(device, args.matmul_size)
+
+        # The first pass counts FLOPs (eager) and doubles as warm-up for the eager parts.
+        log(f"counting FLOPs: {k} iteration(s) per variant")
+        flops = {"mae": mae_runner.count_flops(k), "clmae": clmae_runner.count_flops(k)}
+        with flop_counter() as fc:
+            fwd_bwd()
+        flops["mae_fwd_bwd"] = fc.get_total_flops()
+        log(f"warm-up: {args.warmup} x {k} iteration(s) per variant")
+        for _ in range(args.warmup):
+            mae_runner.iterate(k)
+            clmae_runner.iterate(k)
+            fwd_bwd()
+            peak_fn()
+
+        reps: list[dict[str, Any]] = []
+        for r in range(args.reps):
+            rec = {"mae": mae_runner.iterate(k), "clmae": clmae_runner.iterate(k),
+                   "mae_fwd_bwd": timed(fwd_bwd, device), "matmul": timed(peak_fn, device)}
+            reps.append(rec)
+            log(f"rep {r + 1}/{args.reps}: MAE {rec['mae']['iteration']:.3f}s  CL-MAE {rec['clmae']['iteration']:.3f}s  "
+                f"ratio {rec['clmae']['iteration'] / rec['mae']['iteration']:.2f} "
+                f"(CPU time {rec['clmae']['cpu'] / rec['mae']['cpu']:.2f})  "
+                f"matmul {peak_flops / rec['matmul']['wall'] / 1e9:.1f} GFLOP/s")
+        model_cfg = dataclasses.asdict(mae_runner.trainer.model_config)
+
+    memory = {}
+    if not args.no_memory:
+        for variant in ("mae", "clmae"):
+            log(f"peak memory: {variant} (separate process)")
+            memory[variant] = measure_memory(args, variant)
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    extra = {"load_avg_before": load_before, "load_avg_after": load_after, "wall_s": round(time.time() - started, 1),
+             "model_config": model_cfg}
+    return summarise(args, reps, flops, peak_flops, memory, device, extra)
+
+
+def memory_fields(memory: dict[str, Any]) -> dict[str, Any]:
+    mem = {v: memory.get(v, {}) for v in ("mae", "clmae")}
+    both = bool(mem["mae"]) and bool(mem["clmae"])
+    return {
+        "peak_mem_mae_bytes": mem["mae"].get("peak_bytes"),
+        "peak_mem_clmae_bytes": mem["clmae"].get("peak_bytes"),
+        "peak_mem_ratio": mem["clmae"]["peak_bytes"] / mem["mae"]["peak_bytes"] if both else None,
+        "peak_mem_mae_increment_bytes": mem["mae"].get("increment_bytes"),
+        "peak_mem_clmae_increment_bytes": mem["clmae"].get("increment_bytes"),
+        "peak_mem_increment_ratio": mem["clmae"]["increment_bytes"] / mem["mae"]["increment_bytes"] if both else None,
+        "memory": memory,
+    }
+
+
+def summarise(args, reps, flops, peak_flops, memory, device, extra) -> dict[str, Any]:
+    """Medians over reps; ratios are medians of per-rep ratios (paired, so shared noise cancels)."""
+    b = args.batch_size
+    med = statistics.median
+
+    def col(variant: str, key: str) -> list[float]:
+        return [rep[variant][key] for rep in reps]
+
+    def paired(a: list[float], c: list[float]) -> list[float]:
+        return [x / y for x, y in zip(a, c)]
+
+    mae_it, cl_it = col("mae", "iteration"), col("clmae", "iteration")
+    mae_cpu, cl_cpu = col("mae", "cpu"), col("clmae", "cpu")
+    masker_step = col("clmae", "masker_step") if "masker_step" in reps[0]["clmae"] else [0.0] * len(reps)
+    mm_wall, mm_cpu = col("matmul", "wall"), col("matmul", "cpu")
+    fb_wall, fb_cpu = col("mae_fwd_bwd", "wall"), col("mae_fwd_bwd", "cpu")
+    peak = [peak_flops / t for t in mm_wall]
+    peak_cpu = [peak_flops / t for t in mm_cpu]
+
+    def frac(work: float, times: list[float], peaks: list[float]) -> float:
+        return med([work / t / p for t, p in zip(times, peaks)])
+
+    f_mae, f_cl, f_fb = flops["mae"]["iteration"], flops["clmae"]["iteration"], flops["mae_fwd_bwd"]
+    return {
+        "benchmark": "throughput",
+        "model": args.model,
+        "batch_size": b,
+        "masker_every": args.masker_every,
+        "masker_batch_fraction": args.masker_batch_fraction,
+        "compile": args.compile,
+        "data": args.data,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        **git_commit(),
+        "warmup": args.warmup,
+        "reps": args.reps,
+        "iterations_per_rep": args.masker_every,
+        # headline numbers; an iteration is next(batch) + train_step, as in Trainer.fit
+        "img_per_s_mae": b / med(mae_it),
+        "img_per_s_clmae": b / med(cl_it),
+        "ratio_clmae_to_mae": med(paired(cl_it, mae_it)),
+        "ratio_clmae_to_mae_spread": spread(paired(cl_it, mae_it)),
+        "ratio_clmae_to_mae_cpu_time": med(paired(cl_cpu, mae_cpu)),
+        "ratio_clmae_to_mae_cpu_time_spread": spread(paired(cl_cpu, mae_cpu)),
+        "ratio_flops_clmae_to_mae": f_cl / f_mae,
+        **memory_fields(memory),
+        "peak_mem_note": ("CPU: RSS high-water mark (VmHWM) of a fresh process per variant over two iterations, "
+                          "reset after building the trainer; increment = peak minus RSS after building the trainer. "
+                          "CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats"),
+        # seconds per iteration (wall clock unless named cpu)
+        "seconds": {
+            "mae_iteration": spread(mae_it),
+            "clmae_iteration": spread(cl_it),
+            "mae_iteration_cpu": spread(mae_cpu),
+            "clmae_iteration_cpu": spread(cl_cpu),
+            "clmae_mae_step": spread([s - m for s, m in zip(col("clmae", "step"), masker_step)]),
+            "clmae_masker_scores_in_mae_step": spread(col("clmae", "masker_scores")),
+            "clmae_masker_step": spread(masker_step),
+            "mae_data": spread(col("mae", "data")),
+            "clmae_data": spread(col("clmae", "data")),
+            "mae_model_fwd_bwd": spread(fb_wall),
+            "matmul_call": spread(mm_wall),
+        },
+        "data_fraction_mae": med(paired(col("mae", "data"), mae_it)),
+        "data_fraction_clmae": med(paired(col("clmae", "data"), cl_it)),
+        # work and efficiency
+        "flops_note": ("torch.utils.flop_counter.FlopCounterMode over one eager pass of the same iterations: "
+                       "matmul, convolution and attention FLOPs, forward and backward (CPU flash attention "
+                       "added with torch's SDPA formulas); element-wise ops and the optimiser are not counted"),
+        "flops_per_iteration_mae": f_mae,
+        "flops_per_iteration_clmae": f_cl,
+        "flops_clmae_mae_step": flops["clmae"]["mae_step"],
+        "flops_clmae_masker_step": flops["clmae"]["masker_step"],
+        "flops_mae_model_fwd_bwd": f_fb,
+        "matmul_size": args.matmul_size or (8192 if device.type == "cuda" else 2048),
+        "matmul_peak_flop_s": spread(peak),
+        "matmul_peak_flop_s_cpu_time": spread(peak_cpu),
+        "flop_s_mae_iteration": f_mae / med(mae_it),
+        "flop_s_clmae_iteration": f_cl / med(cl_it),
+        "flop_s_mae_model_fwd_bwd": f_fb / med(fb_wall),
+        "frac_of_peak_mae_iteration": frac(f_mae, mae_it, peak),
+        "frac_of_peak_clmae_iteration": frac(f_cl, cl_it, peak),
+        "frac_of_peak_mae_model_fwd_bwd": frac(f_fb, fb_wall, peak),
+        "frac_of_peak_cpu_time_mae_iteration": frac(f_mae, mae_cpu, peak_cpu),
+        "frac_of_peak_cpu_time_clmae_iteration": frac(f_cl, cl_cpu, peak_cpu),
+        "frac_of_peak_cpu_time_mae_model_fwd_bwd": frac(f_fb, fb_cpu, peak_cpu),
+        "frac_note": ("FLOP/s of the work divided by the FLOP/s of a dense square matmul timed in the same rep; "
+                      "median over reps. *_cpu_time uses process CPU seconds for both, which is robust to the "
+                      "process being descheduled on a shared machine"),
+        "raw_reps": reps,
+        "args": {k: v for k, v in vars(args).items() if k != "memory_probe"},
+        **extra,
+    }
+
+
+def print_summary(res: dict[str, Any]) -> None:
+    s = res["seconds"]
+    gib = 2**30
+    pct = lambda x: f"{100 * x:.0f}%"
+    lines = [
+        (f"{res['model']} batch {res['batch_size']} on {res['device']} ({res['device_name']}, {res['threads']} threads, "
+        f"{res['precision']}), masker_every={res['masker_every']}, masker_batch_fraction={res['masker_batch_fraction']}"),
+        f"  MAE iteration     {s['mae_iteration']['median']:.3f} s  ({res['img_per_s_mae']:.1f} img/s)",
+        f"  CL-MAE iteration  {s['clmae_iteration']['median']:.3f} s  ({res['img_per_s_clmae']:.1f} img/s)",
+        (f"    MAE step        {s['clmae_mae_step']['median']:.3f} s  (of which masker scoring "
+        f"{s['clmae_masker_scores_in_mae_step']['median']:.3f} s)"),
+        f"    masking step    {s['clmae_masker_step']['median']:.3f} s  (per iteration)",
+        (f"  ratio CL-MAE/MAE  {res['ratio_clmae_to_mae']:.2f} wall (reps {res['ratio_clmae_to_mae_spread']['min']:.2f}-"
+        f"{res['ratio_clmae_to_mae_spread']['max']:.2f}), {res['ratio_clmae_to_mae_cpu_time']:.2f} CPU time, "
+        f"{res['ratio_flops_clmae_to_mae']:.2f} FLOPs"),
+        (f"  data time         {pct(res['data_fraction_mae'])} of the MAE iteration, "
+        f"{pct(res['data_fraction_clmae'])} of the CL-MAE iteration"),
+        (f"  matmul peak       {res['matmul_peak_flop_s']['median'] / 1e9:.1f} GFLOP/s wall, "
+        f"{res['matmul_peak_flop_s_cpu_time']['median'] / 1e9:.1f} GFLOP/CPU-s"),
+        (f"  fraction of peak  MAE fwd+bwd {pct(res['frac_of_peak_mae_model_fwd_bwd'])} "
+        f"(CPU time {pct(res['frac_of_peak_cpu_time_mae_model_fwd_bwd'])}), "
+        f"MAE iteration {pct(res['frac_of_peak_mae_iteration'])} ({pct(res['frac_of_peak_cpu_time_mae_iteration'])}), "
+        f"CL-MAE iteration {pct(res['frac_of_peak_clmae_iteration'])} ({pct(res['frac_of_peak_cpu_time_clmae_iteration'])})"),
+    ]
+    if res["peak_mem_mae_bytes"]:
+        lines.append(f"  peak memory       MAE {res['peak_mem_mae_bytes'] / gib:.2f} GiB, CL-MAE "
+                     f"{res['peak_mem_clmae_bytes'] / gib:.2f} GiB (x{res['peak_mem_ratio']:.2f}); above setup: "
+                     f"{res['peak_mem_mae_increment_bytes'] / gib:.2f} vs {res['peak_mem_clmae_increment_bytes'] / gib:.2f} GiB "
+                     f"(x{res['peak_mem_increment_ratio']:.2f})")
+    print("\n".join(lines))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit_tiny_patch4_32")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--masker-every", type=int, default=1)
+    p.add_argument("--masker-batch-fraction", type=float, default=1.0)
+    p.add_argument("--data", default="synthetic", help="synthetic (random images of the model's size), cifar10, digits, ...")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--warmup", type=int, default=1,
+                   help="warm-up reps after the FLOP-counting pass (each masker_every iterations per variant)")
+    p.add_argument("--reps", type=int, default=5, help="timed reps (each masker_every iterations per variant)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--matmul-size", type=int, default=None, help="side of the square matmul for the peak")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model and masker (as --compile in pretrain)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only (re)measure peak memory and update the memory fields of an existing --output JSON")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, help="JSON file to write (e.g. benchmarks/results/throughput_NAME.json)")
+    p.add_argument("--memory-probe", choices=["mae", "clmae"], help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args)))
+        return 0
+    if args.memory_only:
+        out = Path(args.output)
+        res = json.loads(out.read_text())
+        res.update(memory_fields({v: measure_memory(args, v) for v in ("mae", "clmae")}))
+        res["memory_measured_separately"] = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), **git_commit()}
+        out.write_text(json.dumps(res, indent=2, default=str) + "\n")
+        print_summary(res)
+        return 0
+    res = benchmark(args)
+    print_summary(res)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())
