@@ -6,7 +6,7 @@ extraction speed of ``vit_tiny_patch4_32`` on CIFAR-10 images and the time of th
 10,000 test × 50,000 train features (random features of the tiny model's width, 192).
 
 Sized for a few busy CPU cores (default ≈ 10–15 min): a narrower, shallower model than
-``vit_tiny_patch4_32`` (``vit_mini_patch4_32``: width 128, depth 6, registered here only), 2,000
+``vit_tiny_patch4_32`` (``vit_mini_patch4_32``: width 128, depth 6, in the model registry), 2,000
 training images, 3 epochs. The numbers show that the pipeline works end to end, not what
 CL-MAE reaches with a real budget.
 
@@ -49,7 +49,7 @@ MINI = "vit_mini_patch4_32"
 
 
 def register_mini() -> None:
-    """A benchmark-only model: the tiny model's 32px/patch-4 grid at width 128 and depth 6."""
+    """Kept for older clmae versions: the registry has this model (32px/patch-4 grid, width 128, depth 6)."""
     MODEL_CONFIGS.setdefault(MINI, ModelConfig(
         img_size=32, patch_size=4, in_chans=3, embed_dim=128, depth=6, num_heads=4,
         decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, masker_depth=2,

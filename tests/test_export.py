@@ -23,13 +23,6 @@ from clmae.model import create_model
 from clmae.trainer import Trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def scrambled(name: str = "vit_micro_patch2_8", seed: int = 0):
     """A model whose every parameter (biases and norms included) is random, so a mapping mistake shows."""

@@ -20,14 +20,6 @@ from clmae.maskers import (
 )
 from clmae.model import MaskedAutoencoderViT, model_config, patchify, unpatchify
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the machine is shared, and spinning OpenMP threads make tiny ops 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

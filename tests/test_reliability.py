@@ -94,14 +94,6 @@ class Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the machine is shared, and spinning OpenMP threads make tiny runs 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
@@ -586,7 +578,7 @@ def messy_folder(tmp_path_factory) -> tuple[Path, dict[str, str]]:
             _save(Image.fromarray(rng.integers(0, 65535, (10, 12), dtype=np.uint16)), d / f"deep{i}.png"),
             _save(rgb().convert("CMYK"), d / f"cmyk{i}.jpg"),
         ]
-    big_ok = _save(rgb(96, 80), d / "big_but_allowed.jpg", quality=90)  # 7,680 px: decoded at reduced scale
+    _save(rgb(96, 80), d / "big_but_allowed.jpg", quality=90)  # 7,680 px: decoded at reduced scale
     bad = {}
     for i in range(2):
         (d / f"empty{i}.png").write_bytes(b"")

@@ -98,6 +98,11 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=4, num_heads=4,
         decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, masker_depth=2,
     ),
+    # A CPU-sized model on the tiny model's grid (studies and benchmarks on 2 cores).
+    "vit_mini_patch4_32": ModelConfig(
+        img_size=32, patch_size=4, in_chans=3, embed_dim=128, depth=6, num_heads=4,
+        decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, masker_depth=2,
+    ),
     "vit_tiny_patch4_32": ModelConfig(
         img_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=12, num_heads=3,
         decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4,
