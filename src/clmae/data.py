@@ -518,7 +518,51 @@ def load_dataset(data: str, data_dir: str | None = None, split: str = "train", c
 # Training batches
 
 
-class TrainBatches:
+class SkippedFiles:
+    """Batches decoded by DataLoader workers: skip bookkeeping and full-size batching.
+
+    Unreadable inputs are counted once per file however many epochs see them. Subclasses set
+    ``batch_size``, ``device``, ``_mean`` and ``_std``.
+    """
+
+    def __init__(self) -> None:
+        self.bad_files: dict[str, str] = {}  # path (or shard key) → reason
+
+    def record(self, skipped: list[tuple[str, str]]) -> None:
+        for path, reason in skipped:
+            self.bad_files.setdefault(path, reason)
+
+    @property
+    def skipped(self) -> Counter:
+        """How many distinct files were skipped, by reason (``empty file``, ``not an image``, …)."""
+        return Counter(reason.split(":")[0] for reason in self.bad_files.values())
+
+    @property
+    def skipped_examples(self) -> list[tuple[str, str]]:
+        return list(self.bad_files.items())[:20]
+
+    def full_batches(self, loader) -> Iterator[torch.Tensor]:
+        """Normalised batches of exactly ``batch_size`` on the device from ``collate_skipping`` output.
+
+        Skipped files shrink a loader batch; it is topped up from the next one so every step is full.
+        """
+        pending: list[torch.Tensor] = []
+        count = 0
+        for images, _, skipped in loader:
+            self.record(skipped)
+            if images is None:
+                continue
+            pending.append(images)
+            count += images.shape[0]
+            while count >= self.batch_size:
+                cat = torch.cat(pending)
+                batch, rest = cat[: self.batch_size], cat[self.batch_size :]
+                pending, count = ([rest] if rest.shape[0] else []), rest.shape[0]
+                x = batch.to(self.device, non_blocking=True).float().div_(255.0)
+                yield (x - self._mean) / self._std
+
+
+class TrainBatches(SkippedFiles):
     """Yields augmented, normalised training batches on ``device``, reproducibly per epoch.
 
     The order of epoch ``e`` is a permutation drawn from ``seed`` and ``e`` alone, so a run
@@ -539,7 +583,7 @@ class TrainBatches:
         self.device = device
         self.seed = seed
         self.num_workers = num_workers
-        self.bad_files: dict[str, str] = {}  # path → reason, each unreadable file once however many epochs
+        SkippedFiles.__init__(self)
         if isinstance(dataset, InMemoryImages):
             self._images = dataset.images.to(device)
         self._mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
@@ -547,15 +591,6 @@ class TrainBatches:
 
     def __len__(self) -> int:
         return len(self.dataset) // self.batch_size
-
-    @property
-    def skipped(self) -> Counter:
-        """How many distinct files were skipped, by reason (``empty file``, ``not an image``, …)."""
-        return Counter(reason.split(":")[0] for reason in self.bad_files.values())
-
-    @property
-    def skipped_examples(self) -> list[tuple[str, str]]:
-        return list(self.bad_files.items())[:20]
 
     def _order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -591,24 +626,10 @@ class TrainBatches:
             generator=torch.Generator().manual_seed(seed),
             worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
         )
-        pending: list[torch.Tensor] = []
-        count = 0
         yielded = 0
-        for images, _, skipped in loader:
-            for path, reason in skipped:
-                self.bad_files.setdefault(path, reason)
-            if images is None:
-                continue
-            pending.append(images)
-            count += images.shape[0]
-            # Skipped files shrink a batch; top it up from the next one so every step is full.
-            while count >= self.batch_size:
-                cat = torch.cat(pending)
-                batch, rest = cat[: self.batch_size], cat[self.batch_size :]
-                pending, count = ([rest] if rest.shape[0] else []), rest.shape[0]
-                x = batch.to(self.device, non_blocking=True).float().div_(255.0)
-                yielded += 1
-                yield (x - self._mean) / self._std
+        for batch in self.full_batches(loader):
+            yielded += 1
+            yield batch
         if yielded == 0 and len(order) >= self.batch_size:
             reasons = ", ".join(f"{n} {r}" for r, n in self.skipped.most_common()) or "none"
             raise DataError(

@@ -24,14 +24,13 @@ import re
 import sys
 import tarfile
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from .data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, collate_skipping
+from .data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, SkippedFiles, collate_skipping
 from .errors import DataError
 
 SIZES_FILE = "sizes.json"  # {shard file name: number of samples}, written by write_shards
@@ -310,7 +309,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             return None, key, f"{exc.__class__.__name__}: {str(exc)[:120]}"
 
 
-class ShardBatches:
+class ShardBatches(SkippedFiles):
     """Training batches from tar shards for one rank: the :class:`~clmae.data.TrainBatches` interface.
 
     ``len()`` is the epoch length in steps (``samples // (batch · world_size)``). Decoding and
@@ -334,8 +333,7 @@ class ShardBatches:
         if len(dataset) < batch_size * self.ctx.world_size:
             raise DataError(f"{dataset.name}: {len(dataset)} training images, fewer than one global batch "
                             f"({batch_size} x {self.ctx.world_size}); lower --batch-size or use more data")
-        self.skipped: Counter = Counter()
-        self.skipped_examples: list[tuple[str, str]] = []
+        SkippedFiles.__init__(self)
         self._mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
         self._std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
 
@@ -359,26 +357,7 @@ class ShardBatches:
             persistent_workers=False, generator=torch.Generator().manual_seed(draw + 7919 * self.ctx.rank),
             worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
         )
-        yield from in_step(self._full_batches(loader), len(self) - start_step, self.ctx)
-
-    def _full_batches(self, loader) -> Iterator[torch.Tensor]:
-        pending: list[torch.Tensor] = []
-        count = 0
-        for images, _, skipped in loader:
-            for key, reason in skipped:
-                self.skipped[reason.split(":")[0]] += 1
-                if len(self.skipped_examples) < 20:
-                    self.skipped_examples.append((key, reason))
-            if images is None:
-                continue
-            pending.append(images)
-            count += images.shape[0]
-            while count >= self.batch_size:  # skipped samples shrink a batch; top it up from the next
-                cat = torch.cat(pending)
-                batch, rest = cat[: self.batch_size], cat[self.batch_size:]
-                pending, count = ([rest] if rest.shape[0] else []), rest.shape[0]
-                x = batch.to(self.device, non_blocking=True).float().div_(255.0)
-                yield (x - self._mean) / self._std
+        yield from in_step(self.full_batches(loader), len(self) - start_step, self.ctx)
 
 
 # ---------------------------------------------------------------------------------------------
