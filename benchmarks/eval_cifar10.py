@@ -28,19 +28,16 @@ from pathlib import Path
 
 import torch
 
+from clmae.compare import comparison_table, format_markdown, format_terminal, plot_comparison
 from clmae.evaluation import (
     EvalOptions,
     clear_caches,
-    comparison_table,
-    format_markdown,
-    format_terminal,
-    knn_class_scores,
-    plot_comparison,
     prepare,
     protocol_config,
     run_protocol,
     summary_lines,
 )
+from clmae.protocols import knn_class_scores
 from clmae.model import MODEL_CONFIGS, ModelConfig, MaskedAutoencoderViT
 from clmae.trainer import pretrain, resolve_device
 

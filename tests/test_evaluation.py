@@ -14,27 +14,27 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from clmae.cli import main
+from clmae.compare import compare, format_markdown
 from clmae.errors import CheckpointError, ConfigError, DataError
 from clmae.evaluation import (
     EvalOptions,
-    FewShotConfig,
-    LinearConfig,
-    compare,
     evaluate,
-    fewshot_metrics,
-    format_markdown,
-    knn_class_scores,
-    knn_metrics,
     knn_report_vs_random,
-    linear_probe_metrics,
     prepare,
     protocol_config,
     quick_knn,
     run_protocol,
+)
+from clmae.protocols import (
+    FewShotConfig,
+    LinearConfig,
+    fewshot_metrics,
+    knn_class_scores,
+    knn_metrics,
+    linear_probe_metrics,
     sample_support,
     topk_accuracy,
 )
-
 
 
 @pytest.fixture(scope="module")

@@ -116,7 +116,7 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 # Sub-commands living next to the code they drive: each module has ``add_cli(subparsers)``.
-COMMAND_MODULES: list[str] = ["evaluation", "visualize", "report", "export"]
+COMMAND_MODULES: list[str] = ["evaluation", "compare", "visualize", "report", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,8 +33,8 @@ decay, stochastic depth, label smoothing, warmup + cosine, random-resized-crop +
 Entry points: :func:`evaluate` (one protocol, returns the JSON report), :func:`prepare` +
 :func:`run_protocol` (several protocols on one checkpoint sharing the feature cache),
 :func:`quick_knn` (the trainer's ``--eval-every``), :func:`knn_report_vs_random` (one summary
-string), :func:`compare` (table and bar chart of several reports), and the ``clmae eval`` /
-``clmae compare`` commands.
+string) and the ``clmae eval`` command. The protocols themselves are pure functions on feature
+tensors in :mod:`clmae.protocols`; :mod:`clmae.compare` tabulates and plots several reports.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,11 +53,27 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import __version__
-from .data import FolderData, InMemoryImages, collate_skipping, load_dataset, normalize, resize_images
+from .data import (
+    FolderData,
+    InMemoryImages,
+    collate_skipping,
+    load_dataset,
+    normalize,
+    resize_images,
+)
 from .errors import CheckpointError, ClmaeError, ConfigError, DataError
+from .protocols import (
+    FewShotConfig,
+    KnnConfig,
+    LinearConfig,
+    check_option,
+    fewshot_metrics,
+    knn_metrics,
+    linear_probe_metrics,
+    sample_support,
+)
 
 REPORT_FORMAT = "clmae-eval-v1"
 PROTOCOLS = ("knn", "linear", "fewshot", "finetune")
@@ -86,67 +101,13 @@ class EvalOptions:
     random_reference: bool = True  # run the protocol on a random-init encoder too
 
     def validate(self) -> "EvalOptions":
-        _need(self.pool in ("cls", "mean"), "pool", self.pool, "'cls' or 'mean'")
-        _need(self.extract_batch_size >= 1, "extract_batch_size", self.extract_batch_size, "an integer >= 1")
+        check_option(self.pool in ("cls", "mean"), "pool", self.pool, "'cls' or 'mean'")
+        check_option(self.extract_batch_size >= 1, "extract_batch_size", self.extract_batch_size, "an integer >= 1")
         for name in ("max_train", "max_test"):
             value = getattr(self, name)
-            _need(value is None or value >= 1, name, value, "an integer >= 1")
-        _need(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+            check_option(value is None or value >= 1, name, value, "an integer >= 1")
+        check_option(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
         return self
-
-
-@dataclass
-class KnnConfig:
-    k_majority: int = 5  # authors' protocol: Euclidean, one vote per neighbour
-    k_weighted: int = 20  # DINO protocol: cosine, votes weighted by exp(sim / T)
-    temperature: float = 0.07
-    chunk_size: int = 1024  # test features per matrix product
-
-    def validate(self) -> "KnnConfig":
-        _need(self.k_majority >= 1, "k_majority", self.k_majority, "an integer >= 1")
-        _need(self.k_weighted >= 1, "k_weighted", self.k_weighted, "an integer >= 1")
-        _need(self.temperature > 0, "temperature", self.temperature, "a positive number")
-        _need(self.chunk_size >= 1, "chunk_size", self.chunk_size, "an integer >= 1")
-        return self
-
-
-@dataclass
-class LinearConfig:
-    epochs: int = 30
-    batch_size: int = 256
-    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)  # AdamW; the best on validation is kept
-    weight_decay: float = 0.0
-    val_fraction: float = 0.1  # of train, held out for the lr choice
-
-    def validate(self) -> "LinearConfig":
-        _need(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
-        _need(self.batch_size >= 2, "batch_size", self.batch_size, "an integer >= 2")
-        _need(len(self.lrs) >= 1 and all(lr > 0 for lr in self.lrs), "lrs", self.lrs, "positive numbers")
-        _need(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
-        _need(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "a number in (0, 1)")
-        return self
-
-
-@dataclass
-class FewShotConfig:
-    shots: tuple[int, ...] = (1, 5, 10)
-    draws: int = 5  # support sets per n, averaged
-    steps: int = 300  # full-batch AdamW steps per classifier
-    lr: float = 1e-2
-    weight_decay: float = 1e-4
-
-    def validate(self) -> "FewShotConfig":
-        _need(len(self.shots) >= 1 and all(n >= 1 for n in self.shots), "shots", self.shots, "integers >= 1")
-        _need(self.draws >= 1, "draws", self.draws, "an integer >= 1")
-        _need(self.steps >= 1, "steps", self.steps, "an integer >= 1")
-        _need(self.lr > 0, "lr", self.lr, "a positive number")
-        _need(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
-        return self
-
-
-def _need(cond: bool, option: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"--{option.replace('_', '-')}: got {value!r}, expected {allowed}")
 
 
 def protocol_config(protocol: str, **values) -> Any:
@@ -258,20 +219,6 @@ def eval_batches(split: LabeledSplit, img_size: int, mean, std, device: torch.de
         bar.close()
 
 
-@contextlib.contextmanager
-def _few_threads(device: torch.device):
-    """One CPU thread for the tiny matrix ops of probe training: with more, thread hand-off costs more
-    than the work (10x slower on a busy machine)."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -289,221 +236,6 @@ def extract_features(encoder: nn.Module, batches, pool: str, device: torch.devic
     if not feats:
         raise DataError("no readable images to extract features from")
     return torch.cat(feats), torch.cat(labels)
-
-
-# ---------------------------------------------------------------------------------------------
-# k-NN
-
-
-def knn_class_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                     num_classes: int, k: int, metric: str, temperature: float = 0.07, chunk_size: int = 1024,
-                     device: torch.device | str | None = None) -> torch.Tensor:
-    """Per-class vote scores ``(N_test, C)`` (on the CPU) of a k-NN classifier.
-
-    ``metric="euclidean"``: majority vote, each of the ``k`` nearest counts 1; ties between classes are
-    broken in favour of the class whose best neighbour ranks highest (a bonus below 1 that never
-    outweighs a vote). ``metric="cosine"``: votes weighted by ``exp(similarity / temperature)``.
-    The test set is processed in chunks of ``chunk_size`` rows as one matrix product each.
-    """
-    if metric not in ("euclidean", "cosine"):
-        raise ConfigError(f"metric: must be 'euclidean' or 'cosine', got {metric!r}")
-    device = torch.device(device) if device is not None else train_feats.device
-    k = min(k, train_feats.shape[0])
-    bank = train_feats.to(device, torch.float32)
-    bank_labels = train_labels.to(device)
-    if metric == "cosine":
-        bank = F.normalize(bank, dim=1)
-    else:
-        # −‖q − t‖² + ‖q‖² = 2 q·t − ‖t‖² = [q, 1] · [2t, −‖t‖²]: one matrix product ranks by distance.
-        bank = torch.cat([2 * bank, -(bank * bank).sum(1, keepdim=True)], dim=1)
-    ranks = torch.arange(k, device=device, dtype=torch.float32)
-    tie_bonus = (k - ranks) / (k + 1)  # rank 0 → k/(k+1) < 1
-    out = []
-    for chunk in test_feats.split(chunk_size):
-        q = chunk.to(device, torch.float32)
-        if metric == "cosine":
-            sim = F.normalize(q, dim=1) @ bank.T
-            values, idx = sim.topk(k, dim=1)
-            weights = torch.exp(values / temperature)
-        else:
-            closeness = torch.cat([q, torch.ones(q.shape[0], 1, device=device)], dim=1) @ bank.T
-            _, idx = closeness.topk(k, dim=1, sorted=True)
-            weights = torch.ones_like(idx, dtype=torch.float32)
-        neighbour_labels = bank_labels[idx]
-        scores = torch.zeros(q.shape[0], num_classes, device=device).scatter_add_(1, neighbour_labels, weights)
-        if metric == "euclidean":
-            bonus = torch.zeros_like(scores).scatter_reduce_(
-                1, neighbour_labels, tie_bonus.expand_as(weights).contiguous(), reduce="amax", include_self=True
-            )
-            scores += bonus
-        out.append(scores.cpu())
-    return torch.cat(out)
-
-
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, prefix: str) -> dict[str, float]:
-    """``{prefix_top1: %, prefix_top5: %}``; top-5 only with more than 5 classes (else it is trivially 100)."""
-    labels = labels.to(scores.device)
-    result = {f"{prefix}_top1": 100.0 * float((scores.argmax(1) == labels).float().mean())}
-    if scores.shape[1] > 5:
-        top5 = scores.topk(5, dim=1).indices
-        result[f"{prefix}_top5"] = 100.0 * float((top5 == labels.unsqueeze(1)).any(1).float().mean())
-    return result
-
-
-def knn_metrics(train_feats, train_labels, test_feats, test_labels, num_classes: int, config: KnnConfig | None = None,
-                device=None) -> dict[str, float]:
-    """Both k-NN protocols: ``knn_majority_top1/5`` (k=5, Euclidean) and ``knn_weighted_top1/5`` (k=20, cosine)."""
-    c = (config or KnnConfig()).validate()
-    result = {}
-    scores = knn_class_scores(train_feats, train_labels, test_feats, num_classes, c.k_majority, "euclidean",
-                              chunk_size=c.chunk_size, device=device)
-    result.update(topk_accuracy(scores, test_labels, "knn_majority"))
-    scores = knn_class_scores(train_feats, train_labels, test_feats, num_classes, c.k_weighted, "cosine",
-                              c.temperature, c.chunk_size, device)
-    result.update(topk_accuracy(scores, test_labels, "knn_weighted"))
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Linear classifiers on frozen features
-
-
-class LinearHead(nn.Sequential):
-    """``BatchNorm1d(affine=False)`` then ``Linear``: MAE's probe head, scale-free in the features.
-
-    The batch norm keeps a cumulative average (``momentum=None``), so at test time it uses the mean
-    statistics of all training batches.
-    """
-
-    def __init__(self, dim: int, num_classes: int):
-        super().__init__(nn.BatchNorm1d(dim, affine=False, eps=1e-6, momentum=None), nn.Linear(dim, num_classes))
-        nn.init.trunc_normal_(self[1].weight, std=0.01)
-        nn.init.zeros_(self[1].bias)
-
-
-def train_linear(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, lr: float, steps: int,
-                 batch_size: int, weight_decay: float, seed: int, device=None) -> LinearHead:
-    """Fit a :class:`LinearHead` with AdamW and a cosine schedule over ``steps`` mini-batches.
-
-    Batches walk through seeded permutations of the data; a trailing batch of one sample is skipped
-    (batch norm needs two). With ``batch_size >= len(feats)`` every step is full-batch.
-    """
-    device = torch.device(device) if device is not None else feats.device
-    n = feats.shape[0]
-    if n < 2:
-        raise DataError(f"need at least 2 training samples for a linear classifier, got {n}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = LinearHead(feats.shape[1], num_classes).to(device)
-    x_all, y_all = feats.to(device, torch.float32), labels.to(device)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    g = torch.Generator().manual_seed(seed)
-    batch_size = min(batch_size, n)
-    head.train()
-    with _few_threads(device):
-        _fit(head, opt, x_all, y_all, lr, steps, batch_size, g)
-    return head.eval()
-
-
-def _fit(head, opt, x_all, y_all, lr: float, steps: int, batch_size: int, g: torch.Generator) -> None:
-    n, step = x_all.shape[0], 0
-    while step < steps:
-        order = torch.randperm(n, generator=g).to(x_all.device)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            if idx.numel() < 2:
-                continue
-            for group in opt.param_groups:
-                group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / steps))
-            loss = F.cross_entropy(head(x_all[idx]), y_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if step >= steps:
-                break
-
-
-@torch.no_grad()
-def classifier_scores(head: nn.Module, feats: torch.Tensor, device=None, chunk: int = 8192) -> torch.Tensor:
-    device = torch.device(device) if device is not None else next(head.parameters()).device
-    return torch.cat([head(f.to(device, torch.float32)).float().cpu() for f in feats.split(chunk)])
-
-
-def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded random ``(train_idx, val_idx)`` of ``range(n)``; validation gets at least one item."""
-    n_val = min(max(1, int(round(n * val_fraction))), n - 2)
-    if n_val < 1:
-        raise DataError(f"need at least 3 training samples to carve out a validation split, got {n}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 31 + 17))
-    return order[n_val:], order[:n_val]
-
-
-def linear_probe_metrics(train_feats, train_labels, test_feats, test_labels, num_classes: int,
-                         config: LinearConfig | None = None, seed: int = 0, device=None) -> tuple[dict, dict]:
-    """Linear probe: choose the lr on a validation split of train, retrain on all of train, score test.
-
-    Returns ``(metrics, details)``; details hold the validation accuracy of every lr tried.
-    """
-    c = (config or LinearConfig()).validate()
-    n = train_feats.shape[0]
-    tr, va = split_train_val(n, c.val_fraction, seed)
-    sweep = {}
-    for lr in c.lrs:
-        steps = c.epochs * max(1, math.ceil(len(tr) / c.batch_size))
-        head = train_linear(train_feats[tr], train_labels[tr], num_classes, lr, steps, c.batch_size, c.weight_decay,
-                            seed, device)
-        acc = topk_accuracy(classifier_scores(head, train_feats[va]), train_labels[va], "val")["val_top1"]
-        sweep[repr(lr)] = acc
-    best_lr = max(c.lrs, key=lambda lr: (sweep[repr(lr)], -lr))  # ties → the smaller lr
-    steps = c.epochs * max(1, math.ceil(n / c.batch_size))
-    head = train_linear(train_feats, train_labels, num_classes, best_lr, steps, c.batch_size, c.weight_decay, seed,
-                        device)
-    metrics = topk_accuracy(classifier_scores(head, test_feats), test_labels, "linear")
-    details = {"val_top1_by_lr": sweep, "best_lr": best_lr, "train_size": len(tr), "val_size": len(va)}
-    return metrics, details
-
-
-def sample_support(labels: torch.Tensor, shots: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices of exactly ``shots`` random samples of every class present in ``labels``.
-
-    Raises :class:`ConfigError` when a class has fewer than ``shots`` samples.
-    """
-    classes, counts = labels.unique(return_counts=True)
-    smallest = int(counts.min())
-    if shots > smallest:
-        worst = int(classes[counts.argmin()])
-        raise ConfigError(
-            f"--shots: {shots}-shot needs {shots} training images per class, but class {worst} has only {smallest}; "
-            f"use shots <= {smallest}"
-        )
-    picked = []
-    for c in classes.tolist():
-        members = (labels == c).nonzero().squeeze(1)
-        picked.append(members[torch.randperm(members.numel(), generator=generator)[:shots]])
-    return torch.cat(picked)
-
-
-def fewshot_metrics(train_feats, train_labels, test_feats, test_labels, num_classes: int,
-                    config: FewShotConfig | None = None, seed: int = 0, device=None) -> tuple[dict, dict]:
-    """n-shot linear classifiers, ``draws`` support sets per n; mean and std of top-1 over the draws."""
-    c = (config or FewShotConfig()).validate()
-    for shots in c.shots:  # fail before any training
-        sample_support(train_labels, shots, torch.Generator().manual_seed(0))
-    metrics, per_draw = {}, {}
-    for shots in c.shots:
-        accs = []
-        for draw in range(c.draws):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + shots * 1009 + draw)
-            idx = sample_support(train_labels, shots, g)
-            head = train_linear(train_feats[idx], train_labels[idx], num_classes, c.lr, c.steps, len(idx),
-                                c.weight_decay, seed + draw, device)
-            accs.append(topk_accuracy(classifier_scores(head, test_feats), test_labels, "a")["a_top1"])
-        t = torch.tensor(accs, dtype=torch.float64)
-        metrics[f"fewshot_{shots}shot_top1"] = float(t.mean())
-        metrics[f"fewshot_{shots}shot_top1_std"] = float(t.std(unbiased=False))
-        per_draw[f"{shots}shot"] = accs
-    return metrics, {"top1_per_draw": per_draw}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -883,166 +615,6 @@ def knn_report_vs_random(checkpoint_path: str | Path, data: str | None = None, d
 
 
 # ---------------------------------------------------------------------------------------------
-# Comparing reports
-
-PRIMARY_ORDER = ("knn_majority_top1", "knn_weighted_top1", "linear_top1")
-
-
-def _read_reports(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("eval-*.json")) or sorted(path.glob("*.json"))
-        reports = [r for f in files for r in _read_reports(f)]
-        if not reports:
-            raise DataError(f"{path}: no evaluation reports (eval-*.json) in this folder; run `clmae eval` first")
-        return reports
-    if not path.is_file():
-        raise DataError(f"{path}: not found (give evaluation JSON files or run folders)")
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a JSON file ({exc})") from None
-    if isinstance(obj, dict) and obj.get("format") == REPORT_FORMAT:
-        return [obj]
-    if isinstance(obj, dict) and isinstance(obj.get("reports"), list):  # a benchmark summary
-        return [r for r in obj["reports"] if isinstance(r, dict) and r.get("format") == REPORT_FORMAT]
-    if path.parent.is_dir() and path.name.startswith("eval-"):
-        raise DataError(f"{path}: not a clmae evaluation report")
-    return []
-
-
-def _run_label(report: dict[str, Any]) -> str:
-    if report.get("label"):
-        return str(report["label"])
-    ckpt = Path(report.get("checkpoint", "?"))
-    run = ckpt.name if ckpt.suffix == "" else ckpt.parent.name
-    return f"{run} ({report.get('method') or '?'})"
-
-
-def _metric_order(name: str) -> tuple:
-    if name in PRIMARY_ORDER:
-        return (PRIMARY_ORDER.index(name), 0)
-    if name.startswith("fewshot_"):
-        return (len(PRIMARY_ORDER), int(name.split("_")[1].rstrip("shot") or 0))
-    return (len(PRIMARY_ORDER) + 1, name)
-
-
-@dataclass
-class ComparisonTable:
-    rows: list[str]
-    columns: list[str]
-    values: dict[tuple[str, str], tuple[float, float | None]]  # (row, column) → (value, std)
-    data: dict[str, str]  # row → dataset
-
-    def cell(self, row: str, col: str) -> str:
-        if (row, col) not in self.values:
-            return "—"
-        v, s = self.values[(row, col)]
-        return f"{v:.2f}" + (f" ± {s:.2f}" if s is not None else "")
-
-
-def comparison_table(paths: list[str | Path]) -> ComparisonTable:
-    """Top-1 metrics of several runs: one row per (checkpoint, dataset) and one per random-init reference."""
-    reports = [r for p in paths for r in _read_reports(p)]
-    if not reports:
-        raise DataError("no evaluation reports found in " + ", ".join(str(p) for p in paths))
-    rows: list[str] = []
-    values: dict[tuple[str, str], tuple[float, float | None]] = {}
-    data: dict[str, str] = {}
-    keys: dict[tuple, str] = {}
-    columns: set[str] = set()
-    for rep in reports:
-        dname = rep.get("data", {}).get("name", "?")
-        for role, metrics in rep.get("results", {}).items():
-            if role == "pretrained":
-                key = ("pre", rep.get("checkpoint_sha256"), dname, rep.get("label"))
-                label = _run_label(rep)
-            else:
-                key = ("rand", rep.get("model"), rep.get("random_init_seed"), dname)
-                label = f"random init ({rep.get('model')})"
-            if key not in keys:
-                base, i = label, 2
-                while label in rows:  # two runs with the same folder name
-                    label, i = f"{base} #{i}", i + 1
-                keys[key] = label
-                rows.append(label)
-                data[label] = dname
-            label = keys[key]
-            for name, value in metrics.items():
-                if name.endswith("_top1") and isinstance(value, (int, float)):
-                    columns.add(name)
-                    values[(label, name)] = (float(value), metrics.get(name + "_std"))
-    ordered = [r for r in rows if not r.startswith("random init")] + [r for r in rows if r.startswith("random init")]
-    return ComparisonTable(ordered, sorted(columns, key=_metric_order), values, data)
-
-
-def format_markdown(table: ComparisonTable) -> str:
-    head = "| run | data | " + " | ".join(table.columns) + " |"
-    sep = "|---|---|" + "|".join("---:" for _ in table.columns) + "|"
-    lines = [head, sep]
-    for row in table.rows:
-        lines.append(f"| {row} | {table.data[row]} | " + " | ".join(table.cell(row, c) for c in table.columns) + " |")
-    return "\n".join(lines)
-
-
-def format_terminal(table: ComparisonTable) -> str:
-    header = ["run", "data", *table.columns]
-    body = [[row, table.data[row], *(table.cell(row, c) for c in table.columns)] for row in table.rows]
-    widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(str(v).ljust(w) if i < 2 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in body)])
-
-
-def plot_comparison(table: ComparisonTable, path: str | Path) -> Path:
-    """Grouped bar chart (one group per metric, one bar per run; few-shot std as error bars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n_rows, n_cols = len(table.rows), len(table.columns)
-    width = 0.8 / max(n_rows, 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * n_cols + 2), 4.2))
-    for i, row in enumerate(table.rows):
-        xs, ys, err_points = [], [], []
-        for j, col in enumerate(table.columns):
-            if (row, col) in table.values:
-                v, s = table.values[(row, col)]
-                xs.append(j - 0.4 + width * (i + 0.5))
-                ys.append(v)
-                if s is not None:
-                    err_points.append((xs[-1], v, s))
-        hatch = "//" if row.startswith("random init") else None
-        ax.bar(xs, ys, width, label=row, hatch=hatch)
-        if err_points:
-            ex, ey, es = zip(*err_points)
-            ax.errorbar(ex, ey, yerr=es, fmt="none", ecolor="black", capsize=2, linewidth=1)
-    ax.set_xticks(range(n_cols))
-    ax.set_xticklabels([c.replace("_top1", "") for c in table.columns], rotation=20, ha="right")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def compare(paths: list[str | Path], markdown: str | Path | None = None, plot: str | Path | None = None) -> ComparisonTable:
-    """Build the comparison of ``paths`` (report JSONs or run folders); write markdown and/or PNG if asked."""
-    table = comparison_table(paths)
-    if markdown is not None:
-        Path(markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(markdown).write_text(format_markdown(table) + "\n")
-    if plot is not None:
-        plot_comparison(table, plot)
-    return table
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -1118,7 +690,7 @@ def _collect(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    """``clmae eval knn|linear|fewshot|finetune`` and ``clmae compare``."""
+    """``clmae eval knn|linear|fewshot|finetune``."""
     p = sub.add_parser("eval", help="evaluate a pretrained encoder (k-NN, linear probe, few-shot, fine-tuning)",
                        description="Evaluate a checkpoint on a labeled dataset; every protocol also runs on a "
                                    "randomly initialised encoder of the same architecture as a reference.")
@@ -1139,13 +711,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         _add_dataclass_flags(q, EvalOptions, "opt")
         _add_dataclass_flags(q, _config_class(name), "cfg")
         q.set_defaults(func=_run_eval)
-
-    c = sub.add_parser("compare", help="table and bar chart of several evaluation reports",
-                       description="Compare evaluation reports: JSON files or run folders (their eval-*.json).")
-    c.add_argument("inputs", nargs="+", metavar="RUN_OR_JSON")
-    c.add_argument("--markdown", default="compare.md", metavar="FILE.md", help="markdown table (default compare.md)")
-    c.add_argument("--plot", default="compare.png", metavar="FILE.png", help="bar chart (default compare.png)")
-    c.set_defaults(func=_run_compare)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -1170,8 +735,3 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_compare(args: argparse.Namespace) -> int:
-    table = compare(args.inputs, args.markdown, args.plot)
-    print(format_terminal(table))
-    print(f"markdown: {args.markdown}\nchart: {args.plot}", file=sys.stderr)
-    return 0

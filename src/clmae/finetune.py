@@ -192,7 +192,8 @@ def finetune_metrics(setup, encoder, config: FinetuneConfig | None = None) -> tu
     """Fine-tune a copy of ``encoder.model`` on ``setup.train``; top-1/top-5 on ``setup.test``."""
     from tqdm.auto import tqdm
 
-    from .evaluation import _autocast, topk_accuracy
+    from .evaluation import _autocast
+    from .protocols import topk_accuracy
 
     c = (config or FinetuneConfig()).validate()
     o = setup.options

@@ -1,0 +1,307 @@
+"""Evaluation protocols on frozen features: k-NN (majority and weighted), linear probe, few-shot.
+
+Pure functions of ``(features, labels)`` tensors, so each protocol is testable without a model or a
+dataset; :mod:`clmae.evaluation` extracts the features and writes the reports. The protocols
+themselves are described at the top of :mod:`clmae.evaluation`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError, DataError
+
+# ---------------------------------------------------------------------------------------------
+# Configurations
+
+
+@dataclass
+class KnnConfig:
+    k_majority: int = 5  # authors' protocol: Euclidean, one vote per neighbour
+    k_weighted: int = 20  # DINO protocol: cosine, votes weighted by exp(sim / T)
+    temperature: float = 0.07
+    chunk_size: int = 1024  # test features per matrix product
+
+    def validate(self) -> "KnnConfig":
+        check_option(self.k_majority >= 1, "k_majority", self.k_majority, "an integer >= 1")
+        check_option(self.k_weighted >= 1, "k_weighted", self.k_weighted, "an integer >= 1")
+        check_option(self.temperature > 0, "temperature", self.temperature, "a positive number")
+        check_option(self.chunk_size >= 1, "chunk_size", self.chunk_size, "an integer >= 1")
+        return self
+
+
+@dataclass
+class LinearConfig:
+    epochs: int = 30
+    batch_size: int = 256
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)  # AdamW; the best on validation is kept
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1  # of train, held out for the lr choice
+
+    def validate(self) -> "LinearConfig":
+        check_option(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        check_option(self.batch_size >= 2, "batch_size", self.batch_size, "an integer >= 2")
+        check_option(len(self.lrs) >= 1 and all(lr > 0 for lr in self.lrs), "lrs", self.lrs, "positive numbers")
+        check_option(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        check_option(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "a number in (0, 1)")
+        return self
+
+
+@dataclass
+class FewShotConfig:
+    shots: tuple[int, ...] = (1, 5, 10)
+    draws: int = 5  # support sets per n, averaged
+    steps: int = 300  # full-batch AdamW steps per classifier
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+
+    def validate(self) -> "FewShotConfig":
+        check_option(len(self.shots) >= 1 and all(n >= 1 for n in self.shots), "shots", self.shots, "integers >= 1")
+        check_option(self.draws >= 1, "draws", self.draws, "an integer >= 1")
+        check_option(self.steps >= 1, "steps", self.steps, "an integer >= 1")
+        check_option(self.lr > 0, "lr", self.lr, "a positive number")
+        check_option(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        return self
+
+
+def check_option(cond: bool, option: str, value: Any, allowed: str) -> None:
+    """Raise a ConfigError naming the command-line flag when ``cond`` is false."""
+    if not cond:
+        raise ConfigError(f"--{option.replace('_', '-')}: got {value!r}, expected {allowed}")
+
+
+@contextlib.contextmanager
+def _few_threads(device: torch.device):
+    """One CPU thread for the tiny matrix ops of probe training: with more, thread hand-off costs more
+    than the work (10x slower on a busy machine)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# k-NN
+
+
+def knn_class_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                     num_classes: int, k: int, metric: str, temperature: float = 0.07, chunk_size: int = 1024,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """Per-class vote scores ``(N_test, C)`` (on the CPU) of a k-NN classifier.
+
+    ``metric="euclidean"``: majority vote, each of the ``k`` nearest counts 1; ties between classes are
+    broken in favour of the class whose best neighbour ranks highest (a bonus below 1 that never
+    outweighs a vote). ``metric="cosine"``: votes weighted by ``exp(similarity / temperature)``.
+    The test set is processed in chunks of ``chunk_size`` rows as one matrix product each.
+    """
+    if metric not in ("euclidean", "cosine"):
+        raise ConfigError(f"metric: must be 'euclidean' or 'cosine', got {metric!r}")
+    device = torch.device(device) if device is not None else train_feats.device
+    k = min(k, train_feats.shape[0])
+    bank = train_feats.to(device, torch.float32)
+    bank_labels = train_labels.to(device)
+    if metric == "cosine":
+        bank = F.normalize(bank, dim=1)
+    else:
+        # −‖q − t‖² + ‖q‖² = 2 q·t − ‖t‖² = [q, 1] · [2t, −‖t‖²]: one matrix product ranks by distance.
+        bank = torch.cat([2 * bank, -(bank * bank).sum(1, keepdim=True)], dim=1)
+    ranks = torch.arange(k, device=device, dtype=torch.float32)
+    tie_bonus = (k - ranks) / (k + 1)  # rank 0 → k/(k+1) < 1
+    out = []
+    for chunk in test_feats.split(chunk_size):
+        q = chunk.to(device, torch.float32)
+        if metric == "cosine":
+            sim = F.normalize(q, dim=1) @ bank.T
+            values, idx = sim.topk(k, dim=1)
+            weights = torch.exp(values / temperature)
+        else:
+            closeness = torch.cat([q, torch.ones(q.shape[0], 1, device=device)], dim=1) @ bank.T
+            _, idx = closeness.topk(k, dim=1, sorted=True)
+            weights = torch.ones_like(idx, dtype=torch.float32)
+        neighbour_labels = bank_labels[idx]
+        scores = torch.zeros(q.shape[0], num_classes, device=device).scatter_add_(1, neighbour_labels, weights)
+        if metric == "euclidean":
+            bonus = torch.zeros_like(scores).scatter_reduce_(
+                1, neighbour_labels, tie_bonus.expand_as(weights).contiguous(), reduce="amax", include_self=True
+            )
+            scores += bonus
+        out.append(scores.cpu())
+    return torch.cat(out)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, prefix: str) -> dict[str, float]:
+    """``{prefix_top1: %, prefix_top5: %}``; top-5 only with more than 5 classes (else it is trivially 100)."""
+    labels = labels.to(scores.device)
+    result = {f"{prefix}_top1": 100.0 * float((scores.argmax(1) == labels).float().mean())}
+    if scores.shape[1] > 5:
+        top5 = scores.topk(5, dim=1).indices
+        result[f"{prefix}_top5"] = 100.0 * float((top5 == labels.unsqueeze(1)).any(1).float().mean())
+    return result
+
+
+def knn_metrics(train_feats, train_labels, test_feats, test_labels, num_classes: int, config: KnnConfig | None = None,
+                device=None) -> dict[str, float]:
+    """Both k-NN protocols: ``knn_majority_top1/5`` (k=5, Euclidean) and ``knn_weighted_top1/5`` (k=20, cosine)."""
+    c = (config or KnnConfig()).validate()
+    result = {}
+    scores = knn_class_scores(train_feats, train_labels, test_feats, num_classes, c.k_majority, "euclidean",
+                              chunk_size=c.chunk_size, device=device)
+    result.update(topk_accuracy(scores, test_labels, "knn_majority"))
+    scores = knn_class_scores(train_feats, train_labels, test_feats, num_classes, c.k_weighted, "cosine",
+                              c.temperature, c.chunk_size, device)
+    result.update(topk_accuracy(scores, test_labels, "knn_weighted"))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear classifiers on frozen features
+
+
+class LinearHead(nn.Sequential):
+    """``BatchNorm1d(affine=False)`` then ``Linear``: MAE's probe head, scale-free in the features.
+
+    The batch norm keeps a cumulative average (``momentum=None``), so at test time it uses the mean
+    statistics of all training batches.
+    """
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__(nn.BatchNorm1d(dim, affine=False, eps=1e-6, momentum=None), nn.Linear(dim, num_classes))
+        nn.init.trunc_normal_(self[1].weight, std=0.01)
+        nn.init.zeros_(self[1].bias)
+
+
+def train_linear(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, lr: float, steps: int,
+                 batch_size: int, weight_decay: float, seed: int, device=None) -> LinearHead:
+    """Fit a :class:`LinearHead` with AdamW and a cosine schedule over ``steps`` mini-batches.
+
+    Batches walk through seeded permutations of the data; a trailing batch of one sample is skipped
+    (batch norm needs two). With ``batch_size >= len(feats)`` every step is full-batch.
+    """
+    device = torch.device(device) if device is not None else feats.device
+    n = feats.shape[0]
+    if n < 2:
+        raise DataError(f"need at least 2 training samples for a linear classifier, got {n}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = LinearHead(feats.shape[1], num_classes).to(device)
+    x_all, y_all = feats.to(device, torch.float32), labels.to(device)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, n)
+    head.train()
+    with _few_threads(device):
+        _fit(head, opt, x_all, y_all, lr, steps, batch_size, g)
+    return head.eval()
+
+
+def _fit(head, opt, x_all, y_all, lr: float, steps: int, batch_size: int, g: torch.Generator) -> None:
+    n, step = x_all.shape[0], 0
+    while step < steps:
+        order = torch.randperm(n, generator=g).to(x_all.device)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            if idx.numel() < 2:
+                continue
+            for group in opt.param_groups:
+                group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / steps))
+            loss = F.cross_entropy(head(x_all[idx]), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step >= steps:
+                break
+
+
+@torch.no_grad()
+def classifier_scores(head: nn.Module, feats: torch.Tensor, device=None, chunk: int = 8192) -> torch.Tensor:
+    device = torch.device(device) if device is not None else next(head.parameters()).device
+    return torch.cat([head(f.to(device, torch.float32)).float().cpu() for f in feats.split(chunk)])
+
+
+def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random ``(train_idx, val_idx)`` of ``range(n)``; validation gets at least one item."""
+    n_val = min(max(1, int(round(n * val_fraction))), n - 2)
+    if n_val < 1:
+        raise DataError(f"need at least 3 training samples to carve out a validation split, got {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 31 + 17))
+    return order[n_val:], order[:n_val]
+
+
+def linear_probe_metrics(train_feats, train_labels, test_feats, test_labels, num_classes: int,
+                         config: LinearConfig | None = None, seed: int = 0, device=None) -> tuple[dict, dict]:
+    """Linear probe: choose the lr on a validation split of train, retrain on all of train, score test.
+
+    Returns ``(metrics, details)``; details hold the validation accuracy of every lr tried.
+    """
+    c = (config or LinearConfig()).validate()
+    n = train_feats.shape[0]
+    tr, va = split_train_val(n, c.val_fraction, seed)
+    sweep = {}
+    for lr in c.lrs:
+        steps = c.epochs * max(1, math.ceil(len(tr) / c.batch_size))
+        head = train_linear(train_feats[tr], train_labels[tr], num_classes, lr, steps, c.batch_size, c.weight_decay,
+                            seed, device)
+        acc = topk_accuracy(classifier_scores(head, train_feats[va]), train_labels[va], "val")["val_top1"]
+        sweep[repr(lr)] = acc
+    best_lr = max(c.lrs, key=lambda lr: (sweep[repr(lr)], -lr))  # ties → the smaller lr
+    steps = c.epochs * max(1, math.ceil(n / c.batch_size))
+    head = train_linear(train_feats, train_labels, num_classes, best_lr, steps, c.batch_size, c.weight_decay, seed,
+                        device)
+    metrics = topk_accuracy(classifier_scores(head, test_feats), test_labels, "linear")
+    details = {"val_top1_by_lr": sweep, "best_lr": best_lr, "train_size": len(tr), "val_size": len(va)}
+    return metrics, details
+
+
+def sample_support(labels: torch.Tensor, shots: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of exactly ``shots`` random samples of every class present in ``labels``.
+
+    Raises :class:`ConfigError` when a class has fewer than ``shots`` samples.
+    """
+    classes, counts = labels.unique(return_counts=True)
+    smallest = int(counts.min())
+    if shots > smallest:
+        worst = int(classes[counts.argmin()])
+        raise ConfigError(
+            f"--shots: {shots}-shot needs {shots} training images per class, but class {worst} has only {smallest}; "
+            f"use shots <= {smallest}"
+        )
+    picked = []
+    for c in classes.tolist():
+        members = (labels == c).nonzero().squeeze(1)
+        picked.append(members[torch.randperm(members.numel(), generator=generator)[:shots]])
+    return torch.cat(picked)
+
+
+def fewshot_metrics(train_feats, train_labels, test_feats, test_labels, num_classes: int,
+                    config: FewShotConfig | None = None, seed: int = 0, device=None) -> tuple[dict, dict]:
+    """n-shot linear classifiers, ``draws`` support sets per n; mean and std of top-1 over the draws."""
+    c = (config or FewShotConfig()).validate()
+    for shots in c.shots:  # fail before any training
+        sample_support(train_labels, shots, torch.Generator().manual_seed(0))
+    metrics, per_draw = {}, {}
+    for shots in c.shots:
+        accs = []
+        for draw in range(c.draws):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + shots * 1009 + draw)
+            idx = sample_support(train_labels, shots, g)
+            head = train_linear(train_feats[idx], train_labels[idx], num_classes, c.lr, c.steps, len(idx),
+                                c.weight_decay, seed + draw, device)
+            accs.append(topk_accuracy(classifier_scores(head, test_feats), test_labels, "a")["a_top1"])
+        t = torch.tensor(accs, dtype=torch.float64)
+        metrics[f"fewshot_{shots}shot_top1"] = float(t.mean())
+        metrics[f"fewshot_{shots}shot_top1_std"] = float(t.std(unbiased=False))
+        per_draw[f"{shots}shot"] = accs
+    return metrics, {"top1_per_draw": per_draw}
