@@ -101,6 +101,53 @@ def evaluate_arm(run_dir: Path, evaluation: dict[str, Any], data_dir: str) -> di
     return reports
 
 
+def collect_curves(run_dir: Path) -> dict[str, list[dict[str, float]]]:
+    """The run's curriculum and k-NN curves from metrics.jsonl, so results.json alone can redraw curves.png."""
+    from clmae.metrics import read_metrics
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    probe_keys = ("step", "epoch", "curriculum_factor", "mask_difficulty", "mask_difficulty_shuffled",
+                  "score_entropy", "mask_overlap")
+    last: dict[tuple[str, int], dict[str, float]] = {}  # a resumed run repeats steps: keep the newest record
+    for r in records:
+        if r.get("kind") == "probe" and isinstance(r.get("mask_difficulty"), float):
+            last[("probe", r["step"])] = {k: r[k] for k in probe_keys if k in r}
+        elif r.get("kind") == "eval" and "knn_top1" in r:
+            last[("knn", r["step"])] = {k: r[k] for k in ("step", "epoch", "knn_top1", "knn_majority_top1") if k in r}
+        elif r.get("kind") == "epoch":
+            last[("loss", r["step"])] = {k: r[k] for k in ("step", "epoch", "loss_mae") if k in r}
+    curves: dict[str, list[dict[str, float]]] = {"probe": [], "knn": [], "loss": []}
+    for (kind, _), row in sorted(last.items(), key=lambda item: (item[0][0], item[0][1])):
+        curves[kind].append(row)
+    return curves
+
+
+def paired_differences(results: dict[str, Any], reference: str = "mae") -> str:
+    """Each arm minus the reference arm, paired by seed (same data order, crops and init): mean ± std."""
+    arms = results["arms"]
+    if reference not in arms:
+        return ""
+    header = ["arm", *(f"Δ {title}" for title in METRICS.values()), "cost (× MAE wall)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm, seeds in arms.items():
+        if arm == reference:
+            continue
+        shared = [s for s in seeds if s in arms[reference]]
+        cells = [arm]
+        for (protocol, name) in METRICS:
+            diffs = []
+            for s in shared:
+                mine = seeds[s]["metrics"][protocol]["pretrained"].get(name)
+                ref = arms[reference][s]["metrics"][protocol]["pretrained"].get(name)
+                if mine is not None and ref is not None:
+                    diffs.append(mine - ref)
+            cells.append(_mean_std(diffs, signed=True))
+        cells.append(_mean_std([seeds[s]["timing"]["wall_s"] / arms[reference][s]["timing"]["wall_s"]
+                                for s in shared], digits=2))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summarise(results: dict[str, Any], out: Path) -> str:
     """Markdown table: mean ± std over seeds per arm and metric, with compute."""
     header = ["arm", *METRICS.values(), "img/s", "wall (min)"]
@@ -120,50 +167,77 @@ def summarise(results: dict[str, Any], out: Path) -> str:
         cells.append(_mean_std([ref[protocol]["random_init"].get(name)] if ref[protocol].get("random_init") else []))
     lines.append("| " + " | ".join(cells + ["", ""]) + " |")
     table = "\n".join(lines)
-    (out / "results.md").write_text(f"# CIFAR-10 study ({results['mode']})\n\nCommand: `{results['command']}`\n\n"
-                                    f"Seeds: {results['seeds']}. Accuracies in %, mean ± std over seeds.\n\n{table}\n")
+    text = (f"# CIFAR-10 study ({results['mode']})\n\nCommand: `{results['command']}` (commit {results['commit']})\n\n"
+            f"Seeds: {results['seeds']}. Accuracies in %, mean ± std over seeds; wall = pretraining only.\n\n{table}\n")
+    diffs = paired_differences(results)
+    if diffs:
+        text += ("\n## Each arm minus MAE, paired by seed (percentage points, mean ± std over seeds)\n\n"
+                 f"{diffs}\n")
+    (out / "results.md").write_text(text)
     return table
 
 
-def _mean_std(values: list[float], digits: int = 2) -> str:
+def _mean_std(values: list[float], digits: int = 2, signed: bool = False) -> str:
     if not values:
         return "n/a"
     mean = statistics.fmean(values)
+    sign = "+" if signed else ""
     if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+        return f"{mean:{sign}.{digits}f}"
+    return f"{mean:{sign}.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def plot_curves(results: dict[str, Any], out: Path) -> Path:
-    """mask_difficulty and k-NN accuracy over training, one line per arm (first seed)."""
+    """λ, mask_difficulty and held-out k-NN accuracy over training, one colour per arm, one line per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from clmae.metrics import read_metrics
-
-    fig, (ax_d, ax_k) = plt.subplots(1, 2, figsize=(11, 4))
-    for arm, seeds in results["arms"].items():
-        seed, info = next(iter(seeds.items()))
-        records = read_metrics(Path(info["run_dir"]) / "metrics.jsonl")
-        probe = [r for r in records if r.get("kind") == "probe" and isinstance(r.get("mask_difficulty"), float)]
-        if probe:
-            ax_d.plot([r["step"] for r in probe], [r["mask_difficulty"] for r in probe], label=arm)
-        evals = [r for r in records if r.get("kind") == "eval" and "knn_top1" in r]
-        if evals:
-            ax_k.plot([r["epoch"] + 1 for r in evals], [r["knn_top1"] for r in evals], marker="o", label=arm)
-    ax_d.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax_d.set(title="mask difficulty (learned / random MAE loss)", xlabel="iteration", ylabel="ratio")
-    ax_k.set(title="k-NN top-1 during pretraining (held-out)", xlabel="epoch", ylabel="accuracy (%)")
-    for ax in (ax_d, ax_k):
+    fig, (ax_l, ax_d, ax_k) = plt.subplots(1, 3, figsize=(16, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (arm, seeds) in enumerate(results["arms"].items()):
+        colour = colours[i % len(colours)]
+        for j, (seed, info) in enumerate(seeds.items()):
+            curves = info.get("curves") or collect_curves(out / info["run_dir"])
+            style = {"color": colour, "ls": "-" if j == 0 else "--", "label": arm if j == 0 else None}
+            probe = curves["probe"]
+            if probe:
+                steps = [r["step"] for r in probe]
+                ax_l.plot(steps, [r.get("curriculum_factor", float("nan")) for r in probe], **style)
+                ax_d.plot(steps, [r["mask_difficulty"] for r in probe], **style)
+            if curves["knn"]:
+                ax_k.plot([r["epoch"] + 1 for r in curves["knn"]], [r["knn_top1"] for r in curves["knn"]],
+                          marker="o", ms=3, **style)
+    ax_d.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax_l.set(title="curriculum factor λ (masking-module arms)", xlabel="iteration", ylabel="λ")
+    ax_d.set(title="mask difficulty: MAE loss, learned / random masks", xlabel="iteration", ylabel="ratio")
+    ax_k.set(title="held-out k-NN top-1 during pretraining", xlabel="epoch", ylabel="accuracy (%)")
+    for ax in (ax_l, ax_d, ax_k):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    ax_k.legend(fontsize=8, title="solid: seed 1st, dashed: 2nd", title_fontsize=7)
     fig.tight_layout()
     path = out / "curves.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def summarise_only(out: Path) -> int:
+    """Rebuild the markdown and the curves from results.json (filling in curves from the runs if missing)."""
+    path = out / "results.json"
+    if not path.exists():
+        print(f"study: error: {path} does not exist; run the study first", file=sys.stderr)
+        return 2
+    results = json.loads(path.read_text())
+    for seeds in results["arms"].values():
+        for info in seeds.values():
+            if "curves" not in info and (out / info["run_dir"] / "metrics.jsonl").exists():
+                info["curves"] = collect_curves(out / info["run_dir"])
+    path.write_text(json.dumps(results, indent=2))
+    print(summarise(results, out))
+    plot_curves(results, out)
+    return 0
 
 
 def git_commit() -> str:
@@ -183,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="results folder")
     parser.add_argument("--epochs", type=int, help="override the pretraining epochs (e.g. for a CI-sized run)")
     parser.add_argument("--subset", type=int, help="override the number of training images")
+    parser.add_argument("--summarise", action="store_true",
+                        help="only rebuild results.md and curves.png from OUTPUT/results.json")
     args = parser.parse_args(argv)
 
     import torch
@@ -199,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds or cfg["seeds"]
     data_dir = args.data_dir or os.environ.get("CLMAE_DATA") or str(HERE.parents[2] / "shared" / "datasets")
     out = args.output or HERE / ("quick" if args.quick else "results")
+    if args.summarise:
+        return summarise_only(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
@@ -207,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain": base, "evaluation": evaluation, "seeds": seeds, "arms": {},
     }
     try:
-        for arm in args.arms:
-            for seed in seeds:
+        for seed in seeds:  # seed-major: a study cut short still has every arm for the first seed
+            for arm in args.arms:
                 run_dir = out / "runs" / f"{arm}-s{seed}"
                 print(f"[study] {arm} seed {seed}: pretraining → {run_dir}", file=sys.stderr)
                 timing = train_arm(arm, seed, base, run_dir, data_dir)
@@ -216,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
                 reports = evaluate_arm(run_dir, evaluation, data_dir)
                 metrics = {p: {"pretrained": r["results"]["pretrained"], "random_init": r["results"].get("random_init")}
                            for p, r in reports.items()}
-                results["arms"].setdefault(arm, {})[str(seed)] = {"run_dir": str(run_dir), "timing": timing,
-                                                                  "metrics": metrics}
+                results["arms"].setdefault(arm, {})[str(seed)] = {"run_dir": str(run_dir.relative_to(out)),
+                                                                  "timing": timing,
+                                                                  "metrics": metrics,
+                                                                  "curves": collect_curves(run_dir)}
                 (out / "results.json").write_text(json.dumps(results, indent=2))
     except ClmaeError as exc:
         print(f"study: error: {exc}", file=sys.stderr)
