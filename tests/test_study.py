@@ -26,7 +26,8 @@ def test_quick_study_runs_every_arm_and_resumes(cifar_dir, tmp_path):
     for arm, seeds in results["arms"].items():
         run = seeds["0"]
         assert set(run["metrics"]) == {"knn", "linear", "fewshot"}
-        assert run["metrics"]["knn"]["random_init"] is not None
+        # The random-init encoder is the same for every arm of a seed: evaluated once, with the first arm.
+        assert (run["metrics"]["knn"]["random_init"] is not None) == (arm == "mae")
         assert run["timing"]["images"] == 2 * 64  # 128 images, batch 64, one epoch
         assert run["run_dir"] == f"runs/{arm}-s0"  # relative: results.json travels with the results folder
         assert run["curves"]["knn"], arm  # held-out k-NN at the end of the epoch
@@ -54,3 +55,34 @@ def test_quick_study_runs_every_arm_and_resumes(cifar_dir, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/checkpoint-last.pt")}
     assert study.main(args) == 0
     assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/checkpoint-last.pt")}
+
+
+def test_stopped_run_is_not_evaluated_and_resumes_with_its_time(cifar_dir, tmp_path, monkeypatch):
+    study = load_study()
+    args = ["--quick", "--arms", "mae", "--epochs", "2", "--subset", "128", "--data-dir", str(cifar_dir),
+            "--output", str(tmp_path)]
+    run = tmp_path / "runs" / "mae-s0"
+
+    def stop_after_first_epoch(self, trainer):  # as if Ctrl-C arrived during the second epoch
+        self.write(trainer)
+        trainer.stop_requested = True
+
+    monkeypatch.setattr(study.TimingFile, "on_epoch_end", stop_after_first_epoch)
+    assert study.main(args) == 130
+    assert not list(run.glob("eval-*.json"))  # a half-trained encoder is never evaluated
+    first = json.loads((run / "study-timing.json").read_text())
+    assert first["epochs_done"] == 1 and first["images"] == 2 * 64
+
+    monkeypatch.undo()
+    assert study.main(args) == 0
+    timing = json.loads((tmp_path / "results.json").read_text())["arms"]["mae"]["0"]["timing"]
+    assert timing["epochs_done"] == 2 and timing["images"] == 4 * 64
+    assert timing["wall_s"] > first["wall_s"]  # the first segment's time is kept, not restarted from zero
+    # An evaluation of other weights (here: the checkpoint changed after it was written) is redone.
+    report = json.loads((run / "eval-knn.json").read_text())
+    report["checkpoint_sha256"] = "0" * 64
+    report["results"]["pretrained"]["knn_majority_top1"] = -1.0
+    (run / "eval-knn.json").write_text(json.dumps(report))
+    assert study.main(args) == 0
+    redone = json.loads((run / "eval-knn.json").read_text())
+    assert redone["results"]["pretrained"]["knn_majority_top1"] >= 0

@@ -56,6 +56,35 @@ def load_config(quick: bool) -> dict[str, Any]:
     return {"pretrain": base, "evaluation": evaluation, "seeds": cfg["quick" if quick else "study"]["seeds"]}
 
 
+class StudyStopped(Exception):
+    """A run was stopped (Ctrl-C / SIGTERM) before its last epoch: its checkpoint is saved, nothing is evaluated."""
+
+
+class TimingFile:
+    """Trainer callback: the run's pretraining wall-clock so far, written at every epoch end (with the checkpoint).
+
+    A killed run resumes from its last epoch-end checkpoint, so the time recorded there is exactly the compute
+    that produced the result; the lost part of the interrupted epoch is redone and counted once.
+    """
+
+    def __init__(self, path: Path, spent: float) -> None:
+        self.path, self.spent, self.start = path, spent, time.perf_counter()
+
+    def on_step(self, trainer, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_epoch_end(self, trainer) -> None:
+        self.write(trainer)
+
+    def write(self, trainer) -> dict[str, Any]:
+        wall = self.spent + time.perf_counter() - self.start
+        images = trainer.iteration * trainer.cfg.batch_size
+        timing = {"wall_s": round(wall, 2), "images": images, "img_per_s": round(images / max(wall, 1e-9), 2),
+                  "epochs_done": trainer.epoch}
+        self.path.write_text(json.dumps(timing))
+        return timing
+
+
 def train_arm(arm: str, seed: int, base: dict[str, Any], run_dir: Path, data_dir: str) -> dict[str, Any]:
     """Pretrain one arm (or resume it); return wall-clock and throughput."""
     from clmae.checkpoint import read_training_state
@@ -65,34 +94,45 @@ def train_arm(arm: str, seed: int, base: dict[str, Any], run_dir: Path, data_dir
     values = {**base, **ARMS[arm], "seed": seed, "data_dir": data_dir, "output_dir": str(run_dir)}
     timing_file = run_dir / "study-timing.json"
     state_file = run_dir / "checkpoint-last.pt"
+    timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     if state_file.exists():
         done = read_training_state(state_file)["epoch"]
-        if done >= values["epochs"] and timing_file.exists():
-            return json.loads(timing_file.read_text())
+        if done >= values["epochs"] and timing.get("epochs_done", done) >= values["epochs"]:
+            return timing
         values["resume"] = str(run_dir)
-    spent = json.loads(timing_file.read_text())["wall_s"] if timing_file.exists() else 0.0
-    start = time.perf_counter()
+        # Time spent up to the checkpoint we resume from (older timing files have no epochs_done: all of it).
+        spent = timing.get("wall_s", 0.0) if timing.get("epochs_done", done) <= done else 0.0
+    else:
+        spent = 0.0
     trainer = Trainer(make_config(values), overrides=values if "resume" in values else None)
+    clock = TimingFile(timing_file, spent)
+    trainer.callbacks.append(clock)
     trainer.fit()
-    wall = spent + time.perf_counter() - start
-    images = trainer.iteration * trainer.cfg.batch_size
-    timing = {"wall_s": round(wall, 2), "images": images, "img_per_s": round(images / max(wall, 1e-9), 2)}
-    timing_file.write_text(json.dumps(timing))
-    return timing
+    if trainer.epoch < trainer.cfg.epochs:
+        raise StudyStopped(f"{arm} seed {seed} stopped at epoch {trainer.epoch}/{trainer.cfg.epochs}")
+    return clock.write(trainer)
 
 
-def evaluate_arm(run_dir: Path, evaluation: dict[str, Any], data_dir: str) -> dict[str, dict[str, Any]]:
-    """k-NN (both protocols), linear probe and n-shot on the run's checkpoint, cached as JSON."""
+def evaluate_arm(run_dir: Path, evaluation: dict[str, Any], data_dir: str,
+                 reference: bool = True) -> dict[str, dict[str, Any]]:
+    """k-NN (both protocols), linear probe and n-shot on the run's checkpoint, cached as JSON.
+
+    ``reference``: also evaluate the random-init encoder. Every arm of a seed starts from the same
+    weights (same model, same seed), so the study evaluates that encoder once per seed, with the first arm.
+    """
     from clmae import evaluation as ev
 
     options = ev.EvalOptions(max_train=evaluation.get("max_train"), max_test=evaluation.get("max_test"),
-                             progress=False)
+                             progress=False, random_reference=reference)
     reports, setup = {}, None
+    sha = ev.file_sha256(ev.checkpoint_file(run_dir))
     for protocol in ("knn", "linear", "fewshot"):
         out = run_dir / f"eval-{protocol}.json"
         if out.exists():
-            reports[protocol] = json.loads(out.read_text())
-            continue
+            cached = json.loads(out.read_text())
+            if cached.get("checkpoint_sha256") == sha:  # an evaluation of other weights is redone
+                reports[protocol] = cached
+                continue
         if setup is None:
             setup = ev.prepare(run_dir, "cifar10", data_dir, options)
         config = ev.protocol_config(protocol, **evaluation.get(protocol, {}))
@@ -161,10 +201,11 @@ def summarise(results: dict[str, Any], out: Path) -> str:
         cells.append(_mean_std([s["timing"]["img_per_s"] for s in seeds.values()], digits=0))
         cells.append(_mean_std([s["timing"]["wall_s"] / 60 for s in seeds.values()], digits=1))
         lines.append("| " + " | ".join(cells) + " |")
-    ref = next(iter(next(iter(results["arms"].values())).values()))["metrics"]
     cells = ["random init (reference)"]
-    for (protocol, name) in METRICS:
-        cells.append(_mean_std([ref[protocol]["random_init"].get(name)] if ref[protocol].get("random_init") else []))
+    for (protocol, name) in METRICS:  # the encoder every arm of a seed started from
+        cells.append(_mean_std([s["metrics"][protocol]["random_init"][name] for seeds in results["arms"].values()
+                                for s in seeds.values() if (s["metrics"][protocol]["random_init"] or {}).get(name)
+                                is not None]))
     lines.append("| " + " | ".join(cells + ["", ""]) + " |")
     table = "\n".join(lines)
     text = (f"# CIFAR-10 study ({results['mode']})\n\nCommand: `{results['command']}` (commit {results['commit']})\n\n"
@@ -291,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[study] {arm} seed {seed}: pretraining → {run_dir}", file=sys.stderr)
                 timing = train_arm(arm, seed, base, run_dir, data_dir)
                 print(f"[study] {arm} seed {seed}: evaluating", file=sys.stderr)
-                reports = evaluate_arm(run_dir, evaluation, data_dir)
+                reports = evaluate_arm(run_dir, evaluation, data_dir, reference=arm == args.arms[0])
                 metrics = {p: {"pretrained": r["results"]["pretrained"], "random_init": r["results"].get("random_init")}
                            for p, r in reports.items()}
                 results["arms"].setdefault(arm, {})[str(seed)] = {"run_dir": str(run_dir.relative_to(out)),
@@ -299,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                   "metrics": metrics,
                                                                   "curves": collect_curves(run_dir)}
                 (out / "results.json").write_text(json.dumps(results, indent=2))
+    except StudyStopped as exc:
+        print(f"study: {exc}; checkpoint saved. Run the same command again to resume.", file=sys.stderr)
+        return 130
     except ClmaeError as exc:
         print(f"study: error: {exc}", file=sys.stderr)
         return 2
