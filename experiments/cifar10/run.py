@@ -202,10 +202,14 @@ def summarise(results: dict[str, Any], out: Path) -> str:
         cells.append(_mean_std([s["timing"]["wall_s"] / 60 for s in seeds.values()], digits=1))
         lines.append("| " + " | ".join(cells) + " |")
     cells = ["random init (reference)"]
-    for (protocol, name) in METRICS:  # the encoder every arm of a seed started from
-        cells.append(_mean_std([s["metrics"][protocol]["random_init"][name] for seeds in results["arms"].values()
-                                for s in seeds.values() if (s["metrics"][protocol]["random_init"] or {}).get(name)
-                                is not None]))
+    for (protocol, name) in METRICS:  # the encoder every arm of a seed started from: once per seed
+        per_seed: dict[str, float] = {}
+        for seeds in results["arms"].values():
+            for seed, run in seeds.items():
+                value = (run["metrics"][protocol]["random_init"] or {}).get(name)
+                if value is not None:
+                    per_seed.setdefault(seed, value)
+        cells.append(_mean_std(list(per_seed.values())))
     lines.append("| " + " | ".join(cells + ["", ""]) + " |")
     table = "\n".join(lines)
     text = (f"# CIFAR-10 study ({results['mode']})\n\nCommand: `{results['command']}` (commit {results['commit']})\n\n"
