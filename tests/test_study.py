@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_study():
-    spec = importlib.util.spec_from_file_location("study_run", REPO / "experiments" / "cifar10" / "run.py")
+def load_study(script: str = "run.py"):
+    spec = importlib.util.spec_from_file_location(f"study_{script[:-3]}", REPO / "experiments" / "cifar10" / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -51,6 +50,13 @@ def test_quick_study_runs_every_arm_and_resumes(cifar_dir, tmp_path):
     assert study.main(["--summarise", "--output", str(tmp_path)]) == 0
     assert (tmp_path / "results.md").read_text() == markdown
     assert (tmp_path / "curves.png").stat().st_size > 0
+    # Every CL-MAE arm's masks judged by the mae arm's MAE (and by its own).
+    assert load_study("mask_difficulty.py").main(["--output", str(tmp_path), "--images", "32", "--draws", "2"]) == 0
+    difficulty = json.loads((tmp_path / "mask_difficulty.json").read_text())["arms"]
+    assert set(difficulty) == set(study.ARMS) - {"mae"}
+    for rows in difficulty.values():
+        assert all(0 < v < 10 for v in rows["0"].values())
+    assert (tmp_path / "mask_difficulty.md").read_text().count("| clmae_") == 5
     # A second call finds every run and evaluation done and only rewrites the summary.
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/checkpoint-last.pt")}
     assert study.main(args) == 0
@@ -86,3 +92,17 @@ def test_stopped_run_is_not_evaluated_and_resumes_with_its_time(cifar_dir, tmp_p
     assert study.main(args) == 0
     redone = json.loads((run / "eval-knn.json").read_text())
     assert redone["results"]["pretrained"]["knn_majority_top1"] >= 0
+
+
+def test_hidden_to_visible_distance_on_a_hand_made_mask():
+    import torch
+
+    difficulty = load_study("mask_difficulty.py")
+    visible = torch.zeros(1, 9, dtype=torch.bool)
+    visible[0, 0] = True  # 3x3 grid, only the top-left patch visible
+    # hidden patches' distances to (0, 0): 1, 2, 1, √2, √5, 2, √5, √8
+    expected = (1 + 2 + 1 + 2 ** 0.5 + 5 ** 0.5 + 2 + 5 ** 0.5 + 8 ** 0.5) / 8
+    assert abs(difficulty.hidden_to_visible_distance(visible) - expected) < 1e-6
+    visible[0, 8] = True  # add the bottom-right patch: (1,2) and (2,1) are now 1 away, (2,2) is visible
+    expected = (1 + 2 + 1 + 2 ** 0.5 + 1 + 2 + 1) / 7
+    assert abs(difficulty.hidden_to_visible_distance(visible) - expected) < 1e-6
