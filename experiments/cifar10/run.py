@@ -268,7 +268,7 @@ def plot_curves(results: dict[str, Any], out: Path) -> Path:
                           marker="o", ms=3, **style)
     ax_d.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax_l.set(title="curriculum factor λ (masking-module arms)", xlabel="iteration", ylabel="λ")
-    ax_d.set(title="mask difficulty: MAE loss, learned / random masks", xlabel="iteration", ylabel="ratio")
+    ax_d.set(title="mask difficulty, own MAE: loss learned / random masks", xlabel="iteration", ylabel="ratio")
     ax_k.set(title="held-out k-NN top-1 during pretraining", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_l, ax_d, ax_k):
         ax.grid(alpha=0.3)
