@@ -195,23 +195,15 @@ def _damage(blob: bytes, cut: float, flips: list[tuple[float, int]]) -> bytes:
 damage = dict(cut=st.floats(0.0, 0.999), flips=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), max_size=3))
 
 
+@pytest.mark.parametrize("which, suffix, loaders", [(0, ".pt", (read_training_state, load_pretrained)),
+                                                    (1, ".safetensors", (read_weights, load_pretrained))],
+                         ids=["resume-file", "weights-file"])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(**damage)
-def test_cut_resume_file_is_a_checkpoint_error(tiny_checkpoint, tmp_path, cut, flips):
-    path = tmp_path / "c.pt"
-    path.write_bytes(_damage(tiny_checkpoint[0], cut, flips))
-    for load in (read_training_state, load_pretrained):
-        with pytest.raises(CheckpointError) as info:
-            load(path)
-        assert str(path) in str(info.value)
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(**damage)
-def test_cut_weights_file_is_a_checkpoint_error(tiny_checkpoint, tmp_path, cut, flips):
-    path = tmp_path / "c.safetensors"
-    path.write_bytes(_damage(tiny_checkpoint[1], cut, flips))
-    for load in (read_weights, load_pretrained):
+def test_cut_checkpoint_file_is_a_checkpoint_error(tiny_checkpoint, tmp_path, which, suffix, loaders, cut, flips):
+    path = tmp_path / f"c{suffix}"
+    path.write_bytes(_damage(tiny_checkpoint[which], cut, flips))
+    for load in loaders:
         with pytest.raises(CheckpointError) as info:
             load(path)
         assert str(path) in str(info.value)
