@@ -65,19 +65,19 @@ def test_images(data: str, data_dir: str | None, channels: int):
 
 
 @torch.no_grad()
-def measure(run_dir: Path, reference_dir: Path, images: int, draws: int) -> dict[str, float]:
+def measure(run_dir: Path, reference: torch.nn.Module, images: int, draws: int) -> dict[str, float]:
+    """The four numbers of one arm and seed; ``reference`` is the seed's random-mask MAE."""
     from clmae.checkpoint import load_pretrained
     from clmae.data import normalize, resize_images
     from clmae.maskers import topk_keep_indices
 
-    reference, _, _ = load_pretrained(reference_dir)
     mae, masker, cfg = load_pretrained(run_dir)
     if masker is None:
         raise SystemExit(f"{run_dir}: no masking module in this checkpoint")
     test = test_images(cfg["data"], cfg.get("data_dir"), mae.config.in_chans)
     info = cfg.get("data_info") or {}
     x = normalize(resize_images(test.images[:images], mae.config.img_size), info["mean"], info["std"])
-    for model in (reference, mae, masker):
+    for model in (mae, masker):
         model.eval()
     num_keep = mae.num_keep(cfg["mask_ratio"])
     learned = topk_keep_indices(masker(mae.embed(x)), num_keep)
@@ -113,18 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference not in arms:
         print(f"mask_difficulty: error: no {args.reference!r} arm in {path}", file=sys.stderr)
         return 2
-    table: dict[str, dict[str, Any]] = {}
-    for arm, seeds in arms.items():
-        if arm == args.reference:
-            continue
-        for seed, run in seeds.items():
-            if seed not in arms[args.reference]:
+    from clmae.checkpoint import load_pretrained
+
+    table: dict[str, dict[str, Any]] = {arm: {} for arm in arms if arm != args.reference}
+    for seed, ref_run in arms[args.reference].items():
+        reference = load_pretrained(args.output / ref_run["run_dir"])[0].eval()  # once per seed, for every arm
+        for arm in table:
+            if seed not in arms[arm]:
                 continue
-            ref_dir = args.output / arms[args.reference][seed]["run_dir"]
-            row = measure(args.output / run["run_dir"], ref_dir, args.images, args.draws)
-            table.setdefault(arm, {})[seed] = row
+            row = measure(args.output / arms[arm][seed]["run_dir"], reference, args.images, args.draws)
+            table[arm][seed] = row
             print(f"[mask_difficulty] {arm} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()),
                   file=sys.stderr)
+    table = {arm: rows for arm, rows in table.items() if rows}  # arms without a seed in common are left out
     (args.output / "mask_difficulty.json").write_text(json.dumps(
         {"reference": args.reference, "images": args.images, "draws": args.draws, "arms": table}, indent=2))
     lines = ["| arm | learned/random loss, reference MAE | learned/random loss, own MAE | "

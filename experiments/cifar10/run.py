@@ -256,7 +256,7 @@ def plot_curves(results: dict[str, Any], out: Path) -> Path:
     for i, (arm, seeds) in enumerate(results["arms"].items()):
         colour = colours[i % len(colours)]
         for j, (seed, info) in enumerate(seeds.items()):
-            curves = info.get("curves") or collect_curves(out / info["run_dir"])
+            curves = info["curves"]
             style = {"color": colour, "ls": "-" if j == 0 else "--", "label": arm if j == 0 else None}
             probe = curves["probe"]
             if probe:
@@ -281,17 +281,12 @@ def plot_curves(results: dict[str, Any], out: Path) -> Path:
 
 
 def summarise_only(out: Path) -> int:
-    """Rebuild the markdown and the curves from results.json (filling in curves from the runs if missing)."""
+    """Rebuild the markdown and the curves from results.json alone."""
     path = out / "results.json"
     if not path.exists():
         print(f"study: error: {path} does not exist; run the study first", file=sys.stderr)
         return 2
     results = json.loads(path.read_text())
-    for seeds in results["arms"].values():
-        for info in seeds.values():
-            if "train_img_per_s" not in info.get("curves", {}) and (out / info["run_dir"] / "metrics.jsonl").exists():
-                info["curves"] = collect_curves(out / info["run_dir"])
-    path.write_text(json.dumps(results, indent=2))
     print(summarise(results, out))
     plot_curves(results, out)
     return 0
