@@ -21,7 +21,9 @@ run: setup
 	$(VENV)/bin/clmae pretrain --output-dir $$out && \
 	$(VENV)/bin/clmae eval knn --checkpoint $$out --no-progress
 
+# Lint (ruff, configured in pyproject.toml), then the whole suite.
 test: setup
+	$(VENV)/bin/ruff check src tests benchmarks experiments scripts
 	$(PY) -m pytest -q
 
 # Fault injection: 12 SIGKILLs at random points of a run, each followed by --resume (< 10 min).

@@ -35,11 +35,12 @@ from clmae.evaluation import (
     prepare,
     protocol_config,
     run_protocol,
-    summary_lines,
 )
+from clmae.model import MODEL_CONFIGS, MaskedAutoencoderViT, ModelConfig
 from clmae.protocols import knn_class_scores
-from clmae.model import MODEL_CONFIGS, ModelConfig, MaskedAutoencoderViT
-from clmae.trainer import pretrain, resolve_device
+from clmae.reports import summary_lines
+from clmae.runtime import resolve_device
+from clmae.trainer import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 MINI = "vit_mini_patch4_32"
@@ -145,7 +146,8 @@ def evaluate_runs(args, runs: dict[str, dict]) -> list[dict]:
 def speed(args, device: torch.device) -> dict:
     """Feature extraction img/s of vit_tiny_patch4_32 and the time of k-NN on 10k × 50k features."""
     from clmae.data import load_dataset
-    from clmae.evaluation import eval_batches, extract_features, labeled_split
+    from clmae.features import extract_features
+    from clmae.splits import eval_batches, labeled_split
 
     out: dict = {}
     train = load_dataset("cifar10", args.data_dir, "train")
@@ -166,8 +168,9 @@ def speed(args, device: torch.device) -> dict:
         out[f"extract_{name}"] = {"images": len(split), "seconds": round(seconds, 2),
                                   "cpu_seconds": round(time.process_time() - cpu, 2),
                                   "img_per_s": round(len(split) / seconds, 1), "feature_dim": feats.shape[1],
-                                  "note": f"a random {len(split)}-image slice of CIFAR-10 train, batch 256, cls pooling; "
-                                          f"the full 60,000 would take ≈{60000 * seconds / len(split) / 60:.1f} min"}
+                                  "note": f"a random {len(split)}-image slice of CIFAR-10 train, batch 256, "
+                                          f"cls pooling; the full 60,000 would take "
+                                          f"≈{60000 * seconds / len(split) / 60:.1f} min"}
         log(f"  extraction {name}: {len(split) / seconds:.0f} img/s")
     g = torch.Generator().manual_seed(0)
     bank, queries = torch.randn(50_000, 192, generator=g), torch.randn(10_000, 192, generator=g)

@@ -64,16 +64,18 @@ def spread(values: list[float]) -> dict[str, float]:
     """Median, min, max and quartiles: the numbers every timing is reported with."""
     v = sorted(values)
     q = np.percentile(v, [25, 75]) if len(v) > 1 else (v[0], v[0])
-    return {"median": statistics.median(v), "min": v[0], "max": v[-1], "q1": float(q[0]), "q3": float(q[1]), "n": len(v)}
+    return {"median": statistics.median(v), "min": v[0], "max": v[-1], "q1": float(q[0]), "q3": float(q[1]),
+            "n": len(v)}
 
 
 def git_commit() -> dict[str, Any]:
     """HEAD and whether the tree has uncommitted changes (read-only git calls)."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", "--no-optional-locks", *args], cwd=REPO, capture_output=True, text=True, check=False,
-                              timeout=30).stdout.strip()
+        return subprocess.run(["git", "--no-optional-locks", *args], cwd=REPO, capture_output=True, text=True,
+                              check=False, timeout=30).stdout.strip()
     try:
-        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return {"commit": git("rev-parse", "HEAD") or None, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 
@@ -266,7 +268,7 @@ def model_fwd_bwd(trainer: Trainer, imgs: torch.Tensor) -> Callable[[], None]:
     ids = torch.rand(imgs.shape[0], mae.num_patches, generator=gen).argsort(1)[:, :num_keep].to(imgs.device)
 
     def run() -> None:
-        with trainer.autocast:
+        with trainer.autocast_context():
             loss = mae(imgs, ids)["loss"]
         loss.backward()
         mae.zero_grad(set_to_none=True)
@@ -382,7 +384,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             rec = {"mae": mae_runner.iterate(k), "clmae": clmae_runner.iterate(k),
                    "mae_fwd_bwd": timed(fwd_bwd, device), "matmul": timed(peak_fn, device)}
             reps.append(rec)
-            log(f"rep {r + 1}/{args.reps}: MAE {rec['mae']['iteration']:.3f}s  CL-MAE {rec['clmae']['iteration']:.3f}s  "
+            log(f"rep {r + 1}/{args.reps}: MAE {rec['mae']['iteration']:.3f}s  "
+                f"CL-MAE {rec['clmae']['iteration']:.3f}s  "
                 f"ratio {rec['clmae']['iteration'] / rec['mae']['iteration']:.2f} "
                 f"(CPU time {rec['clmae']['cpu'] / rec['mae']['cpu']:.2f})  "
                 f"matmul {peak_flops / rec['matmul']['wall'] / 1e9:.1f} GFLOP/s")
@@ -518,14 +521,17 @@ def print_summary(res: dict[str, Any]) -> None:
     gib = 2**30
     pct = lambda x: f"{100 * x:.0f}%"
     lines = [
-        (f"{res['model']} batch {res['batch_size']} on {res['device']} ({res['device_name']}, {res['threads']} threads, "
-        f"{res['precision']}), masker_every={res['masker_every']}, masker_batch_fraction={res['masker_batch_fraction']}"),
+        (f"{res['model']} batch {res['batch_size']} on {res['device']} ({res['device_name']}, "
+         f"{res['threads']} threads, "
+         f"{res['precision']}), masker_every={res['masker_every']}, "
+         f"masker_batch_fraction={res['masker_batch_fraction']}"),
         f"  MAE iteration     {s['mae_iteration']['median']:.3f} s  ({res['img_per_s_mae']:.1f} img/s)",
         f"  CL-MAE iteration  {s['clmae_iteration']['median']:.3f} s  ({res['img_per_s_clmae']:.1f} img/s)",
         (f"    MAE step        {s['clmae_mae_step']['median']:.3f} s  (of which masker scoring "
         f"{s['clmae_masker_scores_in_mae_step']['median']:.3f} s)"),
         f"    masking step    {s['clmae_masker_step']['median']:.3f} s  (per iteration)",
-        (f"  ratio CL-MAE/MAE  {res['ratio_clmae_to_mae']:.2f} wall (reps {res['ratio_clmae_to_mae_spread']['min']:.2f}-"
+        (f"  ratio CL-MAE/MAE  {res['ratio_clmae_to_mae']:.2f} wall "
+         f"(reps {res['ratio_clmae_to_mae_spread']['min']:.2f}-"
         f"{res['ratio_clmae_to_mae_spread']['max']:.2f}), {res['ratio_clmae_to_mae_cpu_time']:.2f} CPU time, "
         f"{res['ratio_flops_clmae_to_mae']:.2f} FLOPs"),
         (f"  data time         {pct(res['data_fraction_mae'])} of the MAE iteration, "
@@ -535,31 +541,36 @@ def print_summary(res: dict[str, Any]) -> None:
         (f"  fraction of peak  MAE fwd+bwd {pct(res['frac_of_peak_mae_model_fwd_bwd'])} "
         f"(CPU time {pct(res['frac_of_peak_cpu_time_mae_model_fwd_bwd'])}), "
         f"MAE iteration {pct(res['frac_of_peak_mae_iteration'])} ({pct(res['frac_of_peak_cpu_time_mae_iteration'])}), "
-        f"CL-MAE iteration {pct(res['frac_of_peak_clmae_iteration'])} ({pct(res['frac_of_peak_cpu_time_clmae_iteration'])})"),
+        f"CL-MAE iteration {pct(res['frac_of_peak_clmae_iteration'])} "
+        f"({pct(res['frac_of_peak_cpu_time_clmae_iteration'])})"),
     ]
     if res["peak_mem_mae_bytes"]:
         lines.append(f"  peak memory       MAE {res['peak_mem_mae_bytes'] / gib:.2f} GiB, CL-MAE "
                      f"{res['peak_mem_clmae_bytes'] / gib:.2f} GiB (x{res['peak_mem_ratio']:.2f}); above setup: "
-                     f"{res['peak_mem_mae_increment_bytes'] / gib:.2f} vs {res['peak_mem_clmae_increment_bytes'] / gib:.2f} GiB "
+                     f"{res['peak_mem_mae_increment_bytes'] / gib:.2f} vs "
+                     f"{res['peak_mem_clmae_increment_bytes'] / gib:.2f} GiB "
                      f"(x{res['peak_mem_increment_ratio']:.2f})")
     print("\n".join(lines))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_tiny_patch4_32")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--masker-every", type=int, default=1)
     p.add_argument("--masker-batch-fraction", type=float, default=1.0)
-    p.add_argument("--data", default="synthetic", help="synthetic (random images of the model's size), cifar10, digits, ...")
+    p.add_argument("--data", default="synthetic",
+                   help="synthetic (random images of the model's size), cifar10, digits, ...")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--warmup", type=int, default=1,
                    help="warm-up reps after the FLOP-counting pass (each masker_every iterations per variant)")
     p.add_argument("--reps", type=int, default=5, help="timed reps (each masker_every iterations per variant)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--matmul-size", type=int, default=None, help="side of the square matmul for the peak")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model and masker (as --compile in pretrain)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model and masker (as --compile in pretrain)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--memory-only", action="store_true",
                    help="only (re)measure peak memory and update the memory fields of an existing --output JSON")

@@ -45,9 +45,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 FAULTS = ("time", "step", "write-mid", "write-full", "save-gap", "enospc")
 KILL_FAULTS = FAULTS[:-1]
@@ -250,10 +250,12 @@ def run_reference(run_dir: Path, args: list[str], log: Path, timeout: float = 30
 def final_state(run_dir: Path) -> dict:
     """Everything that must match an uninterrupted run: weights (both files), optimisers, position."""
     import torch
+
     from clmae.checkpoint import read_training_state, read_weights
 
     state = read_training_state(run_dir / "checkpoint-last.pt")
-    flat: dict[str, object] = {f"safetensors/{k}": v for k, v in read_weights(run_dir / "checkpoint-last.safetensors")[0].items()}
+    weights = read_weights(run_dir / "checkpoint-last.safetensors")[0]
+    flat: dict[str, object] = {f"safetensors/{k}": v for k, v in weights.items()}
 
     def walk(prefix: str, obj) -> None:
         if isinstance(obj, torch.Tensor):

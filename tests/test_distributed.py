@@ -18,12 +18,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from torchvision.transforms import v2
 
+from clmae.batches import RankBatches, ShardBatches, TrainBatches, map_position
 from clmae.config import load_config_file, make_config, preset_names
-from clmae.data import TrainBatches, load_dataset
-from clmae.distributed import DistContext, RankBatches, map_position, split_mean
+from clmae.data import load_dataset
+from clmae.distributed import DistContext, split_mean
 from clmae.errors import DataError
 from clmae.model import MODEL_CONFIGS, model_config
-from clmae.shards import ShardBatches, ShardData, ShardStream, write_shards
+from clmae.shards import ShardData, ShardStream, write_shards
 from clmae.trainer import Trainer
 
 TINY = dict(data="digits", model="vit_micro_patch2_8", subset=64, epochs=2, warmup_epochs=0, log_every=1,

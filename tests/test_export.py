@@ -15,13 +15,14 @@ from safetensors.torch import load_file
 from clmae.checkpoint import save_weights
 from clmae.cli import main as cli_main
 from clmae.config import make_config
-from clmae.data import load_dataset, normalize, resize_images
+from clmae.data import load_dataset
 from clmae.errors import CheckpointError
-from clmae.export import export_hf, export_timm, load_mae_checkpoint
+from clmae.export import export_hf, export_timm
+from clmae.images import normalize, resize_images
+from clmae.mae_import import load_mae_checkpoint
 from clmae.maskers import create_masker
 from clmae.model import create_model
 from clmae.trainer import Trainer
-
 
 
 def scrambled(name: str = "vit_micro_patch2_8", seed: int = 0):

@@ -43,7 +43,8 @@ def test_sincos_position_embedding_structure():
 
 
 def test_registry_has_paper_configs_and_overrides():
-    assert {"vit_tiny_patch4_32", "vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224"} <= set(MODEL_CONFIGS)
+    expected = {"vit_tiny_patch4_32", "vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224"}
+    assert expected <= set(MODEL_CONFIGS)
     for name in ("vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224"):
         c = MODEL_CONFIGS[name]
         assert (c.decoder_embed_dim, c.decoder_depth, c.decoder_num_heads) == (512, 8, 16)

@@ -36,7 +36,7 @@ from clmae.trainer import Trainer
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
-import throughput
+import throughput  # noqa: E402 — a script in benchmarks/, importable only after the path insert
 
 
 def make_trainer(tmp_path, **options) -> Trainer:
@@ -189,7 +189,8 @@ def test_masking_step_equals_authors_recipe(tmp_path):
 
 
 def test_masking_step_computes_no_mae_weight_gradients(tmp_path):
-    """FLOPs of the trainer's masking step = the frozen recipe's; a full backward costs exactly the weight grads more."""
+    """FLOPs of the trainer's masking step = the frozen recipe's; a full backward costs exactly the weight
+    grads more."""
     trainer = make_trainer(tmp_path, batch_size=8)
     imgs = first_batch(trainer)
     counted = {}
@@ -269,7 +270,7 @@ def test_masker_every_updates_the_masker_every_k_iterations(tmp_path):
     trainer = make_trainer(tmp_path, masker_every=3, subset=128)
     batches = trainer.batches.epoch(0, trainer.generator)
     updated = []
-    for it in range(7):
+    for _ in range(7):
         before = [p.detach().clone() for p in trainer.masker.parameters()]
         mae_before = trainer.mae.decoder_pred.weight.detach().clone()
         out = trainer.train_step(next(batches), 1.0, 1e-3)

@@ -9,7 +9,14 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from clmae.checkpoint import FORMAT, load_pretrained, read_training_state, read_weights, save_training_state, save_weights
+from clmae.checkpoint import (
+    FORMAT,
+    load_pretrained,
+    read_training_state,
+    read_weights,
+    save_training_state,
+    save_weights,
+)
 from clmae.errors import CheckpointError
 from clmae.maskers import (
     LearnedMasker,
@@ -19,7 +26,6 @@ from clmae.maskers import (
     topk_keep_indices,
 )
 from clmae.model import MaskedAutoencoderViT, model_config, patchify, unpatchify
-
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

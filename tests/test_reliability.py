@@ -36,8 +36,9 @@ from clmae.checkpoint import (
     weights_file,
 )
 from clmae.config import FIELDS, PretrainConfig, load_config_file, make_config
-from clmae.data import ImageFiles, load_dataset, open_image
+from clmae.data import ImageFiles, load_dataset
 from clmae.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from clmae.images import open_image
 from clmae.metrics import read_metrics
 from clmae.model import create_model
 from clmae.trainer import Trainer
@@ -214,12 +215,13 @@ def bad_inputs(tmp_path_factory, finished_run):
 
 
 def _cli_cases(d: Path, existing: Path) -> dict[str, tuple[list[str], list[str]]]:
-    fresh = lambda name: ["--output-dir", str(d / f"out-{name}")]  # noqa: E731
+    fresh = lambda name: ["--output-dir", str(d / f"out-{name}")]
     return {
         "empty folder": (["--data", str(d / "empty"), *fresh("empty")], ["no images found"]),
         "mask ratio": (["--mask-ratio", "1.0", *fresh("ratio")], ["--mask-ratio", "strictly between 0 and 1"]),
         "size not divisible": (["--img-size", "9", *fresh("size")], ["img_size", "not divisible by patch size 2"]),
-        "existing run": (["--output-dir", str(existing)], ["already holds a run", "--resume", "nothing was overwritten"]),
+        "existing run": (["--output-dir", str(existing)],
+                         ["already holds a run", "--resume", "nothing was overwritten"]),
         "untrusted resume": (["--resume", str(d / "evil_run")], ["refused to load", "could run code"]),
     }
 
@@ -395,9 +397,9 @@ def test_resume_after_a_kill_between_the_final_files_rewrites_the_weights_file(t
     class Killed(BaseException):
         pass
 
-    import clmae.trainer as trainer_module
+    import clmae.run_folder as run_folder_module
 
-    real = trainer_module.save_weights
+    real = run_folder_module.save_weights
     calls = {"n": 0}
 
     def save_weights(*args, **kwargs):
@@ -406,7 +408,7 @@ def test_resume_after_a_kill_between_the_final_files_rewrites_the_weights_file(t
             raise Killed
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "save_weights", save_weights)
+    monkeypatch.setattr(run_folder_module, "save_weights", save_weights)
     with pytest.raises(Killed):
         Trainer(tiny_config(run)).fit()
     monkeypatch.undo()
@@ -602,9 +604,9 @@ def test_each_bad_file_is_skipped_with_its_reason_and_good_ones_decode(messy_fol
     d, bad = messy_folder
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", PIXEL_LIMIT)
     files = ImageFiles(d, channels=3, min_side=24)
-    from clmae.data import _train_transform
+    from clmae.images import train_transform
 
-    files.transform = _train_transform(8)
+    files.transform = train_transform(8)
     reasons = {}
     for i in range(len(files)):
         x, label, reason = files[i]
@@ -669,7 +671,8 @@ def test_a_folder_of_only_bad_files_is_a_clear_error(tmp_path):
     for i in range(8):
         (d / f"x{i}.png").write_bytes(b"" if i % 2 else b"not a png at all")
     cfg = tiny_config(tmp_path / "run", data=str(d), img_size=8, batch_size=4, subset=None, epochs=1, method="mae")
-    with pytest.raises(DataError, match=r"not one batch of 4 readable images in this epoch \(8 files tried; unreadable so far: "
+    with pytest.raises(DataError, match=r"not one batch of 4 readable images in this epoch \(8 files tried; "
+                                         r"unreadable so far: "
                                          r"(4 empty file, 4 not an image|4 not an image, 4 empty file)\)"):
         Trainer(cfg).fit()
 
@@ -682,6 +685,7 @@ class Recorder:
     """A trainer callback that keeps the weights and the optimiser state after every iteration."""
 
     def __init__(self, trainer):
+        self.trainer = trainer  # the run view passed to callbacks has no optimisers
         self.after = {0: self.snapshot(trainer)}
         self.metrics = {}
 
@@ -692,9 +696,9 @@ class Recorder:
             opt.update({f"masker/{k}": v.clone() for k, v in _opt_tensors(t.opt_masker).items()})
         return {"mae": weights_of(t.mae), "masker": weights_of(t.masker), "opt": opt}
 
-    def on_step(self, trainer, metrics):
-        self.after[trainer.iteration] = self.snapshot(trainer)
-        self.metrics[trainer.iteration] = dict(metrics)
+    def on_step(self, run, metrics):
+        self.after[run.iteration] = self.snapshot(self.trainer)
+        self.metrics[run.iteration] = dict(metrics)
 
     def on_epoch_end(self, trainer):
         pass
@@ -742,7 +746,8 @@ def test_nonfinite_gradient_skips_the_step(tmp_path, monkeypatch):
     trainer.callbacks.append(rec)
     real = torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
-                        lambda params, *a, **k: torch.tensor(float("inf")) if trainer.iteration == 2 else real(params, *a, **k))
+                        lambda params, *a, **k: (torch.tensor(float("inf")) if trainer.iteration == 2
+                                                 else real(params, *a, **k)))
     trainer.fit()
     assert rec.metrics[3].get("skipped") == 1.0
     assert equal(rec.after[3]["mae"], rec.after[2]["mae"]) and equal(rec.after[3]["masker"], rec.after[2]["masker"])
@@ -829,7 +834,8 @@ BAD_VALUES = [
     ("lambda_kl", float("nan"), "a finite number >= 0"), ("lambda_div", float("inf"), "a finite number >= 0"),
     ("kl_reduction", "max", "'sum' or 'mean'"), ("masker_every", 0, ">= 1"),
     ("masker_batch_fraction", 0.0, "in (0, 1]"), ("masker_batch_fraction", 1.5, "in (0, 1]"),
-    ("epochs", 0, ">= 1"), ("epochs", 2.5, "type int"), ("epochs", True, "type int"), ("epochs", float("inf"), "type int"),
+    ("epochs", 0, ">= 1"), ("epochs", 2.5, "type int"), ("epochs", True, "type int"),
+    ("epochs", float("inf"), "type int"),
     ("batch_size", 0, ">= 1"), ("accum_iter", 0, ">= 1"), ("base_lr", 0.0, "a finite positive number"),
     ("base_lr", float("inf"), "a finite positive number"), ("lr", -1e-3, "a finite positive number"),
     ("lr", float("nan"), "a finite positive number"), ("min_lr", -1.0, "a finite number >= 0"),

@@ -71,7 +71,7 @@ def test_stopped_run_is_not_evaluated_and_resumes_with_its_time(cifar_dir, tmp_p
 
     def stop_after_first_epoch(self, trainer):  # as if Ctrl-C arrived during the second epoch
         self.write(trainer)
-        trainer.stop_requested = True
+        trainer.request_stop()
 
     monkeypatch.setattr(study.TimingFile, "on_epoch_end", stop_after_first_epoch)
     assert study.main(args) == 130

@@ -16,9 +16,11 @@ from PIL import Image
 
 from clmae import report as report_mod
 from clmae import visualize as vis
+from clmae.callbacks import RunView
 from clmae.config import make_config
-from clmae.data import load_dataset, normalize, resize_images
+from clmae.data import load_dataset
 from clmae.errors import ClmaeError
+from clmae.images import normalize, resize_images
 from clmae.maskers import Masker, create_masker, topk_keep_indices
 from clmae.metrics import read_metrics
 from clmae.model import create_model, patchify, per_patch_target
@@ -244,25 +246,27 @@ class ZeroMAE(torch.nn.Module):
 def test_mask_difficulty_is_one_for_random_masks_and_sees_easy_and_hard_ones(runs):
     trainer = runs[0]
     original_masker, original_mae, original_data, cfg = trainer.masker, trainer.mae, trainer.dataset, trainer.cfg
-    saved = (cfg.probe_images, cfg.snapshot_every)
+    saved = (cfg.probe_images, trainer.run.snapshot_every)
     trainer.dataset = load_dataset("digits")  # more probe images than the run's subset: a steadier ratio
-    cfg.probe_images, cfg.snapshot_every = 128, 0  # no snapshot files
+    cfg.probe_images, trainer.run.snapshot_every = 128, 0  # no snapshot files
     trainer.logger.enabled = False  # keep the run's metrics.jsonl as the run left it
     try:
         for seed in (0, 1, 2):
             trainer.masker = RandomScoreMasker(seed)
-            record = CurriculumProbe(trainer).measure(trainer)
+            view = RunView(trainer)
+            record = CurriculumProbe(view).measure(view)
             assert abs(record["mask_difficulty"] - 1) < 0.03, record
             assert abs(record["mask_difficulty_shuffled"] - 1) < 0.03, record
             assert record["probe_loss_learned"] != record["probe_loss_random"]
         # With a known per-patch cost, hiding the cheap patches is easy and hiding the dear ones hard.
         trainer.mae = ZeroMAE(original_mae)
-        probe = CurriculumProbe(trainer)
+        view = RunView(trainer)
+        probe = CurriculumProbe(view)
         target = original_mae.target(probe.x)
         trainer.masker = EnergyMasker(target, keep_high=True)
-        easy = probe.measure(trainer)
+        easy = probe.measure(view)
         trainer.masker = EnergyMasker(target, keep_high=False)
-        hard = probe.measure(trainer)
+        hard = probe.measure(view)
         assert easy["mask_difficulty"] < 0.9 and hard["mask_difficulty"] > 1.1, (easy, hard)
         # Given to other images, the same masks are no longer fitted to them.
         assert easy["mask_difficulty_shuffled"] < 0.95 and hard["mask_difficulty_shuffled"] > 1.05, (easy, hard)
@@ -272,7 +276,7 @@ def test_mask_difficulty_is_one_for_random_masks_and_sees_easy_and_hard_ones(run
         assert easy["probe_loss_learned"] == pytest.approx(float(cheap.mean()), rel=1e-5)
     finally:
         trainer.masker, trainer.mae, trainer.dataset = original_masker, original_mae, original_data
-        cfg.probe_images, cfg.snapshot_every = saved
+        cfg.probe_images, trainer.run.snapshot_every = saved
         trainer.logger.enabled = True
 
 
@@ -311,7 +315,7 @@ def test_probe_records_and_snapshots(runs):
         assert s["scores"].shape == (n, length) and s["keep"].shape == (n, keep)
         assert torch.equal(s["mask"].sum(1), torch.full((n,), length - keep, dtype=s["mask"].sum(1).dtype))
     # The last snapshot is the final masking module's top-k on the probe images.
-    scores, ids = probed.callbacks[0].masks(probed)
+    scores, ids = probed.callbacks[0].masks(probed.view)
     assert torch.allclose(snaps[-1]["scores"], scores) and torch.equal(snaps[-1]["keep"], ids)
 
 

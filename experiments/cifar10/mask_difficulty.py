@@ -68,7 +68,7 @@ def test_images(data: str, data_dir: str | None, channels: int):
 def measure(run_dir: Path, reference: torch.nn.Module, images: int, draws: int) -> dict[str, float]:
     """The four numbers of one arm and seed; ``reference`` is the seed's random-mask MAE."""
     from clmae.checkpoint import load_pretrained
-    from clmae.data import normalize, resize_images
+    from clmae.images import normalize, resize_images
     from clmae.maskers import topk_keep_indices
 
     mae, masker, cfg = load_pretrained(run_dir)

@@ -121,11 +121,13 @@ def evaluate_arm(run_dir: Path, evaluation: dict[str, Any], data_dir: str,
     weights (same model, same seed), so the study evaluates that encoder once per seed, with the first arm.
     """
     from clmae import evaluation as ev
+    from clmae.checkpoint import checkpoint_file, file_sha256
+    from clmae.reports import write_report
 
     options = ev.EvalOptions(max_train=evaluation.get("max_train"), max_test=evaluation.get("max_test"),
                              progress=False, random_reference=reference)
     reports, setup = {}, None
-    sha = ev.file_sha256(ev.checkpoint_file(run_dir))
+    sha = file_sha256(checkpoint_file(run_dir))
     for protocol in ("knn", "linear", "fewshot"):
         out = run_dir / f"eval-{protocol}.json"
         if out.exists():
@@ -137,7 +139,7 @@ def evaluate_arm(run_dir: Path, evaluation: dict[str, Any], data_dir: str,
             setup = ev.prepare(run_dir, "cifar10", data_dir, options)
         config = ev.protocol_config(protocol, **evaluation.get(protocol, {}))
         reports[protocol] = ev.run_protocol(setup, protocol, config)
-        ev.write_report(reports[protocol], out)
+        write_report(reports[protocol], out)
     return reports
 
 
@@ -255,7 +257,7 @@ def plot_curves(results: dict[str, Any], out: Path) -> Path:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (arm, seeds) in enumerate(results["arms"].items()):
         colour = colours[i % len(colours)]
-        for j, (seed, info) in enumerate(seeds.items()):
+        for j, info in enumerate(seeds.values()):
             curves = info["curves"]
             style = {"color": colour, "ls": "-" if j == 0 else "--", "label": arm if j == 0 else None}
             probe = curves["probe"]

@@ -23,19 +23,23 @@ weights-only unpickler, and anything else (truncated, edited, foreign files) is 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import pickle
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError
+from .maskers import create_masker
+from .model import MaskedAutoencoderViT, ModelConfig
 
 FORMAT = "clmae-checkpoint-v1"
 MAX_PATCHES = 1 << 16  # a 256x256 patch grid; a larger count in a file is an error, not an allocation
@@ -191,7 +195,8 @@ def read_training_state(path: str | Path) -> dict[str, Any]:
     wrong = [k for k, t in RESUME_KEYS.items() if k in state and not isinstance(state[k], t)]
     if missing or wrong:
         raise CheckpointError(
-            f"{path}: incomplete clmae checkpoint (missing {missing}, wrong type {wrong}); resume from another checkpoint"
+            f"{path}: incomplete clmae checkpoint (missing {missing}, wrong type {wrong}); "
+            "resume from another checkpoint"
         )
     bad = [k for k, v in state["weights"].items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
@@ -246,12 +251,14 @@ def config_weight_mismatch(cfg, weights: dict[str, torch.Tensor]) -> list[str]:
     problems = [f"{k}: weights {tuple(weights[k].shape)} vs configuration {shape}"
                 for k, shape in expected.items() if k in weights and tuple(weights[k].shape) != shape]
     problems += [f"{k}: missing" for k in expected if k not in weights]
-    for prefix, depth, what in (("blocks.", cfg.depth, "depth"), ("decoder_blocks.", cfg.decoder_depth, "decoder_depth")):
+    for prefix, depth, what in (("blocks.", cfg.depth, "depth"),
+                                ("decoder_blocks.", cfg.decoder_depth, "decoder_depth")):
         found = len({k.split(".")[1] for k in weights if k.startswith(prefix)})
         if found != depth:
             problems.append(f"{what} {depth} in the configuration vs {found} blocks in the weights")
     if cfg.num_patches > MAX_PATCHES:
-        problems.append(f"{cfg.num_patches} patches (img_size {cfg.img_size} / patch_size {cfg.patch_size}) is implausible")
+        problems.append(f"{cfg.num_patches} patches (img_size {cfg.img_size} / patch_size {cfg.patch_size}) "
+                        "is implausible")
     return problems
 
 
@@ -345,7 +352,10 @@ def weights_file(path: str | Path) -> Path:
         return path
     if path.is_file():
         raise CheckpointError(f"{path}: not a clmae checkpoint (expected a run folder, .safetensors or .pt file)")
-    stem = path / "checkpoint-last" if path.is_dir() else path.with_suffix("") if path.suffix == ".safetensors" else path
+    if path.is_dir():
+        stem = path / "checkpoint-last"
+    else:
+        stem = path.with_suffix("") if path.suffix == ".safetensors" else path
     st, pt = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".pt")
     if not st.is_file() and not pt.is_file():
         raise CheckpointError(f"{st}: checkpoint not found (give a run folder or a checkpoint file)")
@@ -358,15 +368,35 @@ def weights_file(path: str | Path) -> Path:
     return st
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The file evaluation reports record for ``path`` (folder, stem or file): its sha256 and name."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        if not path.is_file():
+            raise CheckpointError(f"{path}: checkpoint not found")
+        return path
+    if not path.exists() and path.suffix not in ("", ".safetensors"):
+        raise CheckpointError(f"{path}: checkpoint not found (give a run folder or a .safetensors/.pt checkpoint)")
+    if path.is_file() and path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: not a clmae checkpoint (expected a run folder, .safetensors or .pt file)")
+    return resolve_checkpoint(path, ".safetensors")
+
+
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     """Rebuild the trained model from a checkpoint: ``(mae, masker or None, run_config dict)``.
 
     Accepts a run folder, ``*.safetensors`` or ``*.pt`` (see :func:`weights_file`). Never runs code
     from the file; a truncated, foreign or mismatching file raises :class:`CheckpointError`.
     """
-    from .maskers import create_masker
-    from .model import MaskedAutoencoderViT, ModelConfig
-
     path = weights_file(path)
     if path.suffix == ".pt":
         state = read_training_state(path)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError
-from .evaluation import REPORT_FORMAT
+from .reports import REPORT_FORMAT
 
 PRIMARY_ORDER = ("knn_majority_top1", "knn_weighted_top1", "linear_top1")
 
@@ -162,7 +162,8 @@ def plot_comparison(table: ComparisonTable, path: str | Path) -> Path:
     return path
 
 
-def compare(paths: list[str | Path], markdown: str | Path | None = None, plot: str | Path | None = None) -> ComparisonTable:
+def compare(paths: list[str | Path], markdown: str | Path | None = None,
+            plot: str | Path | None = None) -> ComparisonTable:
     """Build the comparison of ``paths`` (report JSONs or run folders); write markdown and/or PNG if asked."""
     table = comparison_table(paths)
     if markdown is not None:

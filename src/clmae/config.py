@@ -1,4 +1,10 @@
-"""Pretraining configuration: one dataclass, validated up front, loadable from YAML or presets."""
+"""Pretraining configuration: one dataclass, validated up front, loadable from YAML or presets.
+
+Each field is a ``clmae pretrain`` flag (``batch_size`` → ``--batch-size``) and carries its help text,
+so the CLI, the docs and the error messages read one definition. The config holds what the user
+asked for; values resolved at run time (the model chosen for the data, the output folder, the
+warmup length) live in :class:`clmae.run_folder.RunState`.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,11 @@ import yaml
 
 from .curriculum import SCHEDULES
 from .errors import ConfigError
+from .maskers import METHODS
+from .model import MODEL_CONFIGS
+from .options import check_option, flag, one_of, opt
+
+KL_REDUCTIONS = ("sum", "mean")
 
 
 @dataclass
@@ -20,51 +31,54 @@ class PretrainConfig:
     """Everything a pretraining run needs. CLI flags map 1:1 to these fields (``--batch-size``)."""
 
     # data
-    data: str = "digits"  # digits | cifar10 | PATH.npz | PATH/to/images
-    data_dir: str | None = None  # where cifar10 etc. are looked for (default: $CLMAE_DATA, ./data)
-    subset: int | None = None  # use only the first N training images
-    img_size: int | None = None  # default: the model's
-    num_workers: int = 2  # DataLoader workers for image folders
+    data: str = opt("digits", "digits (built in), cifar10, a .npz with x_train/y_train, or a folder of images")
+    data_dir: str | None = opt(None, "where cifar10 etc. are looked for (default: $CLMAE_DATA, then ./data)")
+    subset: int | None = opt(None, "train on the first N images only")
+    img_size: int | None = opt(None, "input resolution (default: the model's)")
+    num_workers: int = opt(2, "DataLoader workers for image folders")
     # method and model
-    method: str = "clmae"  # clmae | mae
-    model: str | None = None  # default: by dataset (digits → vit_micro_patch2_8, cifar10 → vit_tiny_patch4_32)
-    patch_size: int | None = None  # override the model's
-    norm_pix_loss: bool = False
-    mask_ratio: float = 0.75
-    init_from: str | None = None  # start from an MAE checkpoint (facebookresearch/mae .pth or clmae run)
+    method: str = opt("clmae", "masking strategy: clmae (learned curriculum masking) or mae (random masking)")
+    model: str | None = opt(None, "named configuration, see `clmae models` (default: chosen by dataset)")
+    patch_size: int | None = opt(None, "override the model's patch size")
+    norm_pix_loss: bool = opt(False, "reconstruct per-patch normalised pixels (MAE option)")
+    mask_ratio: float = opt(0.75, "fraction of patches hidden from the encoder, in (0, 1)")
+    init_from: str | None = opt(None, "start from an MAE checkpoint (facebookresearch/mae .pth, clmae run, or timm "
+                                      "export)")
     # CL-MAE masking module
-    curriculum: str = "official"
-    curriculum_value: float = 1.0  # λ for --curriculum constant
-    lambda_gauss: float = 1.0
-    lambda_kl: float = 0.1
-    lambda_div: float = 2.0
-    kl_reduction: str = "sum"  # the authors' sum over the batch, or mean
-    masker_every: int = 1  # update the masking module every K iterations (authors: 1)
-    masker_batch_fraction: float = 1.0  # masking-module step on this fraction of the batch (authors: 1)
+    curriculum: str = opt("official", "λ schedule: official (per epoch, +1→−1), linear (per step), constant, "
+                                      "partner, neutral, adversary")
+    curriculum_value: float = opt(1.0, "λ for --curriculum constant")
+    lambda_gauss: float = opt(1.0, "weight of the binarization (Gaussian) loss")
+    lambda_kl: float = opt(0.1, "weight of the mask-ratio KL loss")
+    lambda_div: float = opt(2.0, "weight of the diversity loss")
+    kl_reduction: str = opt("sum", "sum (authors') or mean of the KL loss over the batch")
+    masker_every: int = opt(1, "update the masking module every K iterations (1 = authors')")
+    masker_batch_fraction: float = opt(1.0, "masking-module step on this random fraction of the batch (1 = authors')")
     # optimisation
-    epochs: int = 30
-    batch_size: int = 64
-    accum_iter: int = 1
-    base_lr: float = 1e-3
-    lr: float | None = None  # absolute lr; default base_lr * effective_batch / 256
-    min_lr: float = 0.0
-    warmup_epochs: float | None = None  # default: a tenth of --epochs
-    weight_decay: float = 0.05
+    epochs: int = opt(30, "training epochs")
+    batch_size: int = opt(64, "images per iteration (per device)")
+    accum_iter: int = opt(1, "gradient accumulation iterations")
+    base_lr: float = opt(1e-3, "lr = base_lr × effective batch / 256")
+    lr: float | None = opt(None, "absolute learning rate (overrides --base-lr)")
+    min_lr: float = opt(0.0, "lowest learning rate of the cosine schedule")
+    warmup_epochs: float | None = opt(None, "linear warmup epochs")
+    weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, tokens)")
     # run
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    output_dir: str | None = None  # default runs/<method>-<data>-<time>
-    resume: str | None = None  # run dir or checkpoint file; "auto" = output_dir's last checkpoint
-    save_every: int = 0  # also keep checkpoint-EPOCH every N epochs (0 = only checkpoint-last)
-    log_every: int = 10  # steps between metrics.jsonl lines
-    eval_every: int = 0  # quick k-NN every N epochs on held-out data (0 = only at the end)
-    max_nonfinite: int = 5  # stop after this many non-finite steps in a row
-    compile: bool = False  # torch.compile the model and masker
+    seed: int = opt(0, "random seed")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    output_dir: str | None = opt(None, "run folder (default: runs/<method>-<data>-<time>)")
+    resume: str | None = opt(None, "continue a run: its folder or checkpoint (alone: the --output-dir's)")
+    save_every: int = opt(0, "also keep checkpoint-EPOCH every N epochs")
+    log_every: int = opt(10, "iterations between metrics.jsonl lines")
+    eval_every: int = opt(0, "quick k-NN evaluation every N epochs (0 = off)")
+    max_nonfinite: int = opt(5, "stop after this many non-finite steps in a row")
+    compile: bool = opt(False, "torch.compile the model and the masking module")
     # curriculum probe (clmae.probe): difficulty of the learned masks on a fixed batch
-    probe_every: int = 50  # iterations between probe measurements (0 = off)
-    probe_images: int = 16  # size of the fixed probe batch
-    snapshot_every: int | None = None  # save probe scores/masks every N epochs (0 = off; default: ~10 per run)
-    progress: bool = True
+    probe_every: int = opt(50, "iterations between curriculum-probe measurements (mask_difficulty etc.; 0 = off)")
+    probe_images: int = opt(16, "fixed training images the curriculum probe measures on")
+    snapshot_every: int | None = opt(None, "save the probe images' scores and masks every N epochs (0 = off; "
+                                           "default: about 10 per run)")
+    progress: bool = opt(True, "show a progress bar")
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with the run
 
     @property
@@ -74,24 +88,30 @@ class PretrainConfig:
     def absolute_lr(self, world_size: int = 1) -> float:
         return self.lr if self.lr is not None else self.base_lr * self.effective_batch_size * world_size / 256
 
+    def warmup(self) -> float:
+        """Warmup epochs: ``--warmup-epochs``, by default a tenth of ``--epochs``."""
+        return round(0.1 * self.epochs, 3) if self.warmup_epochs is None else self.warmup_epochs
+
+    def snapshot_interval(self) -> int:
+        """Epochs between probe snapshots: ``--snapshot-every``, by default about ten per run."""
+        return max(1, math.ceil(self.epochs / 10)) if self.snapshot_every is None else self.snapshot_every
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "PretrainConfig":
+    def validate(self) -> PretrainConfig:
         """Check every option; the error names the option and its allowed range."""
 
         def need(cond: bool, option: str, allowed: str) -> None:
-            if not cond:
-                value = getattr(self, option)
-                raise ConfigError(f"--{option.replace('_', '-')}: got {value!r}, expected {allowed}")
+            check_option(cond, option, getattr(self, option), allowed)
 
-        need(self.method in ("clmae", "mae"), "method", "'clmae' or 'mae'")
+        need(self.method in METHODS, "method", one_of(METHODS))
         need(0.0 < self.mask_ratio < 1.0, "mask_ratio", "a number strictly between 0 and 1")
         need(self.curriculum in SCHEDULES, "curriculum", "one of " + ", ".join(SCHEDULES))
         need(math.isfinite(self.curriculum_value), "curriculum_value", "a finite number")
         for name in ("lambda_gauss", "lambda_kl", "lambda_div"):
             need(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, "a finite number >= 0")
-        need(self.kl_reduction in ("sum", "mean"), "kl_reduction", "'sum' or 'mean'")
+        need(self.kl_reduction in KL_REDUCTIONS, "kl_reduction", "'sum' or 'mean'")
         need(self.masker_every >= 1, "masker_every", "an integer >= 1")
         need(0.0 < self.masker_batch_fraction <= 1.0, "masker_batch_fraction", "a number in (0, 1]")
         need(self.epochs >= 1, "epochs", "an integer >= 1")
@@ -100,15 +120,10 @@ class PretrainConfig:
         need(math.isfinite(self.base_lr) and self.base_lr > 0, "base_lr", "a finite positive number")
         need(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr", "a finite positive number")
         need(math.isfinite(self.min_lr) and self.min_lr >= 0, "min_lr", "a finite number >= 0")
-        if self.warmup_epochs is None:
-            self.warmup_epochs = round(0.1 * self.epochs, 3)
-        need(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", f"a number between 0 and --epochs ({self.epochs})")
+        need(0 <= self.warmup() <= self.epochs, "warmup_epochs", f"a number between 0 and --epochs ({self.epochs})")
         need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a finite number >= 0")
         need(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)")
-        if self.model is not None:
-            from .model import MODEL_CONFIGS
-
-            need(self.model in MODEL_CONFIGS, "model", "one of " + ", ".join(sorted(MODEL_CONFIGS)))
+        need(self.model is None or self.model in MODEL_CONFIGS, "model", "one of " + ", ".join(sorted(MODEL_CONFIGS)))
         need(self.subset is None or self.subset >= 1, "subset", "an integer >= 1")
         need(self.img_size is None or self.img_size >= 1, "img_size", "a positive integer")
         need(self.patch_size is None or self.patch_size >= 1, "patch_size", "a positive integer")
@@ -118,14 +133,13 @@ class PretrainConfig:
         need(self.eval_every >= 0, "eval_every", "an integer >= 0")
         need(self.probe_every >= 0, "probe_every", "an integer >= 0")
         need(self.probe_images >= 2, "probe_images", "an integer >= 2")
-        if self.snapshot_every is None:
-            self.snapshot_every = max(1, math.ceil(self.epochs / 10))  # about ten snapshots per run
-        need(self.snapshot_every >= 0, "snapshot_every", "an integer >= 0")
+        need(self.snapshot_interval() >= 0, "snapshot_every", "an integer >= 0")
         need(self.max_nonfinite >= 1, "max_nonfinite", "an integer >= 1")
         return self
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
+CHOICES = {"method": list(METHODS), "curriculum": list(SCHEDULES), "kl_reduction": list(KL_REDUCTIONS)}
 
 
 def preset_names() -> list[str]:
@@ -143,7 +157,8 @@ def load_config_file(path_or_preset: str) -> dict[str, Any]:
         preset = resources.files("clmae") / "presets" / f"{path_or_preset}.yaml"
         if not preset.is_file():
             raise ConfigError(
-                f"--config: {path_or_preset!r} is neither a YAML file nor a preset; presets: {', '.join(preset_names())}"
+                f"--config: {path_or_preset!r} is neither a YAML file nor a preset; "
+                f"presets: {', '.join(preset_names())}"
             )
         text = preset.read_text()
         where = f"preset {path_or_preset}"
@@ -185,5 +200,5 @@ def make_config(values: dict[str, Any]) -> PretrainConfig:
             elif kind.startswith("str") and not isinstance(value, str):
                 raise ValueError
         except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"--{name.replace('_', '-')}: got {value!r}, expected a value of type {kind}") from None
+            raise ConfigError(f"{flag(name)}: got {value!r}, expected a value of type {kind}") from None
     return cfg.validate()

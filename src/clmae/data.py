@@ -1,131 +1,40 @@
-"""Datasets and the training input pipeline.
-
-Two kinds of data, one interface:
+"""Datasets: what ``--data`` names, loaded into one of three shapes.
 
 * :class:`InMemoryImages` — digits, CIFAR-10 and any ``.npz``: all images as one ``uint8`` tensor
-  ``(N, C, H, W)``, moved to the training device once; batches are gathered and augmented there
-  in one batched call (:func:`random_resized_crop_flip`), so data never holds up a small run.
+  ``(N, C, H, W)`` plus labels and normalisation statistics; training moves it to the device once
+  and augments batches there (:mod:`clmae.augment`), so data never holds up a small run.
 * :class:`ImageFiles` — a folder of images (ImageFolder layout with class sub-folders, or a flat
   folder for unlabeled pretraining), decoded by DataLoader workers. Unreadable files (empty, cut,
   not images, over Pillow's decompression-bomb limit) are skipped and counted by reason, never
   fatal; huge images are decoded at reduced scale so memory stays bounded.
+* :class:`~clmae.shards.ShardData` — tar shards, streamed (:mod:`clmae.shards`).
 
-:func:`load_dataset` turns the ``--data`` string into one of them.
+:func:`load_dataset` turns the ``--data`` string into one of them; :mod:`clmae.batches` turns a
+dataset into training batches.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import os
-import signal
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .errors import DataError
+from .images import channel_stats, default_stats, list_image_folder, open_image, skip_reason
+from .shards import ShardData, is_shard_spec, load_shards
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-BUILTIN = ("digits", "cifar10")
-
-
-# ---------------------------------------------------------------------------------------------
-# Augmentation (batched, on the training device)
+BUILTIN = ("digits", "cifar10")  # dataset names --data accepts besides paths
 
 
-def sample_crop_boxes(
-    n: int, height: int, width: int, generator: torch.Generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), tries: int = 10
-) -> torch.Tensor:
-    """RandomResizedCrop boxes for a batch, ``(N, 4)`` as ``(top, left, h, w)`` in pixels.
-
-    Same distribution as torchvision's RandomResizedCrop: area fraction uniform in ``scale``,
-    log-aspect uniform in ``ratio``, up to ``tries`` attempts, else the whole image.
-    """
-    area = height * width * torch.empty(n, tries).uniform_(*scale, generator=generator)
-    log_r = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    aspect = torch.exp(log_r)
-    w = torch.sqrt(area * aspect).round()
-    h = torch.sqrt(area / aspect).round()
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
-    rows = torch.arange(n)
-    h = torch.where(first >= 0, h[rows, first.clamp_min(0)], torch.full((n,), float(height)))
-    w = torch.where(first >= 0, w[rows, first.clamp_min(0)], torch.full((n,), float(width)))
-    top = torch.floor(torch.rand(n, generator=generator) * (height - h + 1))
-    left = torch.floor(torch.rand(n, generator=generator) * (width - w + 1))
-    return torch.stack([top, left, h, w], dim=1)
-
-
-def random_resized_crop_flip(
-    images: torch.Tensor, size: int, generator: torch.Generator, scale=(0.2, 1.0), flip: bool = True
-) -> torch.Tensor:
-    """Batched random-resized-crop (bicubic) and horizontal flip of ``uint8 (N, C, H, W)`` images.
-
-    Returns floats in [0, 1] of shape ``(N, C, size, size)``. Every image gets its own crop; all
-    random numbers come from ``generator`` (on the CPU), so runs are reproducible on any device.
-    """
-    n, _, height, width = images.shape
-    boxes = sample_crop_boxes(n, height, width, generator, scale)
-    flips = (torch.rand(n, generator=generator) < 0.5) if flip else torch.zeros(n, dtype=torch.bool)
-    return crop_flip(images, boxes, flips, size)
-
-
-def crop_flip(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
-    """Resample given crop boxes ``(N, 4)`` (top, left, h, w) and flips ``(N,)`` to ``size``×``size``.
-
-    One bicubic ``grid_sample`` for the whole batch. Split from the sampling so that distributed
-    runs can draw the random numbers for the global batch and apply each rank's rows.
-    """
-    n, _, height, width = images.shape
-    top, left, h, w = boxes.unbind(1)
-    # Affine map from output coords in [-1, 1] to input coords (align_corners=False convention).
-    sx, sy = w / width, h / height
-    cx = (left + w / 2) / width * 2 - 1
-    cy = (top + h / 2) / height * 2 - 1
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = torch.where(flips, -sx, sx)
-    theta[:, 0, 2] = cx
-    theta[:, 1, 1] = sy
-    theta[:, 1, 2] = cy
-    theta = theta.to(images.device)
-    grid = F.affine_grid(theta, [n, images.shape[1], size, size], align_corners=False)
-    x = images.float().div_(255.0)
-    out = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
-    return out.clamp_(0.0, 1.0)
-
-
-def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: leave SIGINT/SIGTERM to the training process.
-
-    Ctrl-C and SLURM's or torchrun's SIGTERM reach the whole process group. The training process
-    then finishes its step and saves a checkpoint; workers that died on the signal would make the
-    DataLoader raise in the middle of that. Workers still exit when the training process does.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Deterministic evaluation view: ``uint8 (N, C, H, W)`` → floats in [0, 1] at ``size``×``size``."""
-    x = images.float().div(255.0)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    return x.clamp_(0.0, 1.0)
-
-
-def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s
+def dataset_label(data: str) -> str:
+    """A short name for ``--data`` in file and folder names: the built-in name or the path's stem."""
+    return data if data in BUILTIN else Path(data).stem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,30 +63,15 @@ class InMemoryImages:
     def num_classes(self) -> int | None:
         return None if self.labels is None else int(self.labels.max()) + 1
 
-    def subset(self, n: int | None) -> "InMemoryImages":
+    def subset(self, n: int | None) -> InMemoryImages:
         if n is None or n >= len(self):
             return self
         labels = None if self.labels is None else self.labels[:n]
         return InMemoryImages(self.name, self.images[:n], labels, self.mean, self.std)
 
 
-def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std (in [0, 1] units) of a uint8 image tensor, computed in chunks."""
-    c = images.shape[1]
-    total = torch.zeros(c, dtype=torch.float64)
-    total_sq = torch.zeros(c, dtype=torch.float64)
-    count = 0
-    for chunk in images.split(4096):
-        x = chunk.double().div(255.0).transpose(0, 1).reshape(c, -1)
-        total += x.sum(1)
-        total_sq += (x * x).sum(1)
-        count += x.shape[1]
-    mean = total / count
-    std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
-    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(max(v, 1e-3), 4) for v in std.tolist())
-
-
-def _from_arrays(name: str, x: np.ndarray, y: np.ndarray | None, stats_from: np.ndarray | None = None) -> InMemoryImages:
+def _from_arrays(name: str, x: np.ndarray, y: np.ndarray | None,
+                 stats_from: np.ndarray | None = None) -> InMemoryImages:
     """NHWC or NHW uint8 arrays → :class:`InMemoryImages` (NCHW)."""
     if x.ndim == 3:
         x = x[..., None]
@@ -247,11 +141,12 @@ def load_npz(path: Path, split: str, name: str | None = None) -> InMemoryImages:
         x = archive[xk]
         y = archive[yk] if yk in keys else None
         stats = archive["x_train"] if split != "train" else None
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 — numpy raises ValueError, zip and OS errors alike for a bad member
         if "allow_pickle" in str(exc):
             raise DataError(f"{path}: {xk!r} holds pickled Python objects, which are never loaded (they could run "
                             "code); store plain numeric arrays") from None
-        raise DataError(f"{path}: could not read {xk!r} ({exc.__class__.__name__}: {exc}); the file may be truncated") from None
+        raise DataError(f"{path}: could not read {xk!r} ({exc.__class__.__name__}: {exc}); "
+                        "the file may be truncated") from None
     return _from_arrays(name, x, y, stats_from=stats)
 
 
@@ -288,73 +183,6 @@ def _torchvision_cifar(root: Path, split: str, download: bool) -> InMemoryImages
 # -- image folders ----------------------------------------------------------------------------
 
 
-class ImageTooLarge(ValueError):
-    """More pixels than ``PIL.Image.MAX_IMAGE_PIXELS``: Pillow's decompression-bomb guard."""
-
-
-def skip_reason(exc: BaseException) -> str:
-    """``"category: detail"`` for a file that could not be used; the category is what gets counted."""
-    from PIL import UnidentifiedImageError
-
-    detail = f"{exc.__class__.__name__}: {str(exc)[:120]}"
-    if isinstance(exc, (ImageTooLarge, Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return f"too large: {detail} (Pillow's decompression-bomb guard; raise PIL.Image.MAX_IMAGE_PIXELS to allow)"
-    if isinstance(exc, UnidentifiedImageError):
-        return f"not an image: {detail}"
-    if isinstance(exc, (OSError, SyntaxError, EOFError, ValueError, IndexError)):
-        return f"truncated or corrupt: {detail}"
-    return f"{exc.__class__.__name__}: {str(exc)[:120]}"
-
-
-def _draft_size(width: int, height: int, min_side: int) -> tuple[int, int]:
-    """The smallest size of the same aspect whose shorter side is at least ``min_side``."""
-    short = min(width, height)
-    return max(1, math.ceil(width * min_side / short)), max(1, math.ceil(height * min_side / short))
-
-
-def open_image(path, channels: int = 3, min_side: int | None = None, max_pixels: int | None = None) -> Image.Image:
-    """Decode any common image and convert it to RGB (or L): grayscale, RGBA, palette, 16-bit.
-
-    ``min_side``: images whose shorter side is over twice that are decoded at reduced scale
-    (JPEG ``draft``, free) or box-reduced right after decoding, so a huge photo costs little memory
-    downstream. ``max_pixels`` (default: ``PIL.Image.MAX_IMAGE_PIXELS``) refuses bigger images
-    before decoding them; Pillow's own decompression-bomb error is never silenced.
-    """
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Pillow's harmless format warnings (EXIF, palette transparency, …)
-        warnings.simplefilter("error", Image.DecompressionBombWarning)  # …but never the size guard
-        with Image.open(path) as img:
-            if limit and img.width * img.height > limit:
-                raise ImageTooLarge(f"{img.width}x{img.height} = {img.width * img.height} pixels > {limit}")
-            if min_side and min(img.size) > 2 * min_side and img.format == "JPEG":
-                img.draft(None, _draft_size(img.width, img.height, min_side))  # decode at 1/2, 1/4 or 1/8 scale
-            img.load()
-            mode = img.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                arr = np.asarray(img, dtype=np.float64)
-                peak = float(arr.max()) if arr.size else 0.0
-                if mode.startswith("I;16") or peak > 255:
-                    hi = 65535.0
-                elif mode == "F" and peak <= 1.0:
-                    hi = 1.0  # float images in [0, 1]
-                else:
-                    hi = 255.0
-                img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), mode="L")
-            elif mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(background, rgba)
-            out = img.convert("RGB" if channels == 3 else "L")
-    if min_side and min(out.size) >= 2 * min_side:
-        out = out.reduce(min(out.size) // min_side)  # box filter: anti-aliased, shorter side stays >= min_side
-    return out
-
-
-def _scan(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
 class ImageFiles(torch.utils.data.Dataset):
     """A folder of images: ImageFolder layout (``root/class/x.png``, labeled) or flat (unlabeled).
 
@@ -363,36 +191,14 @@ class ImageFiles(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str | Path, channels: int = 3, transform=None, min_side: int | None = None):
-        root = Path(root)
-        if not root.exists():
-            raise DataError(f"{root}: folder not found")
-        if not root.is_dir():
-            raise DataError(f"{root}: is not a folder or a known dataset (digits, cifar10, *.npz)")
-        self.root = root
+        self.root = Path(root)
+        self.files, self.labels, self.classes = list_image_folder(self.root)
         self.channels = channels
         self.transform = transform
         # Decode huge images at reduced scale (see open_image); the trainer sets it from --img-size.
         self.min_side = min_side
         # Captured here so DataLoader workers apply the limit in force now, whatever their start method.
         self.max_pixels = Image.MAX_IMAGE_PIXELS
-        direct = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-        subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if subdirs and not direct:
-            self.classes = [d.name for d in subdirs]
-            files, labels = [], []
-            for label, d in enumerate(subdirs):
-                found = _scan(d)
-                files += found
-                labels += [label] * len(found)
-            self.files, self.labels = files, labels
-        else:
-            self.classes = []
-            self.files, self.labels = _scan(root), None
-        if not self.files:
-            raise DataError(
-                f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}); put images in the folder "
-                "or in one sub-folder per class"
-            )
 
     def __len__(self) -> int:
         return len(self.files)
@@ -408,37 +214,6 @@ class ImageFiles(torch.utils.data.Dataset):
             return x, label, None
         except Exception as exc:  # noqa: BLE001 — any undecodable file is skipped with its reason
             return None, str(path), skip_reason(exc)
-
-
-def collate_skipping(batch):
-    """Stack the good samples; return ``(images, labels, skipped)`` with the skipped reasons."""
-    good = [b for b in batch if b[0] is not None]
-    skipped = [(b[1], b[2]) for b in batch if b[0] is None]
-    if not good:
-        return None, None, skipped
-    images = torch.stack([b[0] for b in good])
-    labels = torch.tensor([b[1] for b in good], dtype=torch.long)
-    return images, labels, skipped
-
-
-def _train_transform(size: int):
-    from torchvision.transforms import v2
-
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(),
-    ])
-
-
-def _eval_transform(size: int):
-    from torchvision.transforms import v2
-
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(size),
-    ])
 
 
 @dataclass
@@ -465,7 +240,7 @@ class FolderData:
     def num_classes(self) -> int | None:
         return len(self.files.classes) or None
 
-    def subset(self, n: int | None) -> "FolderData":
+    def subset(self, n: int | None) -> FolderData:
         """``n`` files drawn at random with a fixed seed (files are sorted by class, so not the first n)."""
         if n is None or n >= len(self.files):
             return self
@@ -476,7 +251,7 @@ class FolderData:
         return FolderData(self.name, files, self.mean, self.std)
 
 
-Dataset = InMemoryImages | FolderData
+Dataset = InMemoryImages | FolderData | ShardData
 
 
 def load_dataset(data: str, data_dir: str | None = None, split: str = "train", channels: int = 3) -> Dataset:
@@ -490,17 +265,17 @@ def load_dataset(data: str, data_dir: str | None = None, split: str = "train", c
         return load_digits(split)
     if data == "cifar10":
         return load_cifar10(data_dir, split)
-    from .shards import is_shard_spec, load_shards  # tar shards: x.tar, x-{0000..0099}.tar, a folder of *.tar
-
-    if is_shard_spec(data):
+    if is_shard_spec(data):  # tar shards: x.tar, x-{0000..0099}.tar, a folder of *.tar
         return load_shards(data, split, channels)
     path = Path(data).expanduser()
     if path.suffix == ".npz":
         return load_npz(path, split)
     if not path.exists():
-        raise DataError(f"--data: {data!r} is not a built-in dataset ({', '.join(BUILTIN)}), an .npz file or an existing folder")
+        raise DataError(f"--data: {data!r} is not a built-in dataset ({', '.join(BUILTIN)}), an .npz file "
+                        "or an existing folder")
     if path.is_file():
-        raise DataError(f"--data: {data} is a file; give a folder of images, an .npz archive, or one of {', '.join(BUILTIN)}")
+        raise DataError(f"--data: {data} is a file; give a folder of images, an .npz archive, "
+                        f"or one of {', '.join(BUILTIN)}")
     split_dirs = {"train": ["train"], "test": ["val", "test"]}[split]
     for d in split_dirs:
         if (path / d).is_dir():
@@ -510,129 +285,5 @@ def load_dataset(data: str, data_dir: str | None = None, split: str = "train", c
         if split == "test":
             raise DataError(f"{data}: no val/ or test/ sub-folder, so there is no held-out split")
     files = ImageFiles(path, channels=channels)
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
+    mean, std = default_stats(channels)
     return FolderData(str(data), files, mean, std)
-
-
-# ---------------------------------------------------------------------------------------------
-# Training batches
-
-
-class SkippedFiles:
-    """Batches decoded by DataLoader workers: skip bookkeeping and full-size batching.
-
-    Unreadable inputs are counted once per file however many epochs see them. Subclasses set
-    ``batch_size``, ``device``, ``_mean`` and ``_std``.
-    """
-
-    def __init__(self) -> None:
-        self.bad_files: dict[str, str] = {}  # path (or shard key) → reason
-
-    def record(self, skipped: list[tuple[str, str]]) -> None:
-        for path, reason in skipped:
-            self.bad_files.setdefault(path, reason)
-
-    @property
-    def skipped(self) -> Counter:
-        """How many distinct files were skipped, by reason (``empty file``, ``not an image``, …)."""
-        return Counter(reason.split(":")[0] for reason in self.bad_files.values())
-
-    @property
-    def skipped_examples(self) -> list[tuple[str, str]]:
-        return list(self.bad_files.items())[:20]
-
-    def full_batches(self, loader) -> Iterator[torch.Tensor]:
-        """Normalised batches of exactly ``batch_size`` on the device from ``collate_skipping`` output.
-
-        Skipped files shrink a loader batch; it is topped up from the next one so every step is full.
-        """
-        pending: list[torch.Tensor] = []
-        count = 0
-        for images, _, skipped in loader:
-            self.record(skipped)
-            if images is None:
-                continue
-            pending.append(images)
-            count += images.shape[0]
-            while count >= self.batch_size:
-                cat = torch.cat(pending)
-                batch, rest = cat[: self.batch_size], cat[self.batch_size :]
-                pending, count = ([rest] if rest.shape[0] else []), rest.shape[0]
-                x = batch.to(self.device, non_blocking=True).float().div_(255.0)
-                yield (x - self._mean) / self._std
-
-
-class TrainBatches(SkippedFiles):
-    """Yields augmented, normalised training batches on ``device``, reproducibly per epoch.
-
-    The order of epoch ``e`` is a permutation drawn from ``seed`` and ``e`` alone, so a run
-    resumed at step ``s`` of an epoch sees exactly the batches an uninterrupted run would.
-    The last incomplete batch is dropped (as with ``drop_last``), so every step has full size.
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, img_size: int, device: torch.device, seed: int,
-                 num_workers: int = 2):
-        if len(dataset) < batch_size:
-            raise DataError(
-                f"{dataset.name}: {len(dataset)} training images, fewer than --batch-size {batch_size}; "
-                "lower --batch-size or use more data"
-            )
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.img_size = img_size
-        self.device = device
-        self.seed = seed
-        self.num_workers = num_workers
-        SkippedFiles.__init__(self)
-        if isinstance(dataset, InMemoryImages):
-            self._images = dataset.images.to(device)
-        self._mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
-        self._std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.dataset) // self.batch_size
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(len(self.dataset), generator=g)
-
-    def epoch(self, epoch: int, generator: torch.Generator, start_step: int = 0) -> Iterator[torch.Tensor]:
-        """Batches of ``epoch`` from ``start_step`` on; ``generator`` drives the augmentation."""
-        order = self._order(epoch)[: len(self) * self.batch_size]
-        if isinstance(self.dataset, InMemoryImages):
-            for step in range(start_step, len(self)):
-                idx = order[step * self.batch_size : (step + 1) * self.batch_size].to(self.device)
-                x = random_resized_crop_flip(self._images.index_select(0, idx), self.img_size, generator)
-                yield (x - self._mean) / self._std
-        else:
-            yield from self._folder_epoch(order[start_step * self.batch_size :], generator)
-
-    def _folder_epoch(self, order: torch.Tensor, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        files = self.dataset.files
-        files.transform = _train_transform(self.img_size)
-        if files.min_side is None:
-            # Random crops cover >= 20% of the area: 3x the input size keeps them sharp.
-            files.min_side = 3 * self.img_size
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        loader = torch.utils.data.DataLoader(
-            files,
-            batch_size=self.batch_size,
-            sampler=order.tolist(),
-            num_workers=self.num_workers,
-            collate_fn=collate_skipping,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-            prefetch_factor=4 if self.num_workers > 0 else None,
-            generator=torch.Generator().manual_seed(seed),
-            worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
-        )
-        yielded = 0
-        for batch in self.full_batches(loader):
-            yielded += 1
-            yield batch
-        if yielded == 0 and len(order) >= self.batch_size:
-            reasons = ", ".join(f"{n} {r}" for r, n in self.skipped.most_common()) or "none"
-            raise DataError(
-                f"{files.root}: not one batch of {self.batch_size} readable images in this epoch "
-                f"({len(order)} files tried; unreadable so far: {reasons}); check the folder or lower --batch-size"
-            )

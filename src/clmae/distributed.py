@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from .data import InMemoryImages, TrainBatches, crop_flip, sample_crop_boxes
-from .errors import ConfigError, DataError
+from .errors import ConfigError
+from .runtime import resolve_device
 
 T = TypeVar("T")
 
@@ -79,23 +80,6 @@ def launched_world() -> tuple[int, int, int]:
     return _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
 
 
-def rank_device(option: str, local_rank: int) -> torch.device:
-    """The device of one rank: ``cuda:LOCAL_RANK`` when CUDA is used, else the CPU (gloo)."""
-    if option in ("auto", "cuda"):
-        if torch.cuda.is_available():
-            if local_rank >= torch.cuda.device_count():
-                raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) visible; "
-                                  "use --nproc-per-node <= the number of GPUs")
-            return torch.device("cuda", local_rank)
-        if option == "cuda":
-            raise ConfigError("--device: CUDA was requested but no CUDA GPU is available; use --device cpu")
-        return torch.device("cpu")
-    if option == "cpu":
-        return torch.device("cpu")
-    raise ConfigError(f"--device {option!r} cannot be used with several processes; use --device cuda (each rank takes "
-                      "cuda:LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES) or --device cpu")
-
-
 def setup(device_option: str) -> DistContext | None:
     """Join the process group when launched by torchrun; ``None`` for a single-process run."""
     rank, world, local = launched_world()
@@ -103,7 +87,7 @@ def setup(device_option: str) -> DistContext | None:
         return None
     if not dist.is_available():
         raise ConfigError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
-    device = rank_device(device_option, local)
+    device = resolve_device(device_option, local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     owns = False
@@ -221,101 +205,7 @@ def no_sync(module: torch.nn.Module, skip_sync: bool):
 
 
 # ---------------------------------------------------------------------------------------------
-# Batches
-
-
-def map_position(step_in_epoch: int, saved_global_batch: int, global_batch: int) -> int:
-    """The step to resume at after the global batch changed (other world size or --batch-size).
-
-    Keeps the number of images of the epoch already seen, rounded down to whole new batches:
-    no image of the epoch is skipped; at most one new batch's worth is seen again.
-    """
-    if saved_global_batch == global_batch:
-        return step_in_epoch
-    return (step_in_epoch * saved_global_batch) // global_batch
-
-
-class RankBatches(TrainBatches):
-    """:class:`TrainBatches` for one rank of ``world_size``: its block of every global batch.
-
-    ``batch_size`` is per rank. With ``world_size == 1`` the batches are exactly
-    :class:`TrainBatches`'s. For in-memory data, N ranks together yield bit-for-bit the batches
-    one process with batch N·B would (up to float summation order). For image folders each rank
-    decodes only its own files; its workers' augmentation seeds differ per rank.
-    """
-
-    def __init__(self, dataset, batch_size: int, img_size: int, device: torch.device, seed: int,
-                 num_workers: int = 2, ctx: DistContext = SINGLE):
-        self.ctx = ctx
-        self.global_batch = batch_size * ctx.world_size
-        if len(dataset) < self.global_batch:
-            raise DataError(f"{dataset.name}: {len(dataset)} training images, fewer than one global batch "
-                            f"({batch_size} per rank x {ctx.world_size} ranks); lower --batch-size or use more data")
-        super().__init__(dataset, batch_size, img_size, device, seed, num_workers)
-
-    def __len__(self) -> int:
-        return len(self.dataset) // self.global_batch
-
-    def rank_indices(self, epoch: int, start_step: int = 0) -> torch.Tensor:
-        """This rank's sample indices for the rest of ``epoch``, step after step."""
-        g, b = self.global_batch, self.batch_size
-        order = self._order(epoch)[: len(self) * g].view(len(self), g)
-        return order[start_step:, self.ctx.rows(b)].reshape(-1)
-
-    def epoch(self, epoch: int, generator: torch.Generator, start_step: int = 0) -> Iterator[torch.Tensor]:
-        if not self.ctx.enabled and not isinstance(self.dataset, InMemoryImages):
-            yield from super().epoch(epoch, generator, start_step)
-            return
-        if isinstance(self.dataset, InMemoryImages):
-            yield from self._memory_epoch(epoch, generator, start_step)
-        else:
-            yield from self._rank_folder_epoch(epoch, generator, start_step)
-
-    def _memory_epoch(self, epoch: int, generator: torch.Generator, start_step: int) -> Iterator[torch.Tensor]:
-        b, g = self.batch_size, self.global_batch
-        rows = self.ctx.rows(b)
-        _, _, height, width = self.dataset.images.shape
-        idx_all = self.rank_indices(epoch, start_step).view(-1, b)
-        for idx in idx_all:
-            # Random numbers for the whole global batch, in TrainBatches' order; keep our rows.
-            boxes = sample_crop_boxes(g, height, width, generator)
-            flips = torch.rand(g, generator=generator) < 0.5
-            images = self._images.index_select(0, idx.to(self.device))
-            x = crop_flip(images, boxes[rows], flips[rows], self.img_size)
-            yield (x - self._mean) / self._std
-
-    def _rank_folder_epoch(self, epoch: int, generator: torch.Generator, start_step: int) -> Iterator[torch.Tensor]:
-        # One draw from the shared generator (all ranks stay in step), then a per-rank worker seed.
-        base = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        rank_gen = torch.Generator().manual_seed(base + 7919 * self.ctx.rank)
-        batches = self._folder_epoch(self.rank_indices(epoch, start_step), rank_gen)
-        yield from in_step(batches, len(self) - start_step, self.ctx)
-
-
-def in_step(batches: Iterator[torch.Tensor], steps: int, ctx: DistContext) -> Iterator[torch.Tensor]:
-    """At most ``steps`` batches, ending on every rank as soon as one rank runs out.
-
-    Skipped unreadable files can leave a rank one batch short at the end of an epoch; the others
-    must not wait for it in the next gradient all-reduce.
-    """
-    it = iter(batches)
-    for _ in range(steps):
-        batch = next(it, None)
-        if not all_true(batch is not None, ctx):
-            return
-        yield batch
-
-
-def global_random_keep(masker, tokens: torch.Tensor, num_keep: int, generator: torch.Generator,
-                       ctx: DistContext) -> torch.Tensor:
-    """Keep-indices of a random masker drawn for the global batch; this rank's rows.
-
-    Random maskers only look at the token shape, so the global batch is an expanded view (no
-    copy). With one process this is exactly ``masker.keep_indices(tokens, ...)``.
-    """
-    b = tokens.shape[0]
-    full = tokens[:1].expand(b * ctx.world_size, *tokens.shape[1:])
-    return masker.keep_indices(full, num_keep, generator)[ctx.rows(b)]
+# Losses
 
 
 def split_mean(fn: Callable[..., dict[str, torch.Tensor]], groups: int,

@@ -1,6 +1,5 @@
 """User-facing errors. The CLI prints their message on one line and exits with code 2."""
 
-
 class ClmaeError(Exception):
     """Something the user can fix: bad data, a wrong option, an unreadable checkpoint."""
 

@@ -17,49 +17,56 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import InMemoryImages, collate_skipping, normalize, random_resized_crop_flip
+from .augment import random_resized_crop_flip
+from .batches import make_loader
+from .data import InMemoryImages
 from .errors import ConfigError
+from .images import normalize, train_transform
 from .optim import lr_at
+from .options import check_option, opt
+from .protocols import topk_accuracy
+from .runtime import autocast
+from .splits import eval_batches
 
 DECODER_PARTS = ("decoder_embed", "mask_token", "decoder_blocks", "decoder_norm", "decoder_pred")
 
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = 5
-    batch_size: int = 64
-    base_lr: float = 4e-3  # absolute lr = base_lr * batch_size / 256 (MAE's scaling rule)
-    lr: float | None = None  # absolute lr, overrides base_lr
-    min_lr: float = 1e-6
-    warmup_epochs: float = 1.0
-    weight_decay: float = 0.05
-    layer_decay: float = 0.75
-    drop_path: float = 0.1
-    label_smoothing: float = 0.1
-    crop_scale: float = 0.5  # smallest area fraction of the random-resized-crop
-    flip: bool = True
+    epochs: int = opt(5, "training epochs")
+    batch_size: int = opt(64, "training batch size")
+    base_lr: float = opt(4e-3, "learning rate per 256 images (absolute lr = base_lr * batch_size / 256, MAE's rule)")
+    lr: float | None = opt(None, "absolute learning rate, overrides --base-lr")
+    min_lr: float = opt(1e-6, "final learning rate of the cosine schedule")
+    warmup_epochs: float = opt(1.0, "linear warmup epochs")
+    weight_decay: float = opt(0.05, "AdamW weight decay")
+    layer_decay: float = opt(0.75, "layer-wise lr decay: block i of d trains at layer_decay^(d - i) of the head's lr")
+    drop_path: float = opt(0.1, "stochastic depth rate of the last block (linear from 0)")
+    label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy")
+    crop_scale: float = opt(0.5, "smallest area fraction of the random-resized-crop")
+    flip: bool = opt(True, "random horizontal flips")
 
     def absolute_lr(self) -> float:
         return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
 
-    def validate(self) -> "FinetuneConfig":
+    def validate(self) -> FinetuneConfig:
         def need(cond: bool, option: str, allowed: str) -> None:
-            if not cond:
-                raise ConfigError(f"--{option.replace('_', '-')}: got {getattr(self, option)!r}, expected {allowed}")
+            check_option(cond, option, getattr(self, option), allowed)
 
         need(self.epochs >= 1, "epochs", "an integer >= 1")
         need(self.batch_size >= 2, "batch_size", "an integer >= 2")
         need(self.base_lr > 0, "base_lr", "a positive number")
         need(self.lr is None or self.lr > 0, "lr", "a positive number")
         need(self.min_lr >= 0, "min_lr", "a number >= 0")
-        need(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", f"a number between 0 and --epochs ({self.epochs})")
+        need(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs",
+             f"a number between 0 and --epochs ({self.epochs})")
         need(self.weight_decay >= 0, "weight_decay", "a number >= 0")
         need(0 < self.layer_decay <= 1, "layer_decay", "a number in (0, 1]")
         need(0 <= self.drop_path < 1, "drop_path", "a number in [0, 1)")
@@ -120,17 +127,6 @@ def layer_decay_groups(model: ViTClassifier, weight_decay: float, layer_decay: f
     return [groups[k] for k in sorted(groups)]
 
 
-def _folder_train_transform(size: int, crop_scale: float, flip: bool):
-    from torchvision.transforms import v2
-
-    steps = [v2.PILToTensor(),
-             v2.RandomResizedCrop(size, scale=(crop_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
-                                  antialias=True)]
-    if flip:
-        steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps)
-
-
 class LabeledBatches:
     """Augmented, normalised ``(x, y)`` training batches of a :class:`~clmae.evaluation.LabeledSplit`."""
 
@@ -159,13 +155,10 @@ class LabeledBatches:
                 yield normalize(x, self.mean, self.std), self.labels.index_select(0, idx)
             return
         files = copy.copy(self.split.dataset.files)
-        files.transform = _folder_train_transform(self.img_size, c.crop_scale, c.flip)
+        files.transform = train_transform(self.img_size, (c.crop_scale, 1.0), c.flip)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(files, self.split.indices.tolist()), batch_size=self.batch_size, shuffle=True,
-            drop_last=True, num_workers=self.num_workers, collate_fn=collate_skipping,
-            generator=torch.Generator().manual_seed(seed), pin_memory=self.device.type == "cuda",
-        )
+        loader = make_loader(torch.utils.data.Subset(files, self.split.indices.tolist()), self.batch_size, self.device,
+                             self.num_workers, shuffle=True, drop_last=True, seed=seed)
         for images, labels, _ in loader:
             if images is None or images.shape[0] < 2:
                 continue
@@ -176,13 +169,13 @@ class LabeledBatches:
 @torch.no_grad()
 def classify(model: nn.Module, setup, split) -> torch.Tensor:
     """Logits ``(N, C)`` (CPU, float32) for the evaluation view of ``split``."""
-    from .evaluation import _autocast, eval_batches
-
     model.eval()
     out, labels = [], []
     o = setup.options
-    for x, y in eval_batches(split, setup.img_size, setup.mean, setup.std, setup.device, o.extract_batch_size, o.num_workers):
-        with _autocast(setup.device):
+    batches = eval_batches(split, setup.img_size, setup.mean, setup.std, setup.device, o.extract_batch_size,
+                           o.num_workers)
+    for x, y in batches:
+        with autocast(setup.device):
             out.append(model(x).float().cpu())
         labels.append(y.cpu())
     return torch.cat(out), torch.cat(labels)
@@ -191,9 +184,6 @@ def classify(model: nn.Module, setup, split) -> torch.Tensor:
 def finetune_metrics(setup, encoder, config: FinetuneConfig | None = None) -> tuple[dict, dict]:
     """Fine-tune a copy of ``encoder.model`` on ``setup.train``; top-1/top-5 on ``setup.test``."""
     from tqdm.auto import tqdm
-
-    from .evaluation import _autocast
-    from .protocols import topk_accuracy
 
     c = (config or FinetuneConfig()).validate()
     o = setup.options
@@ -220,7 +210,7 @@ def finetune_metrics(setup, encoder, config: FinetuneConfig | None = None) -> tu
                 lr = lr_at(epoch + step / steps_per_epoch, c.absolute_lr(), c.min_lr, c.warmup_epochs, c.epochs)
                 for group in opt.param_groups:
                     group["lr"] = lr * group["lr_scale"]
-                with _autocast(device):
+                with autocast(device):
                     loss = F.cross_entropy(model(x).float(), y, label_smoothing=c.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

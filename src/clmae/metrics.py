@@ -43,6 +43,23 @@ class MetricsLogger:
             self.tb.close()
 
 
+class MetricWindow:
+    """Running values of each metric since the last :meth:`reset`; :meth:`means` averages them."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.values.setdefault(k, []).append(v)
+
+    def means(self) -> dict[str, float]:
+        return {k: sum(v) / len(v) for k, v in self.values.items() if v}
+
+    def reset(self) -> None:
+        self.values = {}
+
+
 def _plain(v: Any) -> Any:
     if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
         v = v.item()

@@ -122,6 +122,16 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
 }
 
 
+# The model a dataset gets when --model is not given.
+DEFAULT_MODELS = {"digits": "vit_micro_patch2_8", "cifar10": "vit_tiny_patch4_32"}
+FALLBACK_MODEL = "vit_base_patch16_224"
+
+
+def default_model(data: str) -> str:
+    """The named configuration used for ``--data`` when no ``--model`` is given."""
+    return DEFAULT_MODELS.get(data, FALLBACK_MODEL)
+
+
 def list_models() -> list[str]:
     return sorted(MODEL_CONFIGS)
 
@@ -139,7 +149,7 @@ def model_config(name: str, **overrides) -> ModelConfig:
     return cfg
 
 
-def create_model(name: str, **overrides) -> "MaskedAutoencoderViT":
+def create_model(name: str, **overrides) -> MaskedAutoencoderViT:
     return MaskedAutoencoderViT(model_config(name, **overrides))
 
 
@@ -324,7 +334,8 @@ class MaskedAutoencoderViT(nn.Module):
         loss = reconstruction_loss(pred, self.target(imgs), mask)
         return {"loss": loss, "pred": pred, "mask": mask}
 
-    def forward_soft(self, imgs: torch.Tensor, scores: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_soft(self, imgs: torch.Tensor, scores: torch.Tensor,
+                     tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Masking-module step: scale each patch token by its score, encode all, decode all.
 
         Returns the prediction ``(N, L, p·p·C)``; gradients reach ``scores`` through the encoder

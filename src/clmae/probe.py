@@ -25,23 +25,20 @@ eval mode on the uncompiled modules, and restores each module's mode afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import atomic_write
-from .curriculum import curriculum_factor
-from .data import InMemoryImages, normalize, open_image, resize_images
-from .errors import DataError
+from .images import normalize
 from .losses import per_patch_error
 from .maskers import mask_from_keep, random_keep_indices
+from .runtime import eval_mode
+from .splits import choose_indices, eval_images
+from .visualize import probe_mosaic
 
 PROBE_SEED = 1234  # which images form the probe batch and which random masks they are compared with
 RANDOM_DRAWS = 4  # random masks per image in the denominator of mask_difficulty
@@ -52,45 +49,6 @@ IMAGES_FILE = "images.safetensors"
 
 # ---------------------------------------------------------------------------------------------
 # The probe batch
-
-
-def choose_indices(total: int, seed: int = PROBE_SEED) -> list[int]:
-    """A seeded random order of ``range(total)``: the first ones form the batch, the rest are spares."""
-    return torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def eval_images(dataset, indices: list[int], size: int, limit: int | None = None) -> tuple[list[int], torch.Tensor]:
-    """The evaluation view of ``dataset[indices]``: floats in [0, 1], ``(N, C, size, size)``.
-
-    In-memory sets are resized with :func:`clmae.data.resize_images`; image folders are resized on
-    the short side and centre-cropped. Unreadable files are passed over; at most ``limit`` images
-    are returned (default: all). Returns the indices actually used and the images.
-    """
-    limit = len(indices) if limit is None else limit
-    if isinstance(dataset, InMemoryImages):
-        used = indices[:limit]
-        return used, resize_images(dataset.images[torch.tensor(used, dtype=torch.long)], size)
-    from torchvision.transforms import v2
-
-    view = v2.Compose([v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                       v2.CenterCrop(size)])
-    used, images = [], []
-    for i in indices:
-        if len(used) == limit:
-            break
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                img = open_image(dataset.files.files[i], dataset.channels)
-        except Exception:  # noqa: BLE001 — an unreadable file is simply not chosen
-            continue
-        x = torch.from_numpy(np.asarray(img).copy())
-        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
-        used.append(i)
-        images.append(resize_images(view(x).unsqueeze(0), size)[0])
-    if not images:
-        raise DataError(f"{dataset.name}: none of the chosen images could be read")
-    return used, torch.stack(images)
 
 
 def probe_batch(dataset, n: int, size: int, seed: int = PROBE_SEED) -> tuple[list[int], torch.Tensor]:
@@ -107,20 +65,6 @@ def random_keep_sets(batch: int, length: int, num_keep: int, draws: int, seed: i
 
 # ---------------------------------------------------------------------------------------------
 # Measurements (pure functions of a model, images and masks)
-
-
-@contextlib.contextmanager
-def eval_mode(*modules: torch.nn.Module | None) -> Iterator[None]:
-    """Put modules in eval mode and give each its own mode back afterwards."""
-    present = [m for m in modules if m is not None]
-    modes = [m.training for m in present]
-    try:
-        for m in present:
-            m.eval()
-        yield
-    finally:
-        for m, mode in zip(present, modes):
-            m.train(mode)
 
 
 @torch.no_grad()
@@ -185,82 +129,83 @@ def score_entropy(scores: torch.Tensor) -> float:
 
 
 class CurriculumProbe:
-    """Trainer callback: probe records every ``probe_every`` iterations, snapshots every ``snapshot_every`` epochs."""
+    """Trainer callback (:class:`clmae.callbacks.Callback`): probe records every ``probe_every`` iterations,
+    snapshots every ``snapshot_every`` epochs. It reads the run through a :class:`clmae.callbacks.RunView`."""
 
-    def __init__(self, trainer, seed: int = PROBE_SEED, draws: int = RANDOM_DRAWS):
-        cfg = trainer.cfg
+    def __init__(self, run, seed: int = PROBE_SEED, draws: int = RANDOM_DRAWS):
+        cfg = run.cfg
         self.every = cfg.probe_every
-        self.snapshot_every = cfg.snapshot_every
-        self.learnable = bool(trainer.masker.learnable)
-        self.length = trainer.model_config.num_patches
-        self.num_keep = trainer.mae.num_keep(cfg.mask_ratio)
-        self.indices, images = probe_batch(trainer.dataset, cfg.probe_images, trainer.model_config.img_size, seed)
+        self.snapshot_every = run.snapshot_every
+        self.learnable = bool(run.masker.learnable)
+        self.length = run.model_config.num_patches
+        self.num_keep = run.mae.num_keep(cfg.mask_ratio)
+        self.indices, images = probe_batch(run.dataset, cfg.probe_images, run.model_config.img_size, seed)
         self.images_uint8 = images.mul(255).round().to(torch.uint8)
-        self.x = normalize(images, trainer.dataset.mean, trainer.dataset.std).to(trainer.device)
+        self.x = normalize(images, run.dataset.mean, run.dataset.std).to(run.device)
         keeps = random_keep_sets(len(self.indices), self.length, self.num_keep, draws, seed)
-        self.random_keeps = keeps.to(trainer.device)
-        self.generator = torch.Generator().manual_seed(seed + 2)  # for maskers that draw at random; never the trainer's
+        self.random_keeps = keeps.to(run.device)
+        self.generator = torch.Generator().manual_seed(seed + 2)  # for maskers that draw at random; never the run's
         self.previous_keep: torch.Tensor | None = None
         self.last: dict[str, Any] = {}
-        self.folder = Path(trainer.output_dir) / PROBE_DIR
+        self.folder = Path(run.output_dir) / PROBE_DIR
         if self.snapshot_every and self.learnable:
-            self._save_images(trainer)
-            if trainer.epoch == 0 and trainer.step_in_epoch == 0:
-                self.snapshot(trainer)
-        if self.every and trainer.iteration == 0:
-            self.measure(trainer)
+            self._save_images(run)
+            if run.epoch == 0 and run.step_in_epoch == 0:
+                self.snapshot(run)
+        if self.every and run.iteration == 0:
+            self.measure(run)
 
     # -- hooks -------------------------------------------------------------------------------
 
-    def on_step(self, trainer, metrics: dict[str, float]) -> None:
-        if self.every and trainer.iteration % self.every == 0:
-            self.measure(trainer)
+    def on_step(self, run, metrics: dict[str, float]) -> None:
+        if self.every and run.iteration % self.every == 0:
+            self.measure(run)
 
-    def on_epoch_end(self, trainer) -> None:
+    def on_epoch_end(self, run) -> None:
         if not self.learnable:
             return
-        due = self.snapshot_every and (trainer.epoch % self.snapshot_every == 0 or trainer.epoch == trainer.cfg.epochs)
+        due = self.snapshot_every and (run.epoch % self.snapshot_every == 0 or run.epoch == run.cfg.epochs)
         if due:
-            self.snapshot(trainer)
-        if trainer.logger.tb is not None:
-            self._tensorboard_images(trainer)
+            self.snapshot(run)
+        if run.tensorboard is not None:
+            self._tensorboard_images(run)
 
     # -- measurements ------------------------------------------------------------------------
 
-    def _lambda(self, trainer, finished_epoch: bool = False) -> float | None:
+    def _lambda(self, run, finished_epoch: bool = False) -> float | None:
         """λ of the iteration just done (or of the epoch just finished)."""
         if not self.learnable:
             return None
-        cfg = trainer.cfg
+        cfg = run.cfg
         if finished_epoch:  # per-epoch schedules: that epoch's λ; linear: the λ reached at its end
-            epoch = trainer.epoch if cfg.curriculum == "linear" else trainer.epoch - 1
+            epoch = run.epoch if cfg.curriculum == "linear" else run.epoch - 1
         elif cfg.curriculum == "linear":
-            steps = max(len(trainer.batches), 1)
-            epoch = trainer.epoch + max(trainer.step_in_epoch - 1, 0) / steps
+            steps = max(run.steps_per_epoch, 1)
+            epoch = run.epoch + max(run.step_in_epoch - 1, 0) / steps
         else:
-            epoch = trainer.epoch
-        return curriculum_factor(epoch, cfg.epochs, cfg.curriculum, cfg.curriculum_value)
+            epoch = run.epoch
+        return run.curriculum_factor(epoch)
 
     @torch.no_grad()
-    def masks(self, trainer) -> tuple[torch.Tensor, torch.Tensor]:
+    def masks(self, run) -> tuple[torch.Tensor, torch.Tensor]:
         """The masking module's scores ``(N, L)`` and kept indices ``(N, K)`` on the probe batch."""
-        with eval_mode(trainer.mae, trainer.masker), trainer.autocast:
-            tokens = trainer.mae.embed(self.x)
-            scores = trainer.masker(tokens).float()
-            keep = trainer.masker.keep_indices(tokens, self.num_keep, self.generator)
+        with eval_mode(run.mae, run.masker), run.autocast():
+            tokens = run.mae.embed(self.x)
+            scores = run.masker(tokens).float()
+            keep = run.masker.keep_indices(tokens, self.num_keep, self.generator)
         return scores, keep
 
     @torch.no_grad()
-    def measure(self, trainer) -> dict[str, Any]:
+    def measure(self, run) -> dict[str, Any]:
         """Compute and log one probe record (``kind="probe"``) at the current iteration."""
-        mae = trainer.mae
-        record: dict[str, Any] = {"kind": "probe", "epoch": trainer.epoch, "step": trainer.iteration}
-        with eval_mode(mae, trainer.masker), trainer.autocast:
+        mae = run.mae
+        record: dict[str, Any] = {"kind": "probe", "epoch": run.epoch, "step": run.iteration}
+        with eval_mode(mae, run.masker), run.autocast():
             loss_random = float(random_mask_loss(mae, self.x, self.random_keeps).mean())
         record["probe_loss_random"] = loss_random
         if self.learnable:
-            scores, keep = self.masks(trainer)
-            with eval_mode(mae, trainer.masker), trainer.autocast:
+            scores, keep = self.masks(run)
+            with eval_mode(mae, run.masker), run.autocast():
                 loss_learned = float(per_image_loss(mae, self.x, keep).mean())
                 loss_shuffled = float(shuffled_mask_loss(mae, self.x, keep).mean())
             record.update(
@@ -270,39 +215,39 @@ class CurriculumProbe:
                 mask_difficulty_shuffled=loss_learned / loss_shuffled if loss_shuffled > 0 else float("nan"),
                 score_entropy=score_entropy(scores),
                 mask_pairwise_overlap=pairwise_overlap(keep, self.length),
-                curriculum_factor=self._lambda(trainer),
+                curriculum_factor=self._lambda(run),
             )
             if self.previous_keep is not None:
                 record["mask_overlap"] = keep_overlap(self.previous_keep, keep, self.length)
             self.previous_keep = keep
-        trainer.logger.log(record, step=trainer.iteration)
+        run.log(record)
         self.last = record
         return record
 
     # -- snapshots ---------------------------------------------------------------------------
 
-    def _save_images(self, trainer) -> None:
+    def _save_images(self, run) -> None:
         path = self.folder / IMAGES_FILE
         meta = {
-            "indices": self.indices, "mean": list(trainer.dataset.mean), "std": list(trainer.dataset.std),
-            "patch_size": trainer.model_config.patch_size, "img_size": trainer.model_config.img_size,
-            "num_keep": self.num_keep, "num_patches": self.length, "data": trainer.dataset.name,
-            "mask_ratio": trainer.cfg.mask_ratio,
+            "indices": self.indices, "mean": list(run.dataset.mean), "std": list(run.dataset.std),
+            "patch_size": run.model_config.patch_size, "img_size": run.model_config.img_size,
+            "num_keep": self.num_keep, "num_patches": self.length, "data": run.dataset.name,
+            "mask_ratio": run.cfg.mask_ratio,
         }
         tensors = {"images": self.images_uint8.contiguous()}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()}))
 
-    def snapshot(self, trainer) -> Path:
-        """Save the probe batch's scores and masks after ``trainer.epoch`` epochs."""
-        scores, keep = self.masks(trainer)
-        epoch = trainer.epoch
+    def snapshot(self, run) -> Path:
+        """Save the probe batch's scores and masks after ``run.epoch`` epochs."""
+        scores, keep = self.masks(run)
+        epoch = run.epoch
         tensors = {
             "scores": scores.cpu().contiguous(),
             "keep": keep.cpu().contiguous(),
             "mask": mask_from_keep(keep, self.length).to(torch.uint8).cpu().contiguous(),
         }
-        meta = {"epoch": epoch, "iteration": trainer.iteration,
-                "curriculum_factor": self._lambda(trainer, finished_epoch=epoch > 0)}
+        meta = {"epoch": epoch, "iteration": run.iteration,
+                "curriculum_factor": self._lambda(run, finished_epoch=epoch > 0)}
         if "mask_difficulty" in self.last:
             meta["mask_difficulty"] = self.last["mask_difficulty"]
             meta["difficulty_step"] = self.last["step"]
@@ -310,14 +255,12 @@ class CurriculumProbe:
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()}))
         return path
 
-    def _tensorboard_images(self, trainer) -> None:
-        from .visualize import probe_mosaic
-
-        scores, keep = self.masks(trainer)
+    def _tensorboard_images(self, run) -> None:
+        scores, keep = self.masks(run)
         n = TENSORBOARD_IMAGES
         mosaic = probe_mosaic(self.images_uint8[:n].float() / 255, scores[:n].cpu(),
-                              mask_from_keep(keep[:n], self.length).cpu(), trainer.model_config.patch_size)
-        trainer.logger.tb.add_image("probe/masks", mosaic, trainer.iteration, dataformats="HWC")
+                              mask_from_keep(keep[:n], self.length).cpu(), run.model_config.patch_size)
+        run.tensorboard.add_image("probe/masks", mosaic, run.iteration, dataformats="HWC")
 
 
 # ---------------------------------------------------------------------------------------------

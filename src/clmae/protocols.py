@@ -7,16 +7,16 @@ themselves are described at the top of :mod:`clmae.evaluation`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError, DataError
+from .options import check_option, opt
+from .runtime import few_threads
 
 # ---------------------------------------------------------------------------------------------
 # Configurations
@@ -24,12 +24,12 @@ from .errors import ConfigError, DataError
 
 @dataclass
 class KnnConfig:
-    k_majority: int = 5  # authors' protocol: Euclidean, one vote per neighbour
-    k_weighted: int = 20  # DINO protocol: cosine, votes weighted by exp(sim / T)
-    temperature: float = 0.07
-    chunk_size: int = 1024  # test features per matrix product
+    k_majority: int = opt(5, "neighbours of the majority-vote protocol (Euclidean; the CL-MAE authors')")
+    k_weighted: int = opt(20, "neighbours of the weighted protocol (cosine; DINO's)")
+    temperature: float = opt(0.07, "temperature T of the weights exp(similarity / T)")
+    chunk_size: int = opt(1024, "test features per matrix product")
 
-    def validate(self) -> "KnnConfig":
+    def validate(self) -> KnnConfig:
         check_option(self.k_majority >= 1, "k_majority", self.k_majority, "an integer >= 1")
         check_option(self.k_weighted >= 1, "k_weighted", self.k_weighted, "an integer >= 1")
         check_option(self.temperature > 0, "temperature", self.temperature, "a positive number")
@@ -39,13 +39,14 @@ class KnnConfig:
 
 @dataclass
 class LinearConfig:
-    epochs: int = 30
-    batch_size: int = 256
-    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)  # AdamW; the best on validation is kept
-    weight_decay: float = 0.0
-    val_fraction: float = 0.1  # of train, held out for the lr choice
+    epochs: int = opt(30, "training epochs")
+    batch_size: int = opt(256, "training batch size")
+    lrs: tuple[float, ...] = opt((1e-3, 3e-3, 1e-2, 3e-2),
+                                 "learning rates tried (the best on the validation split is kept)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    val_fraction: float = opt(0.1, "fraction of train held out to choose the learning rate")
 
-    def validate(self) -> "LinearConfig":
+    def validate(self) -> LinearConfig:
         check_option(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
         check_option(self.batch_size >= 2, "batch_size", self.batch_size, "an integer >= 2")
         check_option(len(self.lrs) >= 1 and all(lr > 0 for lr in self.lrs), "lrs", self.lrs, "positive numbers")
@@ -56,40 +57,19 @@ class LinearConfig:
 
 @dataclass
 class FewShotConfig:
-    shots: tuple[int, ...] = (1, 5, 10)
-    draws: int = 5  # support sets per n, averaged
-    steps: int = 300  # full-batch AdamW steps per classifier
-    lr: float = 1e-2
-    weight_decay: float = 1e-4
+    shots: tuple[int, ...] = opt((1, 5, 10), "images per class in each support set")
+    draws: int = opt(5, "random support sets per shot count")
+    steps: int = opt(300, "full-batch AdamW steps per classifier")
+    lr: float = opt(1e-2, "learning rate")
+    weight_decay: float = opt(1e-4, "AdamW weight decay")
 
-    def validate(self) -> "FewShotConfig":
+    def validate(self) -> FewShotConfig:
         check_option(len(self.shots) >= 1 and all(n >= 1 for n in self.shots), "shots", self.shots, "integers >= 1")
         check_option(self.draws >= 1, "draws", self.draws, "an integer >= 1")
         check_option(self.steps >= 1, "steps", self.steps, "an integer >= 1")
         check_option(self.lr > 0, "lr", self.lr, "a positive number")
         check_option(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         return self
-
-
-def check_option(cond: bool, option: str, value: Any, allowed: str) -> None:
-    """Raise a ConfigError naming the command-line flag when ``cond`` is false."""
-    if not cond:
-        raise ConfigError(f"--{option.replace('_', '-')}: got {value!r}, expected {allowed}")
-
-
-@contextlib.contextmanager
-def _few_threads(device: torch.device):
-    """One CPU thread for the tiny matrix ops of probe training: with more, thread hand-off costs more
-    than the work (10x slower on a busy machine)."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +181,7 @@ def train_linear(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, lr
     g = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, n)
     head.train()
-    with _few_threads(device):
+    with few_threads(device):
         _fit(head, opt, x_all, y_all, lr, steps, batch_size, g)
     return head.eval()
 

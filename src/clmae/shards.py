@@ -24,14 +24,14 @@ import re
 import sys
 import tarfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from .data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, SkippedFiles, collate_skipping
 from .errors import DataError
+from .images import IMAGE_EXTENSIONS, default_stats, list_image_folder, open_image
 
 SIZES_FILE = "sizes.json"  # {shard file name: number of samples}, written by write_shards
 IMAGE_EXTS = {e.lstrip(".") for e in IMAGE_EXTENSIONS}
@@ -193,8 +193,6 @@ def shard_sizes(shards: list[Path]) -> list[int]:
 
 
 def decode(data: bytes, channels: int, transform) -> torch.Tensor:
-    from .data import open_image
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         img = open_image(io.BytesIO(data), channels)
@@ -224,7 +222,7 @@ class ShardData:
     labels = None
     num_classes = None
 
-    def subset(self, n: int | None) -> "ShardData":
+    def subset(self, n: int | None) -> ShardData:
         """An epoch of ``n`` samples (streamed from all shards)."""
         return ShardData(self.name, self.shards, self.sizes, self.mean, self.std, self.channels, n)
 
@@ -235,7 +233,7 @@ def load_shards(data: str, split: str = "train", channels: int = 3) -> ShardData
     if sum(sizes) == 0:
         raise DataError(f"--data: the {len(shards)} shard(s) of {data!r} hold no images "
                         f"(looked for members ending in {', '.join(sorted(IMAGE_EXTS))})")
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
+    mean, std = default_stats(channels)
     return ShardData(str(data), shards, sizes, mean, std, channels)
 
 
@@ -309,57 +307,6 @@ class ShardStream(torch.utils.data.IterableDataset):
             return None, key, f"{exc.__class__.__name__}: {str(exc)[:120]}"
 
 
-class ShardBatches(SkippedFiles):
-    """Training batches from tar shards for one rank: the :class:`~clmae.data.TrainBatches` interface.
-
-    ``len()`` is the epoch length in steps (``samples // (batch · world_size)``). Decoding and
-    augmentation run in ``num_workers`` DataLoader processes, each with ``prefetch`` batches in
-    flight; pinned memory and non-blocking copies keep the GPU fed.
-    """
-
-    def __init__(self, dataset: ShardData, batch_size: int, img_size: int, device: torch.device, seed: int,
-                 num_workers: int = 2, ctx=None, prefetch: int = 4, buffer: int = SHUFFLE_BUFFER):
-        from .distributed import SINGLE
-
-        self.ctx = ctx or SINGLE
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.img_size = img_size
-        self.device = device
-        self.seed = seed
-        self.num_workers = num_workers
-        self.prefetch = prefetch
-        self.buffer = buffer
-        if len(dataset) < batch_size * self.ctx.world_size:
-            raise DataError(f"{dataset.name}: {len(dataset)} training images, fewer than one global batch "
-                            f"({batch_size} x {self.ctx.world_size}); lower --batch-size or use more data")
-        SkippedFiles.__init__(self)
-        self._mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
-        self._std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.dataset) // (self.batch_size * self.ctx.world_size)
-
-    def epoch(self, epoch: int, generator: torch.Generator, start_step: int = 0) -> Iterator[torch.Tensor]:
-        """The remaining batches of ``epoch``. A resumed epoch restarts the stream with a new shuffle."""
-        from .data import _train_transform
-        from .data import ignore_stop_signals
-        from .distributed import in_step
-
-        draw = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))  # keeps all ranks' generators in step
-        stream = ShardStream(self.dataset.shards, self.ctx.rank, self.ctx.world_size,
-                             seed=(self.seed * 100_003 + epoch) * 1_000 + start_step,
-                             transform=_train_transform(self.img_size), channels=self.dataset.channels,
-                             buffer=self.buffer)
-        loader = torch.utils.data.DataLoader(
-            stream, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_skipping,
-            pin_memory=self.device.type == "cuda", prefetch_factor=self.prefetch if self.num_workers > 0 else None,
-            persistent_workers=False, generator=torch.Generator().manual_seed(draw + 7919 * self.ctx.rank),
-            worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
-        )
-        yield from in_step(self.full_batches(loader), len(self) - start_step, self.ctx)
-
-
 # ---------------------------------------------------------------------------------------------
 # Writing
 
@@ -372,12 +319,10 @@ def write_shards(source: str | Path, out_dir: str | Path, shard_size: int = 1000
     ``shuffle_seed`` (``None`` keeps the sorted order) so every shard mixes classes. Writes
     ``sizes.json`` beside the shards so training need not count samples.
     """
-    from .data import ImageFiles
-
     if shard_size < 1:
         raise DataError(f"shard size must be >= 1, got {shard_size}")
-    files = ImageFiles(source)
-    items = list(zip(files.files, files.labels or [-1] * len(files.files)))
+    files, labels, classes = list_image_folder(Path(source))
+    items = list(zip(files, labels or [-1] * len(files)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(items)
     out = Path(out_dir)
@@ -399,8 +344,8 @@ def write_shards(source: str | Path, out_dir: str | Path, shard_size: int = 1000
     index = out / SIZES_FILE
     previous = json.loads(index.read_text()) if index.is_file() else {}
     index.write_text(json.dumps({**previous, **sizes}, indent=1))
-    if files.classes:
-        (out / "classes.json").write_text(json.dumps(files.classes))
+    if classes:
+        (out / "classes.json").write_text(json.dumps(classes))
     return written
 
 

@@ -10,16 +10,17 @@ gradient at all: ``backward(inputs=masker parameters)`` asks autograd only for w
 
 Launched by ``torchrun`` the same loop is data-parallel (see :mod:`clmae.distributed`): the MAE
 and the masker are DDP-wrapped separately, ``batch_size`` is per rank, and only rank 0 writes.
+
+What lives elsewhere: the run folder, resume rules and checkpoint payload in :mod:`clmae.run_folder`,
+signal handling in :mod:`clmae.signals`, the callback interface in :mod:`clmae.callbacks`, batches
+and skipped-file reports in :mod:`clmae.batches`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,31 +30,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .checkpoint import (
-    FORMAT,
-    checkpoint_pair_complete,
-    load_state_checked,
-    read_training_state,
-    resolve_checkpoint,
-    save_training_state,
-    save_weights,
-    split_prefix,
-)
-from .config import PretrainConfig
+from .batches import RankBatches, ShardBatches, map_position, report_skipped_files
+from .callbacks import Callback, RunView
+from .checkpoint import checkpoint_pair_complete
+from .config import PretrainConfig, make_config
 from .curriculum import curriculum_factor
 from .data import load_dataset
 from .distributed import (
     SINGLE,
     DistContext,
-    RankBatches,
     all_true,
     any_true,
     barrier,
     broadcast_object,
-    gather_objects,
-    global_random_keep,
-    map_position,
     mean_metrics,
     no_sync,
     on_main,
@@ -62,54 +51,29 @@ from .distributed import (
     wrap,
 )
 from .distributed import setup as setup_distributed
-from .errors import ClmaeError, ConfigError, TrainingDiverged
+from .errors import ClmaeError, TrainingDiverged
+from .evaluation import quick_knn
 from .losses import binarization_loss, diversity_loss, mask_ratio_kl_loss, soft_reconstruction_loss
-from .maskers import Masker, create_masker
-from .metrics import MetricsLogger
-from .model import MaskedAutoencoderViT, model_config
+from .mae_import import load_mae_checkpoint
+from .maskers import Masker, create_masker, global_random_keep
+from .metrics import MetricsLogger, MetricWindow
+from .model import MaskedAutoencoderViT, default_model, model_config
 from .optim import lr_at, make_optimizer, set_lr
-from .shards import ShardBatches, ShardData
-
-DEFAULT_MODELS = {"digits": "vit_micro_patch2_8", "cifar10": "vit_tiny_patch4_32"}
-# Options a resumed run may change; every other one must match the checkpoint.
-# batch_size/accum_iter may change so the global batch can be kept when the number of GPUs changes.
-RESUMABLE_OVERRIDES = {"device", "num_workers", "progress", "log_every", "eval_every", "save_every", "epochs",
-                       "max_nonfinite", "data_dir", "output_dir", "resume", "compile", "batch_size", "accum_iter"}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device: CUDA was requested but no CUDA GPU is available; use --device cpu")
-    return device
-
-
-@contextlib.contextmanager
-def frozen(module: torch.nn.Module):
-    """``requires_grad=False`` on the module's parameters for the forward inside (restored after).
-
-    With ``backward(inputs=...)`` alone autograd computes no weight gradient for the MAE, but the
-    forward still saves every linear layer's input for one; frozen, it does not (~18% less peak
-    memory in the masking step of vit_tiny at batch 128). The graph keeps no edge to these
-    parameters, so restoring ``requires_grad`` before ``backward`` is safe.
-    """
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+from .probe import CurriculumProbe
+from .run_folder import (
+    LAST,
+    Position,
+    RunState,
+    default_output_dir,
+    load_run_checkpoint,
+    prepare_output_dir,
+    resume_config,
+    save_run_checkpoint,
+)
+from .runtime import autocast, frozen, resolve_device
+from .shards import ShardData
+from .signals import GracefulStop
+from .version import __version__
 
 
 def masker_loss_terms(pred, target, scores, cfg: PretrainConfig, keep_ratio: float) -> dict[str, torch.Tensor]:
@@ -148,51 +112,51 @@ class Trainer:
 
     def __init__(self, config: PretrainConfig, overrides: dict[str, Any] | None = None):
         cfg = config.validate()
+        self.resume_path: Path | None = None
         if cfg.resume:
-            cfg = self._merge_resume_config(cfg, overrides)
+            cfg, self.resume_path = resume_config(cfg, overrides)
         self.cfg = cfg
         # One process per device under torchrun; SINGLE otherwise.
         self.dist: DistContext = setup_distributed(cfg.device) or SINGLE
         self.device = self.dist.device if self.dist.enabled else resolve_device(cfg.device)
-        self.output_dir = Path(on_main(self._prepare_output_dir, self.dist))
-        cfg.output_dir = str(self.output_dir)
+        wanted = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
+        output_dir = Path(on_main(lambda: prepare_output_dir(wanted, resuming=bool(cfg.resume)), self.dist))
 
         # Data: in-memory sets keep their channel count; folders are read as RGB.
         self.dataset = load_dataset(cfg.data, cfg.data_dir, "train").subset(cfg.subset)
-        model_name = cfg.model or DEFAULT_MODELS.get(cfg.data, "vit_base_patch16_224")
+        model_name = cfg.model or default_model(cfg.data)
         self.model_config = model_config(
             model_name, in_chans=self.dataset.channels, img_size=cfg.img_size, patch_size=cfg.patch_size,
             norm_pix_loss=cfg.norm_pix_loss or None,
         )
-        self.model_name = model_name
+        self.run = RunState(output_dir, model_name, cfg.warmup(), cfg.snapshot_interval(), knn_eval=cfg.eval_every > 0)
         self.batches = self._make_batches()
 
         torch.manual_seed(cfg.seed)
         self.mae = MaskedAutoencoderViT(self.model_config).to(self.device)
         if cfg.init_from and not cfg.resume:
-            self._init_from(cfg.init_from)
+            report = load_mae_checkpoint(cfg.init_from, self.mae)
+            if self.dist.is_main:
+                print(f"clmae: initialised from {cfg.init_from}: {report.summary()}", file=sys.stderr)
         self.masker: Masker = create_masker(cfg.method, self.model_config).to(self.device)
         # Augmentation, random masks, sub-batches. The same on every rank: global draws, sliced per rank.
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.lr = cfg.absolute_lr(self.dist.world_size)
         self.opt_mae = make_optimizer(self.mae, self.lr, cfg.weight_decay, self.device)
-        self.opt_masker = make_optimizer(self.masker, self.lr, cfg.weight_decay, self.device) if self.masker.learnable else None
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                         else contextlib.nullcontext())
+        self.opt_masker = (make_optimizer(self.masker, self.lr, cfg.weight_decay, self.device)
+                           if self.masker.learnable else None)
         # >1: the masking-module loss is the mean of this many per-group losses, as DDP over that
         # many ranks computes it; lets one process reproduce an N-rank run (per-device semantics).
         self.masker_loss_groups = 1
 
         # Position in the run; restored by resume.
-        self.epoch = 0
-        self.step_in_epoch = 0
-        self.iteration = 0  # iterations done over the whole run
-        self.masker_updates = 0
-        self.nonfinite_in_a_row = 0
-        self.skipped_steps = 0
-        self.stop_requested = False
+        position = Position()
         if cfg.resume:
-            self._load_resume_state()
+            position = self._load_resume_state()
+        self.epoch, self.step_in_epoch, self.iteration = position.epoch, position.step_in_epoch, position.iteration
+        self.masker_updates, self.skipped_steps = position.masker_updates, position.skipped_steps
+        self.nonfinite_in_a_row = 0
+        self.stop_requested = False
         # DDP after every weight is in place: the MAE step runs through mae_ddp, the masking step
         # through the plain MAE and masker_ddp (see module docstring of clmae.distributed).
         self.mae_ddp = wrap(self.mae, self.dist)
@@ -202,21 +166,30 @@ class Trainer:
         self.masker_forward = (torch.compile(self.masker_ddp) if cfg.compile and self.masker.learnable
                                else self.masker_ddp)
         self.logger = MetricsLogger(self.output_dir, enabled=self.dist.is_main)
-        # Observers of the run: ``on_step(trainer, metrics)`` after every iteration and
-        # ``on_epoch_end(trainer)`` after each epoch's checkpoint. They must not change training.
-        # They run on rank 0 only.
-        self.callbacks: list[Any] = []
-        if (cfg.probe_every or cfg.snapshot_every) and self.dist.is_main:
+        # Observers of the run (rank 0 only), see clmae.callbacks.
+        self.view = RunView(self)
+        self.callbacks: list[Callback] = []
+        if (cfg.probe_every or self.run.snapshot_every) and self.dist.is_main:
             if isinstance(self.dataset, ShardData):
                 print("clmae: the curriculum probe needs random access to images; it is off for tar shards",
                       file=sys.stderr)
             else:
-                from .probe import CurriculumProbe
+                self.callbacks.append(CurriculumProbe(self.view))
 
-                self.callbacks.append(CurriculumProbe(self))
+    @property
+    def output_dir(self) -> Path:
+        return self.run.output_dir
 
-    # ------------------------------------------------------------------------------------------
-    # setup helpers
+    @property
+    def model_name(self) -> str:
+        return self.run.model_name
+
+    def autocast_context(self):
+        return autocast(self.device)
+
+    def curriculum_factor(self, epoch: float) -> float:
+        cfg = self.cfg
+        return curriculum_factor(epoch, cfg.epochs, cfg.curriculum, cfg.curriculum_value)
 
     def _make_batches(self):
         """This rank's training batches: tar shards stream, everything else by global permutation."""
@@ -225,89 +198,26 @@ class Trainer:
             return ShardBatches(self.dataset, cfg.batch_size, size, self.device, cfg.seed, cfg.num_workers, self.dist)
         return RankBatches(self.dataset, cfg.batch_size, size, self.device, cfg.seed, cfg.num_workers, self.dist)
 
-    def _init_from(self, path: str) -> None:
-        """Start from an existing MAE's weights (facebookresearch/mae ``.pth`` or a clmae checkpoint)."""
-        from .export import load_mae_checkpoint
-
-        report = load_mae_checkpoint(path, self.mae)
-        if self.dist.is_main:
-            print(f"clmae: initialised from {path}: {report.summary()}", file=sys.stderr)
-
-    def _merge_resume_config(self, cfg: PretrainConfig, overrides: dict[str, Any] | None) -> PretrainConfig:
-        self.resume_path = self._resume_file(cfg)
-        state = read_training_state(self.resume_path)
-        saved = dict(state["run_config"])
-        given = overrides if overrides is not None else {}
-        for key, value in given.items():
-            if key in RESUMABLE_OVERRIDES or key not in saved:
-                continue
-            if saved[key] != value:
-                raise ConfigError(
-                    f"--{key.replace('_', '-')}: the run was started with {saved[key]!r}; a resumed run cannot change it "
-                    f"(start a new run instead)"
-                )
-        saved.update({k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
-        saved["resume"] = str(self.resume_path)
-        if saved.get("output_dir") is None or "output_dir" not in given:
-            saved["output_dir"] = str(self.resume_path.parent)
-        return PretrainConfig(**saved).validate()
-
-    @staticmethod
-    def _resume_file(cfg: PretrainConfig) -> Path:
-        target = cfg.resume
-        if target == "auto":
-            if not cfg.output_dir:
-                raise ConfigError("--resume: give the run folder or checkpoint to resume, or --output-dir of the run")
-            target = cfg.output_dir
-        return resolve_checkpoint(target, ".pt")
-
-    def _prepare_output_dir(self) -> Path:
-        cfg = self.cfg
-        if cfg.output_dir is None:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            data = Path(cfg.data).stem if cfg.data not in ("digits", "cifar10") else cfg.data
-            cfg.output_dir = str(Path("runs") / f"{cfg.method}-{data}-{stamp}")
-        out = Path(cfg.output_dir)
-        if not cfg.resume and (out / "checkpoint-last.pt").exists():
-            raise ConfigError(
-                f"--output-dir: {out} already holds a run; pass --resume to continue it or choose another --output-dir "
-                "(nothing was overwritten)"
-            )
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"--output-dir: cannot create {out}: {exc.strerror}") from None
-        if not os.access(out, os.W_OK):
-            raise ConfigError(f"--output-dir: {out} is not writable; choose another folder")
-        return out
-
-    def _load_resume_state(self) -> None:
-        state = read_training_state(self.resume_path)
-        source = str(self.resume_path)
-        load_state_checked(self.mae, split_prefix(state["weights"], "mae"), "autoencoder", source)
-        if self.masker.learnable:
-            load_state_checked(self.masker, split_prefix(state["weights"], "masker"), "masking module", source)
-            self.opt_masker.load_state_dict(state["opt_masker"])
-        self.opt_mae.load_state_dict(state["opt_mae"])
-        self.generator.set_state(state["generator"])
-        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
-        self.iteration, self.masker_updates = state["iteration"], state["masker_updates"]
-        self.skipped_steps = state.get("skipped_steps", 0)
+    def _load_resume_state(self) -> Position:
+        modules = {"mae": self.mae, "masker": self.masker if self.masker.learnable else None}
+        optimizers = {"opt_mae": self.opt_mae, "opt_masker": self.opt_masker}
+        position, state = load_run_checkpoint(self.resume_path, modules, optimizers, self.generator)
         # The state is rank-independent; a changed global batch (world size or --batch-size) keeps
         # the images of the epoch already seen, rounded down to whole new batches.
         saved_global = state.get("global_batch", state["run_config"]["batch_size"])
         global_batch = self.cfg.batch_size * self.dist.world_size
         if saved_global != global_batch:
-            mapped = map_position(self.step_in_epoch, saved_global, global_batch)
+            mapped = map_position(position.step_in_epoch, saved_global, global_batch)
             if self.dist.is_main:
                 print(f"clmae: global batch {saved_global} -> {global_batch} images "
                       f"({state.get('world_size', 1)} -> {self.dist.world_size} processes); resuming epoch "
-                      f"{self.epoch} at step {mapped} (was {self.step_in_epoch}); lr follows the new batch",
+                      f"{position.epoch} at step {mapped} (was {position.step_in_epoch}); lr follows the new batch",
                       file=sys.stderr)
-            self.step_in_epoch = mapped
-        if self.epoch >= self.cfg.epochs and self.dist.is_main:
-            print(f"clmae: {source} already finished {self.epoch} of {self.cfg.epochs} epochs; "
+            position.step_in_epoch = mapped
+        if position.epoch >= self.cfg.epochs and self.dist.is_main:
+            print(f"clmae: {self.resume_path} already finished {position.epoch} of {self.cfg.epochs} epochs; "
                   "pass a larger --epochs to train longer", file=sys.stderr)
+        return position
 
     # ------------------------------------------------------------------------------------------
     # one iteration
@@ -324,7 +234,7 @@ class Trainer:
         # 1) MAE step: masks from the (frozen) masker, no gradient through it. Random masks are
         #    drawn for the global batch so N ranks see what one process with N·B images would.
         with no_sync(self.mae_ddp, not boundary):
-            with self.autocast:
+            with self.autocast_context():
                 with torch.no_grad():
                     tokens = self.mae.embed(imgs)
                     if self.masker.learnable:
@@ -362,7 +272,7 @@ class Trainer:
         keep_ratio = 1.0 - cfg.mask_ratio
         # Per-device semantics: the KL and diversity terms see this rank's batch only (the authors').
         with no_sync(self.masker_ddp, not boundary):
-            with self.autocast, frozen(self.mae):
+            with self.autocast_context(), frozen(self.mae):
                 with torch.no_grad():
                     tokens = self.mae.embed(imgs)
                 scores = self.masker_forward(tokens)
@@ -403,8 +313,9 @@ class Trainer:
         if self.nonfinite_in_a_row >= self.cfg.max_nonfinite:
             self.save_checkpoint()
             raise TrainingDiverged(
-                f"{self.nonfinite_in_a_row} non-finite steps in a row (last: {what}={value}); the last good weights are in "
-                f"{self.output_dir / 'checkpoint-last.safetensors'}. Lower --base-lr or check the data, then --resume"
+                f"{self.nonfinite_in_a_row} non-finite steps in a row (last: {what}={value}); "
+                f"the last good weights are in "
+                f"{self.output_dir / (LAST + '.safetensors')}. Lower --base-lr or check the data, then --resume"
             )
         return {"skipped": 1.0}
 
@@ -420,33 +331,32 @@ class Trainer:
         bar = tqdm(total=total, initial=min(self.epoch * steps_per_epoch + self.step_in_epoch, total),
                    disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True, unit="it",
                    desc=f"{cfg.method} {self.model_name}")
-        window: dict[str, list[float]] = {}
+        window = MetricWindow()
         last_log = time.perf_counter()
         images_since_log = 0
         final: dict[str, float] = {}
-        with self._graceful_stop():
+        with GracefulStop(announce=self.dist.is_main) as signals:
             while self.epoch < cfg.epochs and not self.stop_requested:
-                epoch_sums: dict[str, list[float]] = {}
+                epoch_window = MetricWindow()
                 for imgs in self.batches.epoch(self.epoch, self.generator, self.step_in_epoch):
                     progress = self.epoch + self.step_in_epoch / steps_per_epoch
-                    lam = curriculum_factor(progress if cfg.curriculum == "linear" else self.epoch, cfg.epochs,
-                                            cfg.curriculum, cfg.curriculum_value)
-                    lr = lr_at(progress, self.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+                    lam = self.curriculum_factor(progress if cfg.curriculum == "linear" else self.epoch)
+                    lr = lr_at(progress, self.lr, cfg.min_lr, self.run.warmup_epochs, cfg.epochs)
                     metrics = self.train_step(imgs, lam, lr)
                     self.iteration += 1
                     self.step_in_epoch += 1
                     images_since_log += imgs.shape[0]
-                    for k, v in metrics.items():
-                        window.setdefault(k, []).append(v)
-                        epoch_sums.setdefault(k, []).append(v)
+                    window.add(metrics)
+                    epoch_window.add(metrics)
                     bar.update(1)
                     for cb in self.callbacks:
-                        cb.on_step(self, metrics)
+                        cb.on_step(self.view, metrics)
+                    self.stop_requested = self.stop_requested or signals.requested
                     if self.dist.enabled:  # a signal seen by one rank stops all of them at the same step
                         self.stop_requested = any_true(self.stop_requested, self.dist)
                     if self.iteration % cfg.log_every == 0:
                         now = time.perf_counter()
-                        record = mean_metrics({k: sum(v) / len(v) for k, v in window.items()}, self.dist)
+                        record = mean_metrics(window.means(), self.dist)
                         record.update(kind="train", epoch=self.epoch, step=self.iteration, lr=lr,
                                       img_per_s=images_since_log * self.dist.world_size / max(now - last_log, 1e-9))
                         if self.masker.learnable:
@@ -455,12 +365,13 @@ class Trainer:
                         self.logger.log(record, step=self.iteration)
                         bar.set_postfix({"loss": f"{record.get('loss_mae', float('nan')):.4f}", "λ": f"{lam:+.2f}",
                                          "img/s": f"{record['img_per_s']:.0f}"}, refresh=False)
-                        window, last_log, images_since_log = {}, now, 0
+                        window.reset()
+                        last_log, images_since_log = now, 0
                     if self.stop_requested:
                         break
                 if self.stop_requested:
                     break
-                final = mean_metrics({k: sum(v) / len(v) for k, v in epoch_sums.items() if v}, self.dist)
+                final = mean_metrics(epoch_window.means(), self.dist)
                 self.epoch += 1
                 self.step_in_epoch = 0
                 self._end_of_epoch(final)
@@ -470,38 +381,36 @@ class Trainer:
             if self.dist.is_main:
                 print(f"clmae: stopped at epoch {self.epoch}, iteration {self.iteration}; checkpoint saved. "
                       f"Resume with: clmae pretrain --resume {self.output_dir}", file=sys.stderr)
-        elif not broadcast_object(checkpoint_pair_complete(self.output_dir / "checkpoint-last"), self.dist):
+        elif not broadcast_object(checkpoint_pair_complete(self.output_dir / LAST), self.dist):
             self.save_checkpoint()
-        self._report_skipped_files()
+        report_skipped_files(self.batches, self.dist, self.logger)
         self.logger.close()
         barrier(self.dist)  # every rank returns only once rank 0 has written everything
         teardown(self.dist)
-        return RunResult(self.output_dir, self.output_dir / "checkpoint-last.pt",
-                         self.output_dir / "checkpoint-last.safetensors", self.logger.path, self.epoch, final)
+        return RunResult(self.output_dir, self.output_dir / f"{LAST}.pt", self.output_dir / f"{LAST}.safetensors",
+                         self.logger.path, self.epoch, final)
 
     def _end_of_epoch(self, epoch_means: dict[str, float]) -> None:
         cfg = self.cfg
         record = {"kind": "epoch", "epoch": self.epoch - 1, "step": self.iteration, **epoch_means}
         if self.masker.learnable:
-            record["curriculum_factor"] = curriculum_factor(self.epoch - 1, cfg.epochs, cfg.curriculum,
-                                                            cfg.curriculum_value) if cfg.curriculum != "linear" else None
+            record["curriculum_factor"] = (self.curriculum_factor(self.epoch - 1) if cfg.curriculum != "linear"
+                                           else None)
         self.logger.log(record, step=self.iteration)
         self.save_checkpoint()
         if cfg.save_every and self.epoch % cfg.save_every == 0:
             self.save_checkpoint(f"checkpoint-{self.epoch:04d}")
-        if cfg.eval_every and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs) and self.dist.is_main:
+        if self.run.knn_eval and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs) and self.dist.is_main:
             self.evaluate_knn()  # rank 0 only; the others wait at the next collective
         for cb in self.callbacks:
-            cb.on_epoch_end(self)
+            cb.on_epoch_end(self.view)
 
     def evaluate_knn(self) -> dict[str, float]:
         """Quick k-NN accuracy of the current encoder on the held-out split (if it has labels)."""
-        from .evaluation import quick_knn
-
         if isinstance(self.dataset, ShardData):
             tqdm.write("clmae: k-NN evaluation skipped: tar shards have no random access; evaluate the "
                        "checkpoint on an image folder with `clmae eval knn`", file=sys.stderr)
-            self.cfg.eval_every = 0
+            self.run.knn_eval = False
             return {}
         was_training = self.mae.training
         try:
@@ -510,11 +419,12 @@ class Trainer:
             result = quick_knn(self.mae, self.dataset, test, self.model_config.img_size, self.device)
         except ClmaeError as exc:  # no held-out split or no labels: say so once, keep training
             tqdm.write(f"clmae: k-NN evaluation skipped: {exc}", file=sys.stderr)
-            self.cfg.eval_every = 0
+            self.run.knn_eval = False
             return {}
         finally:
             self.mae.train(was_training)
-        self.logger.log({"kind": "eval", "epoch": self.epoch - 1, "step": self.iteration, **result}, step=self.iteration)
+        record = {"kind": "eval", "epoch": self.epoch - 1, "step": self.iteration, **result}
+        self.logger.log(record, step=self.iteration)
         return result
 
     # ------------------------------------------------------------------------------------------
@@ -523,7 +433,7 @@ class Trainer:
     def run_info(self) -> dict[str, Any]:
         return {
             "model_config": dataclasses.asdict(self.model_config),
-            "run_config": self.cfg.to_dict(),
+            "run_config": self.run.recorded_config(self.cfg).to_dict(),
             "data": {"name": self.dataset.name, "mean": list(self.dataset.mean), "std": list(self.dataset.std),
                      "channels": self.dataset.channels, "img_size": self.model_config.img_size,
                      "num_train": len(self.dataset)},
@@ -541,81 +451,16 @@ class Trainer:
                 "effective_batch": self.cfg.effective_batch_size * self.dist.world_size, "lr": self.lr}
         (self.output_dir / "config.json").write_text(json.dumps(info, indent=2, default=str))
 
-    def save_checkpoint(self, stem: str = "checkpoint-last") -> Path:
+    def save_checkpoint(self, stem: str = LAST) -> Path:
         """Write ``STEM.pt`` and ``STEM.safetensors`` (rank 0 only; the state is the same on every rank)."""
         if not self.dist.is_main:
             return self.output_dir / f"{stem}.pt"
-        info = self.run_info()
-        position = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "iteration": self.iteration,
-                    "masker_updates": self.masker_updates, "world_size": self.dist.world_size,
-                    "global_batch": self.cfg.batch_size * self.dist.world_size}
+        position = Position(self.epoch, self.step_in_epoch, self.iteration, self.masker_updates, self.skipped_steps)
+        extra = {"world_size": self.dist.world_size, "global_batch": self.cfg.batch_size * self.dist.world_size}
         modules = {"mae": self.mae, "masker": self.masker if self.masker.learnable else None}
-        state = {
-            "format": FORMAT,
-            **position,
-            "skipped_steps": self.skipped_steps,
-            "weights": {f"{p}.{k}": v.detach().cpu().clone() for p, m in modules.items() if m is not None
-                        for k, v in m.state_dict().items()},
-            "opt_mae": self.opt_mae.state_dict(),
-            "opt_masker": self.opt_masker.state_dict() if self.opt_masker is not None else None,
-            "generator": self.generator.get_state(),
-            "model_config": info["model_config"],
-            "run_config": info["run_config"],
-            "data": info["data"],
-        }
-        save_training_state(self.output_dir / f"{stem}.pt", state)
-        save_weights(self.output_dir / f"{stem}.safetensors", modules, {**info, **position})
-        return self.output_dir / f"{stem}.pt"
-
-    # ------------------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _graceful_stop(self):
-        """SIGINT/SIGTERM finish the current step, save a checkpoint and end the run cleanly."""
-        first: list[float] = []
-
-        def request_stop(signum, _frame):
-            now = time.monotonic()
-            if first and now - first[0] > 2.0:  # a second, deliberate signal: stop now
-                raise KeyboardInterrupt
-            if first:  # the same request delivered twice (SLURM signals the step, torchrun forwards it)
-                return
-            first.append(now)
-            self.stop_requested = True
-            if self.dist.is_main:
-                tqdm.write(f"clmae: received {signal.Signals(signum).name}; finishing this step and saving a "
-                           "checkpoint (send again to abort)", file=sys.stderr)
-
-        previous = {}
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, request_stop)
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _report_skipped_files(self) -> None:
-        from collections import Counter
-
-        parts = gather_objects((dict(self.batches.skipped), self.batches.skipped_examples[:5]), self.dist)
-        if not self.dist.is_main:
-            return
-        skipped: Counter = Counter()
-        examples: list[tuple[str, str]] = []
-        for counts, some in parts:
-            skipped.update(counts)
-            examples += some
-        if skipped:
-            total = sum(skipped.values())
-            reasons = ", ".join(f"{n} {r}" for r, n in skipped.most_common())
-            print(f"clmae: skipped {total} unreadable image(s): {reasons}", file=sys.stderr)
-            for path, reason in examples[:5]:
-                print(f"  {path}: {reason}", file=sys.stderr)
-            self.logger.log({"kind": "data", "skipped_files": total, **{f"skipped_{r}": n for r, n in skipped.items()}})
+        optimizers = {"opt_mae": self.opt_mae, "opt_masker": self.opt_masker}
+        return save_run_checkpoint(self.output_dir, stem, self.run_info(), position, modules, optimizers,
+                                   self.generator, extra)
 
 
 def pretrain(config: PretrainConfig | None = None, **options) -> RunResult:
@@ -624,8 +469,6 @@ def pretrain(config: PretrainConfig | None = None, **options) -> RunResult:
     ``pretrain(data="cifar10", data_dir="data", model="vit_tiny_patch4_32", epochs=100)`` or
     ``pretrain(PretrainConfig(...))``; keyword options override the config's fields.
     """
-    from .config import make_config
-
     values = dataclasses.asdict(config) if config is not None else {}
     values.update(options)
     cfg = make_config(values)

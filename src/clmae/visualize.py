@@ -25,9 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import load_pretrained
+from .data import load_dataset
 from .errors import ConfigError, DataError
+from .images import denormalize, normalize
+from .losses import per_patch_error
 from .maskers import mask_from_keep, random_keep_indices
 from .model import patchify, unpatchify
+from .runtime import eval_mode, resolve_device
+from .splits import choose_indices, eval_images
 
 CELL = 1.5  # inches per panel
 DPI = 100
@@ -42,13 +48,6 @@ MAX_IMAGES = 64
 
 # ---------------------------------------------------------------------------------------------
 # Normalisation, undone
-
-
-def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Inverse of :func:`clmae.data.normalize`: ``x · std + mean`` per channel."""
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return x * s + m
 
 
 def patch_stats(patches: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,8 +257,6 @@ MAE_COLUMNS = ["original", "random mask", "reconstruction\n(random mask)"]
 @torch.no_grad()
 def reconstruct(mae, x: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MAE prediction, mask (1 = hidden) and per-image loss (over hidden patches) for ``ids_keep``."""
-    from .losses import per_patch_error
-
     pred = mae(x, ids_keep)["pred"].float()
     mask = mask_from_keep(ids_keep, pred.shape[1])
     loss = (per_patch_error(pred, mae.target(x)) * mask).sum(1) / mask.sum(1)
@@ -270,8 +267,6 @@ def reconstruct(mae, x: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Ten
 def model_panels(mae, masker, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
                  mask_ratio: float = 0.75, seed: int = 0) -> tuple[list[list[Panel]], list[str]]:
     """The panels of :func:`visualize_model`: rows of panels and the column titles."""
-    from .data import normalize
-
     device = next(mae.parameters()).device
     cfg = mae.config
     p = cfg.patch_size
@@ -328,8 +323,6 @@ def figure_caption(norm_pix: bool, learned: bool, mask_ratio: float, seed: int, 
 def visualize_model(mae, masker, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
                     mask_ratio: float = 0.75, seed: int = 0, title: str = "", source: str = ""):
     """A grid figure for ``images`` (floats in [0, 1], ``(N, C, H, W)``) — see the module docstring."""
-    from .probe import eval_mode
-
     with eval_mode(mae, masker):
         rows, columns = model_panels(mae, masker, images, mean, std, mask_ratio, seed)
     caption = figure_caption(mae.config.norm_pix_loss, masker is not None, mask_ratio, seed, source)
@@ -347,11 +340,6 @@ def visualize_checkpoint(checkpoint: str | Path, data: str | None = None, data_d
                          num_images: int = 8, output: str | Path | None = None, split: str = "test", seed: int = 0,
                          device: str = "auto") -> Path:
     """Draw :func:`visualize_model` for a checkpoint on ``num_images`` images of ``data`` and save a PNG."""
-    from .checkpoint import load_pretrained
-    from .data import load_dataset
-    from .probe import choose_indices, eval_images
-    from .trainer import resolve_device
-
     if not 1 <= num_images <= MAX_IMAGES:
         raise ConfigError(f"--num-images: got {num_images}, expected an integer between 1 and {MAX_IMAGES}")
     if split not in ("train", "test"):

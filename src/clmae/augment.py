@@ -1,0 +1,75 @@
+"""Batched augmentation of in-memory images on the training device: random-resized-crop and flip.
+
+The same crop distribution as torchvision's ``RandomResizedCrop``, drawn for a whole batch and
+applied in one bicubic ``grid_sample``, so data never holds up a small run. All random numbers
+come from a CPU generator, so runs are reproducible on any device and distributed runs can draw
+for the global batch and apply each rank's rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_crop_boxes(
+    n: int, height: int, width: int, generator: torch.Generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), tries: int = 10
+) -> torch.Tensor:
+    """RandomResizedCrop boxes for a batch, ``(N, 4)`` as ``(top, left, h, w)`` in pixels.
+
+    Same distribution as torchvision's RandomResizedCrop: area fraction uniform in ``scale``,
+    log-aspect uniform in ``ratio``, up to ``tries`` attempts, else the whole image.
+    """
+    area = height * width * torch.empty(n, tries).uniform_(*scale, generator=generator)
+    log_r = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = torch.exp(log_r)
+    w = torch.sqrt(area * aspect).round()
+    h = torch.sqrt(area / aspect).round()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    rows = torch.arange(n)
+    h = torch.where(first >= 0, h[rows, first.clamp_min(0)], torch.full((n,), float(height)))
+    w = torch.where(first >= 0, w[rows, first.clamp_min(0)], torch.full((n,), float(width)))
+    top = torch.floor(torch.rand(n, generator=generator) * (height - h + 1))
+    left = torch.floor(torch.rand(n, generator=generator) * (width - w + 1))
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def random_resized_crop_flip(
+    images: torch.Tensor, size: int, generator: torch.Generator, scale=(0.2, 1.0), flip: bool = True
+) -> torch.Tensor:
+    """Batched random-resized-crop (bicubic) and horizontal flip of ``uint8 (N, C, H, W)`` images.
+
+    Returns floats in [0, 1] of shape ``(N, C, size, size)``. Every image gets its own crop; all
+    random numbers come from ``generator`` (on the CPU), so runs are reproducible on any device.
+    """
+    n, _, height, width = images.shape
+    boxes = sample_crop_boxes(n, height, width, generator, scale)
+    flips = (torch.rand(n, generator=generator) < 0.5) if flip else torch.zeros(n, dtype=torch.bool)
+    return crop_flip(images, boxes, flips, size)
+
+
+def crop_flip(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """Resample given crop boxes ``(N, 4)`` (top, left, h, w) and flips ``(N,)`` to ``size``×``size``.
+
+    One bicubic ``grid_sample`` for the whole batch. Split from the sampling so that distributed
+    runs can draw the random numbers for the global batch and apply each rank's rows.
+    """
+    n, _, height, width = images.shape
+    top, left, h, w = boxes.unbind(1)
+    # Affine map from output coords in [-1, 1] to input coords (align_corners=False convention).
+    sx, sy = w / width, h / height
+    cx = (left + w / 2) / width * 2 - 1
+    cy = (top + h / 2) / height * 2 - 1
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = torch.where(flips, -sx, sx)
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = sy
+    theta[:, 1, 2] = cy
+    theta = theta.to(images.device)
+    grid = F.affine_grid(theta, [n, images.shape[1], size, size], align_corners=False)
+    x = images.float().div_(255.0)
+    out = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    return out.clamp_(0.0, 1.0)

@@ -1,0 +1,120 @@
+"""Observers of a training run: the interface they implement and the read-only view of the run they get.
+
+A callback (the curriculum probe, the study's timer, a user's logger) implements :class:`Callback`
+and is called on rank 0 after every iteration and after every epoch's checkpoint. It sees the run
+through a :class:`RunView`: the position, the models, the data and a way to log, but nothing it
+could use to change training (no optimisers, no setters). Callbacks must not change the weights:
+the probe, for instance, runs under ``no_grad`` in eval mode with its own random generator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Callback(Protocol):
+    def on_step(self, run: RunView, metrics: dict[str, float]) -> None:
+        """After every iteration, with that iteration's metrics."""
+
+    def on_epoch_end(self, run: RunView) -> None:
+        """After each epoch's checkpoint is written."""
+
+
+class RunView:
+    """What a callback may read of a run. Properties only (nothing can be assigned); the config is a copy.
+
+    The one thing a callback may ask of the run is to stop it: :meth:`request_stop`, as Ctrl-C would.
+    """
+
+    __slots__ = ("_trainer", "_cfg")
+
+    def __init__(self, trainer) -> None:
+        object.__setattr__(self, "_trainer", trainer)
+        object.__setattr__(self, "_cfg", dataclasses.replace(trainer.cfg))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"RunView is read-only: cannot set {name!r}")
+
+    def request_stop(self) -> None:
+        """Stop after this step: the run saves a checkpoint and returns, as on SIGINT."""
+        self._trainer.stop_requested = True
+
+    # position
+    @property
+    def epoch(self) -> int:
+        """Epochs completed."""
+        return self._trainer.epoch
+
+    @property
+    def step_in_epoch(self) -> int:
+        return self._trainer.step_in_epoch
+
+    @property
+    def iteration(self) -> int:
+        """Iterations completed over the whole run."""
+        return self._trainer.iteration
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self._trainer.batches)
+
+    # what the run is
+    @property
+    def cfg(self):
+        return self._cfg
+
+    @property
+    def epochs(self) -> int:
+        return self._cfg.epochs
+
+    @property
+    def snapshot_every(self) -> int:
+        return self._trainer.run.snapshot_every
+
+    @property
+    def output_dir(self) -> Path:
+        return self._trainer.run.output_dir
+
+    @property
+    def model_config(self):
+        return self._trainer.model_config
+
+    @property
+    def dataset(self):
+        return self._trainer.dataset
+
+    @property
+    def device(self) -> torch.device:
+        return self._trainer.device
+
+    # the models (to measure, never to train)
+    @property
+    def mae(self) -> torch.nn.Module:
+        return self._trainer.mae
+
+    @property
+    def masker(self) -> torch.nn.Module:
+        return self._trainer.masker
+
+    def autocast(self):
+        """The run's mixed-precision context (bf16 on CUDA)."""
+        return self._trainer.autocast_context()
+
+    def curriculum_factor(self, epoch: float) -> float:
+        """λ of the run's schedule at a (fractional, for ``linear``) epoch."""
+        return self._trainer.curriculum_factor(epoch)
+
+    # logging
+    def log(self, record: dict[str, Any]) -> None:
+        """Append a record to ``metrics.jsonl`` (and TensorBoard) at the current iteration."""
+        self._trainer.logger.log(record, step=self._trainer.iteration)
+
+    @property
+    def tensorboard(self):
+        """The TensorBoard ``SummaryWriter``, or None when TensorBoard is not installed."""
+        return self._trainer.logger.tb

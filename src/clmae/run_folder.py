@@ -1,0 +1,177 @@
+"""A run's folder and its state on disk: where it goes, what resuming may change, what a checkpoint holds.
+
+* :func:`prepare_output_dir` — create the run folder, refusing to overwrite a run.
+* :func:`resume_config` — the configuration a ``--resume`` continues with: the saved one, plus the
+  few options a resumed run may change (:data:`RESUMABLE_OVERRIDES`).
+* :class:`RunState` — values resolved when a run starts (model chosen for the data, output folder,
+  warmup, snapshot interval); the config itself keeps what the user asked for.
+* :class:`Position` and :func:`save_run_checkpoint` / :func:`load_run_checkpoint` — the checkpoint
+  payload: weights, optimiser states, RNG state and position in the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import (
+    FORMAT,
+    load_state_checked,
+    read_training_state,
+    resolve_checkpoint,
+    save_training_state,
+    save_weights,
+    split_prefix,
+)
+from .config import PretrainConfig
+from .data import dataset_label
+from .errors import ConfigError
+from .options import flag
+
+# Options a resumed run may change; every other one must match the checkpoint.
+# batch_size/accum_iter may change so the global batch can be kept when the number of GPUs changes.
+RESUMABLE_OVERRIDES = {"device", "num_workers", "progress", "log_every", "eval_every", "save_every", "epochs",
+                       "max_nonfinite", "data_dir", "output_dir", "resume", "compile", "batch_size", "accum_iter"}
+LAST = "checkpoint-last"
+
+
+@dataclass
+class RunState:
+    """What a run resolved when it started, beside the config the user gave."""
+
+    output_dir: Path
+    model_name: str
+    warmup_epochs: float
+    snapshot_every: int
+    knn_eval: bool  # --eval-every is on and the data allows a held-out k-NN (turned off when it does not)
+
+    def recorded_config(self, cfg: PretrainConfig) -> PretrainConfig:
+        """The config as it ran: what ``config.json`` and checkpoints store, so a resume repeats it."""
+        return dataclasses.replace(cfg, output_dir=str(self.output_dir), model=self.model_name,
+                                   warmup_epochs=self.warmup_epochs, snapshot_every=self.snapshot_every)
+
+
+@dataclass
+class Position:
+    """Where a run stands; restored by resume."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    iteration: int = 0  # iterations done over the whole run
+    masker_updates: int = 0
+    skipped_steps: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder
+
+
+def default_output_dir(cfg: PretrainConfig) -> Path:
+    """``runs/<method>-<data>-<time>``."""
+    return Path("runs") / f"{cfg.method}-{dataset_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_output_dir(out: Path, resuming: bool) -> Path:
+    """Create the run folder; refuse a folder that already holds a run unless resuming it."""
+    if not resuming and (out / f"{LAST}.pt").exists():
+        raise ConfigError(
+            f"--output-dir: {out} already holds a run; pass --resume to continue it or choose another --output-dir "
+            "(nothing was overwritten)"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--output-dir: cannot create {out}: {exc.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"--output-dir: {out} is not writable; choose another folder")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming
+
+
+def resume_file(cfg: PretrainConfig) -> Path:
+    """The ``.pt`` a ``--resume`` reads: the given run folder or checkpoint, or ``--output-dir``'s."""
+    target = cfg.resume
+    if target == "auto":
+        if not cfg.output_dir:
+            raise ConfigError("--resume: give the run folder or checkpoint to resume, or --output-dir of the run")
+        target = cfg.output_dir
+    return resolve_checkpoint(target, ".pt")
+
+
+def resume_config(cfg: PretrainConfig, overrides: dict[str, Any] | None) -> tuple[PretrainConfig, Path]:
+    """``(config to continue with, resume file)``: the saved config with the allowed overrides applied.
+
+    An option the user gave that a resumed run cannot change, with a value other than the saved one,
+    is an error naming the saved value.
+    """
+    path = resume_file(cfg)
+    state = read_training_state(path)
+    saved = dict(state["run_config"])
+    given = overrides if overrides is not None else {}
+    for key, value in given.items():
+        if key in RESUMABLE_OVERRIDES or key not in saved:
+            continue
+        if saved[key] != value:
+            raise ConfigError(f"{flag(key)}: the run was started with {saved[key]!r}; a resumed run cannot change it "
+                              "(start a new run instead)")
+    saved.update({k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
+    saved["resume"] = str(path)
+    if saved.get("output_dir") is None or "output_dir" not in given:
+        saved["output_dir"] = str(path.parent)
+    return PretrainConfig(**saved).validate(), path
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint payload
+
+
+def save_run_checkpoint(out: Path, stem: str, info: dict[str, Any], position: Position, modules: dict[str, Any],
+                        optimizers: dict[str, Any], generator: torch.Generator, extra: dict[str, Any]) -> Path:
+    """Write ``STEM.pt`` (everything to resume) and ``STEM.safetensors`` (weights and run info).
+
+    ``modules``: ``{"mae": module, "masker": module or None}``; ``optimizers`` likewise; ``extra``:
+    more position fields (world size, global batch) stored with both files.
+    """
+    where = {**dataclasses.asdict(position), **extra}
+    skipped = where.pop("skipped_steps")
+    state = {
+        "format": FORMAT,
+        **where,
+        "skipped_steps": skipped,
+        "weights": {f"{p}.{k}": v.detach().cpu().clone() for p, m in modules.items() if m is not None
+                    for k, v in m.state_dict().items()},
+        **{name: (opt.state_dict() if opt is not None else None) for name, opt in optimizers.items()},
+        "generator": generator.get_state(),
+        "model_config": info["model_config"],
+        "run_config": info["run_config"],
+        "data": info["data"],
+    }
+    save_training_state(out / f"{stem}.pt", state)
+    save_weights(out / f"{stem}.safetensors", modules, {**info, **where})
+    return out / f"{stem}.pt"
+
+
+def load_run_checkpoint(path: Path, modules: dict[str, Any], optimizers: dict[str, Any],
+                        generator: torch.Generator) -> tuple[Position, dict[str, Any]]:
+    """Restore weights, optimiser and RNG states from a resume file; ``(position, the whole state)``."""
+    state = read_training_state(path)
+    names = {"mae": "autoencoder", "masker": "masking module"}
+    for prefix, module in modules.items():
+        if module is not None:
+            load_state_checked(module, split_prefix(state["weights"], prefix), names.get(prefix, prefix), str(path))
+    for name, opt in optimizers.items():
+        if opt is not None:
+            opt.load_state_dict(state[name])
+    generator.set_state(state["generator"])
+    position = Position(state["epoch"], state["step_in_epoch"], state["iteration"], state["masker_updates"],
+                        state.get("skipped_steps", 0))
+    return position, state
