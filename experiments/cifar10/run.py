@@ -514,6 +514,8 @@ def build_parser(raw: dict[str, Any]) -> argparse.ArgumentParser:
                                                      "(x_train, y_train, x_test, y_test)")
     parser.add_argument("--data-dir", default=None, help="folder with cifar10.npz (default: ../shared/datasets)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (pretraining and evaluation)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; 1 is faster on a machine shared with other jobs)")
     parser.add_argument("--output", type=Path, default=None, help="results folder")
     parser.add_argument("--epochs", type=int, help="override the pretraining epochs (the equal-compute arm scales)")
     parser.add_argument("--subset", type=int, help="override the number of training images")
@@ -564,6 +566,10 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
 
     from clmae.runtime import resolve_device
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise StudyError(f"--threads: got {args.threads}, expected an integer >= 1")
+        torch.set_num_threads(args.threads)
     try:
         device = str(resolve_device(args.device))
         missing = check_arms(cfg, flops_needed(cfg, arms), base)
