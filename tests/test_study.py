@@ -1,10 +1,16 @@
-"""The CIFAR-10 study script runs every arm end to end (CI-sized) and resumes without retraining."""
+"""The masking study (experiments/cifar10): every arm end to end on any labeled npz, equal compute from counted
+FLOPs, resumable, clear errors, and statistics that say what is and is not distinguishable from seed noise."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -12,62 +18,145 @@ REPO = Path(__file__).resolve().parents[1]
 def load_study(script: str = "run.py"):
     spec = importlib.util.spec_from_file_location(f"study_{script[:-3]}", REPO / "experiments" / "cifar10" / script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
 
-def test_quick_study_runs_every_arm_and_resumes(cifar_dir, tmp_path):
+def labeled_npz(path: Path, size: int = 24, classes: int = 5, train: int = 200, test: int = 100) -> Path:
+    """Noisy images around one coarse pattern per class: labeled, learnable, not CIFAR-10's size."""
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(0, 256, (classes, size // 4, size // 4, 3))
+
+    def split(n: int):
+        y = rng.integers(0, classes, n)
+        x = 0.3 * np.kron(patterns[y], np.ones((1, 4, 4, 1))) + 0.7 * rng.integers(0, 256, (n, size, size, 3))
+        return x.astype(np.uint8), y.astype(np.int64)
+
+    (x_train, y_train), (x_test, y_test) = split(train), split(test)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+def registered_default_arms(study) -> list[str]:
+    """The default arms whose method this clmae has (all of them once the masking strategies are merged);
+    the others are checked to be a clear error in test_unregistered_method_is_a_clear_error."""
+    from clmae.maskers import METHODS
+
+    raw = study.read_config_file()
+    return [arm for arm in raw["default_arms"] if raw["arms"][arm]["method"] in METHODS]
+
+
+def test_quick_study_on_another_npz_runs_every_arm_and_resumes(tmp_path, monkeypatch):
     study = load_study()
-    args = ["--quick", "--epochs", "1", "--subset", "128", "--data-dir", str(cifar_dir), "--output", str(tmp_path)]
+    data = labeled_npz(tmp_path / "mine.npz")
+    out = tmp_path / "out"
+    arms = registered_default_arms(study)
+    assert {"mae", "mae_equal_compute", "clmae", "clmae_cheap"} <= set(arms)
+    args = ["--quick", "--data", str(data), "--epochs", "1", "--subset", "128", "--output", str(out),
+            "--arms", *arms]
     assert study.main(args) == 0
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["arms"]) == set(study.ARMS)
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["arms"]) == arms and results["data"] == str(data) and results["train_images"] == 128
+
+    # FLOPs per image counted on the training loop: CL-MAE > its cheap variant > MAE; equal compute follows.
+    flops = {arm: c["flops_per_image"] for arm, c in results["compute"]["arms"].items()}
+    assert flops["clmae"] > flops["clmae_cheap"] > flops["mae"] > 0
+    assert flops["mae_equal_compute"] == flops["mae"]
+    assert results["compute"]["arms"]["clmae_cheap"]["iterations_counted"] == 4  # a whole masker_every period
+    equal_epochs = round(flops["clmae"] / flops["mae"])
+    assert equal_epochs > 1 and results["plan"]["mae_equal_compute"]["epochs"] == equal_epochs
+    equal_run = json.loads((out / "runs" / "mae_equal_compute-s0" / "config.json").read_text())["run_config"]
+    assert equal_run["epochs"] == equal_epochs and equal_run["warmup_epochs"] == equal_epochs  # 1 of 1 epochs, scaled
+    cheap = json.loads((out / "runs" / "clmae_cheap-s0" / "config.json").read_text())["run_config"]
+    assert (cheap["masker_every"], cheap["masker_batch_fraction"]) == (4, 0.25)
+
     for arm, seeds in results["arms"].items():
         run = seeds["0"]
         assert set(run["metrics"]) == {"knn", "linear", "fewshot"}
         # The random-init encoder is the same for every arm of a seed: evaluated once, with the first arm.
-        assert (run["metrics"]["knn"]["random_init"] is not None) == (arm == "mae")
-        assert run["timing"]["images"] == 2 * 64  # 128 images, batch 64, one epoch
+        assert (run["metrics"]["knn"]["random_init"] is not None) == (arm == arms[0])
+        epochs = equal_epochs if arm == "mae_equal_compute" else 1
+        assert run["timing"]["images"] == epochs * 2 * 64  # 128 images, batch 64
         assert run["run_dir"] == f"runs/{arm}-s0"  # relative: results.json travels with the results folder
-        assert run["curves"]["knn"], arm  # held-out k-NN at the end of the epoch
+        assert run["curves"]["knn"] and run["curves"]["train_img_per_s"] > 0, arm
         probes = run["curves"]["probe"]
-        if arm == "mae":
-            assert probes == []  # no masking module, no mask difficulty
-        else:
+        if arm.startswith("clmae"):
             assert probes and all(isinstance(r["mask_difficulty"], float) for r in probes), arm
-    every4 = json.loads((tmp_path / "runs" / "clmae_every4-s0" / "config.json").read_text())
-    assert every4["run_config"]["masker_every"] == 4
-    assert results["arms"]["clmae_adversary"]["0"]["curves"]["probe"][0]["curriculum_factor"] == -1.0
-    markdown = (tmp_path / "results.md").read_text()
-    assert markdown.count("| clmae_") == 2 * 5  # the results table and the paired-difference table
-    official = results["arms"]["clmae_official"]["0"]["metrics"]["knn"]["pretrained"]["knn_majority_top1"]
-    mae = results["arms"]["mae"]["0"]["metrics"]["knn"]["pretrained"]["knn_majority_top1"]
-    assert f"| clmae_official | {official - mae:+.2f} |" in markdown
-    assert (tmp_path / "curves.png").stat().st_size > 0
+        elif arm.startswith("mae"):
+            assert probes == []  # no masking module, no mask difficulty
+
+    markdown = (out / "results.md").read_text()
+    clmae, equal = (results["arms"][a]["0"]["metrics"]["linear"]["pretrained"]["linear_top1"]
+                    for a in ("clmae", "mae_equal_compute"))
+    knn = {a: results["arms"][a]["0"]["metrics"]["knn"]["pretrained"]["knn_majority_top1"] for a in ("clmae", "mae")}
+    assert f"| clmae | {knn['clmae'] - knn['mae']:+.2f} (1 seed) |" in markdown  # equal epochs, paired by seed
+    assert f"clmae − MAE on linear probe = {clmae - equal:+.2f} points over 1 seed(s)" in markdown  # the verdict
+    assert "## Equal compute: each arm minus `mae_equal_compute`" in markdown
+    assert markdown.count("\n| clmae_cheap |") == 4  # compute, accuracy, equal-epoch and equal-compute tables
+    assert (out / "curves.png").stat().st_size > 0
+
     # --summarise rebuilds the markdown and the picture from results.json alone.
-    (tmp_path / "results.md").unlink()
-    (tmp_path / "curves.png").unlink()
-    assert study.main(["--summarise", "--output", str(tmp_path)]) == 0
-    assert (tmp_path / "results.md").read_text() == markdown
-    assert (tmp_path / "curves.png").stat().st_size > 0
-    # Every CL-MAE arm's masks judged by the mae arm's MAE (and by its own).
-    assert load_study("mask_difficulty.py").main(["--output", str(tmp_path), "--images", "32", "--draws", "2"]) == 0
-    difficulty = json.loads((tmp_path / "mask_difficulty.json").read_text())["arms"]
-    assert set(difficulty) == set(study.ARMS) - {"mae"}
-    for rows in difficulty.values():
+    (out / "results.md").unlink()
+    (out / "curves.png").unlink()
+    assert study.main(["--summarise", "--output", str(out)]) == 0
+    assert (out / "results.md").read_text() == markdown
+    assert (out / "curves.png").stat().st_size > 0
+
+    # Every arm whose masks are not uniformly random is judged by the mae arm's MAE (and by its own).
+    assert load_study("mask_difficulty.py").main(["--output", str(out), "--images", "32", "--draws", "2"]) == 0
+    difficulty = json.loads((out / "mask_difficulty.json").read_text())
+    assert set(difficulty["arms"]) == set(arms) - {"mae", "mae_equal_compute"}
+    assert difficulty["not_measured_uniform_random"] == ["mae_equal_compute"]
+    for rows in difficulty["arms"].values():
         assert all(0 < v < 10 for v in rows["0"].values())
-    assert (tmp_path / "mask_difficulty.md").read_text().count("| clmae_") == 5
-    # A second call finds every run and evaluation done and only rewrites the summary.
-    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/checkpoint-last.pt")}
+
+    # A second call finds every run and evaluation done and the FLOPs cached: it only rewrites the summary.
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/checkpoint-last.pt")}
+    monkeypatch.setattr(study, "count_flops_per_iteration", lambda *a, **k: pytest.fail("FLOPs counted again"))
     assert study.main(args) == 0
-    assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/checkpoint-last.pt")}
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/checkpoint-last.pt")}
+    assert (out / "results.md").read_text() == markdown
 
 
-def test_stopped_run_is_not_evaluated_and_resumes_with_its_time(cifar_dir, tmp_path, monkeypatch):
+def test_unregistered_method_is_a_clear_error_and_estimate_uses_its_guess(tmp_path, monkeypatch, capsys):
     study = load_study()
-    args = ["--quick", "--arms", "mae", "--epochs", "2", "--subset", "128", "--data-dir", str(cifar_dir),
-            "--output", str(tmp_path)]
-    run = tmp_path / "runs" / "mae-s0"
+    raw = study.read_config_file()
+    raw["arms"]["ghost"] = {"method": "no_such_method"}
+    raw["arms"]["typo"] = {"method": "mae", "no_such_option": 1}
+    raw["quick"]["budget"]["guessed_flop_ratio"] = {"no_such_method": 2.5}
+    monkeypatch.setattr(study, "read_config_file", lambda: raw)
+    data = labeled_npz(tmp_path / "mine.npz", train=80, test=40)
+    common = ["--quick", "--data", str(data), "--output", str(tmp_path / "out")]
+    assert study.main([*common, "--arms", "mae", "ghost"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("study: error: ghost needs --method no_such_method, which this clmae does not have")
+    assert "Leave them out with --arms mae" in err and "Traceback" not in err
+    assert study.main([*common, "--arms", "mae", "typo"]) == 2
+    assert "arm 'typo': unknown options ['no_such_option']" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing was trained or written
+    # --estimate plans the study with the guessed FLOP ratio of a method that does not exist yet, trains nothing.
+    assert study.main([*common, "--arms", "mae", "ghost", "--estimate", "--epochs", "2"]) == 0
+    plan = capsys.readouterr().err
+    assert re.search(r"ghost +2 +2\.50 +guess", plan)
+    assert "estimated pretraining:" in plan and not (tmp_path / "out").exists()
+
+
+def test_estimate_on_cifar10_counts_flops_and_trains_nothing(cifar_dir, tmp_path, capsys):
+    study = load_study()
+    out = tmp_path / "out"
+    args = ["--quick", "--arms", "mae", "--estimate", "--data-dir", str(cifar_dir), "--output", str(out)]
+    assert study.main(args) == 0
+    plan = capsys.readouterr().err
+    assert "counting the training FLOPs of mae" in plan and "plan: 1 seed(s), 256 training images" in plan
+    assert re.search(r"mae +2 +1\.00 +measured", plan) and not out.exists()
+
+
+def test_stopped_run_is_not_evaluated_and_resumes_with_its_time(tmp_path, monkeypatch, capsys):
+    study = load_study()
+    data = labeled_npz(tmp_path / "mine.npz", train=128, test=40)
+    args = ["--quick", "--arms", "mae", "--epochs", "2", "--data", str(data), "--output", str(tmp_path / "out")]
+    run = tmp_path / "out" / "runs" / "mae-s0"
 
     def stop_after_first_epoch(self, trainer):  # as if Ctrl-C arrived during the second epoch
         self.write(trainer)
@@ -80,8 +169,14 @@ def test_stopped_run_is_not_evaluated_and_resumes_with_its_time(cifar_dir, tmp_p
     assert first["epochs_done"] == 1 and first["images"] == 2 * 64
 
     monkeypatch.undo()
+    # A run folder this study did not make (another edition, another arm) is refused, not resumed.
+    marker = (run / "study-run.json").read_text()
+    (run / "study-run.json").unlink()
+    assert study.main(args) == 2
+    assert "holds a run of another study" in capsys.readouterr().err
+    (run / "study-run.json").write_text(marker)
     assert study.main(args) == 0
-    timing = json.loads((tmp_path / "results.json").read_text())["arms"]["mae"]["0"]["timing"]
+    timing = json.loads((tmp_path / "out" / "results.json").read_text())["arms"]["mae"]["0"]["timing"]
     assert timing["epochs_done"] == 2 and timing["images"] == 4 * 64
     assert timing["wall_s"] > first["wall_s"]  # the first segment's time is kept, not restarted from zero
     # An evaluation of other weights (here: the checkpoint changed after it was written) is redone.
@@ -92,6 +187,99 @@ def test_stopped_run_is_not_evaluated_and_resumes_with_its_time(cifar_dir, tmp_p
     assert study.main(args) == 0
     redone = json.loads((run / "eval-knn.json").read_text())
     assert redone["results"]["pretrained"]["knn_majority_top1"] >= 0
+
+
+def test_arms_of_a_seed_share_crops_and_a_resumed_epoch_sees_the_same_batches(tmp_path):
+    import torch
+
+    from clmae.config import make_config
+    from clmae.trainer import Trainer
+
+    study = load_study()
+    cfg = study.load_config("quick")
+    base = {**cfg["pretrain"], "data": str(labeled_npz(tmp_path / "mine.npz", train=256, test=40))}
+    batches = {}
+    for arm, draws in (("mae", 3), ("clmae_cheap", 0)):
+        values = study.study_values({**base, **study.arm_overrides(cfg["arms"][arm])}, 0, tmp_path / arm, None, "cpu")
+        trainer = Trainer(make_config(values))
+        study.share_crops(trainer)
+        torch.rand(draws, generator=trainer.generator)  # the arms' masking has used the shared generator differently
+        batches[arm] = list(trainer.batches.epoch(1, trainer.generator))
+        resumed = list(trainer.batches.epoch(1, trainer.generator, start_step=2))
+        assert all(torch.equal(a, b) for a, b in zip(batches[arm][2:], resumed, strict=True))
+    assert len(batches["mae"]) == 4
+    assert all(torch.equal(a, b) for a, b in zip(batches["mae"], batches["clmae_cheap"], strict=True))
+    assert not torch.equal(batches["mae"][0], batches["mae"][1])
+
+
+def test_equal_compute_plan_scales_epochs_warmup_and_knn_points():
+    study = load_study()
+    cfg = study.load_config("cpu")
+    base = {**cfg["pretrain"], "epochs": 8, "warmup_epochs": 1, "eval_every": 4}
+    plan = study.plan_arms(cfg, ["mae", "mae_equal_compute", "clmae"], base,
+                           {"mae": 2.0, "mae_equal_compute": 2.0, "clmae": 9.0})
+    equal = plan["mae_equal_compute"]["values"]
+    assert (equal["epochs"], equal["warmup_epochs"], equal["eval_every"]) == (36, 4.5, 18)
+    assert plan["clmae"]["values"]["epochs"] == 8 and plan["mae"]["epoch_scale"] == 1.0
+    assert study.knn_passes(8, 4) == study.knn_passes(36, 18) == 2 and study.knn_passes(5, 0) == 0
+    est = study.estimate(plan, {"mae": 2.0, "mae_equal_compute": 2.0, "clmae": 9.0},
+                         dict.fromkeys(plan, "measured"), "mae",
+                         {"mae_img_per_s": 100, "knn_pass_s": 10, "assumed_sustained_tflops": 1e-12}, 1000, 3)
+    # 1000 images at batch 128 → 7 steps → 896 images per epoch.
+    assert est["arms"]["clmae"]["cpu_s"] == pytest.approx(3 * (896 * 8 * 4.5 / 100 + 2 * 10))
+    assert est["arms"]["mae_equal_compute"]["cpu_s"] == pytest.approx(3 * (896 * 36 / 100 + 2 * 10))
+    assert est["gpu_min_assumed"] == pytest.approx(3 * 896 * (8 * 2 + 36 * 2 + 8 * 9) / 60)
+    gpu = study.load_config("gpu")
+    assert gpu["pretrain"]["model"] == "vit_tiny_patch4_32" and gpu["pretrain"]["subset"] is None
+    assert gpu["pretrain"]["epochs"] >= 100 and gpu["evaluation"]["max_test"] is None
+
+
+def test_t_quantiles_and_paired_intervals():
+    summary = load_study("study_summary.py")
+    for df, expected in ((1, 12.706), (2, 4.303), (3, 3.182), (9, 2.262), (30, 2.042)):
+        assert summary.t_quantile(df) == pytest.approx(expected, abs=1e-3)
+    iv = summary.interval([2.0, 3.0, 4.0])  # mean 3, std 1: [3 − 2.48, 3 + 2.48]
+    assert (iv.n, iv.mean, iv.sd) == (3, 3.0, 1.0)
+    assert iv.half == pytest.approx(4.303 / 3 ** 0.5, abs=1e-3) and iv.excludes_zero is True
+    assert summary.interval([1.0, 2.0, 3.0]).excludes_zero is False  # [2 − 2.48, 2 + 2.48]
+    assert summary.interval([-1.0, 1.0, 0.5]).excludes_zero is False
+    assert summary.interval([0.7]).excludes_zero is None and summary.interval([]) is None
+    assert summary.seeds_to_resolve(1.0, 1.0) == 7  # t(5)·1/√6 = 1.05 > 1; t(6)·1/√7 = 0.92 < 1
+
+
+def fake_results(linear: dict[str, list[float]]) -> dict:
+    """A results.json with three seeds and only linear-probe numbers: enough for the verdict."""
+    runs = {arm: {str(seed): {"metrics": {"linear": {"pretrained": {"linear_top1": value}, "random_init": None}},
+                              "timing": {"images": 1000 * (4 if arm == "mae_equal_compute" else 1), "wall_s": 60},
+                              "curves": {"train_img_per_s": 400 if arm.startswith("mae") else 100}}
+                  for seed, value in enumerate(values)} for arm, values in linear.items()}
+    flops = {"mae": 1.0, "mae_equal_compute": 1.0, "clmae": 4.0, "block": 1.0}
+    return {"arms": runs, "reference_arm": "mae", "equal_compute_arm": "mae_equal_compute",
+            "verdict_metric": "linear probe", "device": "cpu", "threads": 2, "pretrain": {"epochs": 8},
+            "compute": {"arms": {a: {"flops_per_image": f} for a, f in flops.items()}},
+            "plan": {a: {"epochs": 32 if a == "mae_equal_compute" else 8, "method": a, "overrides": {},
+                         "equal_compute_with": "clmae" if a == "mae_equal_compute" else None} for a in flops}}
+
+
+def test_verdict_sentences_follow_the_intervals():
+    summary = load_study("study_summary.py")
+    results = fake_results({"mae": [40.0, 41.0, 42.0], "mae_equal_compute": [43.0, 44.5, 45.0],
+                            "clmae": [41.0, 42.0, 43.5], "block": [40.2, 40.9, 42.3]})
+    text = "\n".join(summary.verdict(results))
+    # clmae − mae_equal_compute = [-2, -2.5, -1.5]: mean -2, std 0.5, half-width 4.303·0.5/√3 = 1.24.
+    assert "clmae − MAE on linear probe = -2.00 points over 3 seed(s), 95% interval [-3.24, -0.76]" in text
+    assert "the interval lies below 0: at equal compute MAE is better" in text
+    assert "clmae costs 4.00× MAE's FLOPs and 4.00× its training wall-clock" in text
+    assert "MAE gets 32 instead of 8 epochs" in text
+    # Equal epochs: clmae − mae = [1, 1, 1.5] excludes 0; block − mae = [0.2, -0.1, 0.3] does not.
+    assert "beyond seed noise (95% interval excludes 0): clmae (+1.17 [+0.45, +1.88] *)" in text
+    assert "within seed noise: block (+0.13" in text
+    assert "With 3 seeds the interval's half-width is ±1.24 points" in text
+    tied = fake_results({"mae": [40.0, 41.0, 42.0], "mae_equal_compute": [41.0, 42.0, 43.0],
+                         "clmae": [42.0, 41.0, 43.5]})
+    text = "\n".join(summary.verdict(tied))
+    assert "the interval includes 0: at equal compute the two are not distinguishable from seed noise" in text
+    assert "Resolving the observed +0.17 points at this spread would take about" in text
 
 
 def test_hidden_to_visible_distance_on_a_hand_made_mask():

@@ -1,14 +1,16 @@
-"""How hard are each arm's learned masks, judged by an MAE that never trained on them?
+"""How hard are each arm's masks, judged by an MAE that never trained on them?
 
 The in-run probe (``mask_difficulty``) divides a CL-MAE's loss under its own learned masks by its loss
 under random masks. That MAE has only ever been trained on learned masks, so the ratio mixes two things:
 how hard the masks are, and how used to them the MAE is. Here every arm's masks are also scored by a
-*reference* MAE, the study's ``mae`` arm of the same seed (trained on random masks only)::
+*reference* MAE, the study's ``mae`` arm of the same seed (trained on random masks only). Every arm whose
+masks are not uniformly random is measured (method other than ``mae``: CL-MAE and, once registered, hpm,
+attmask, block); ``mae`` arms, the equal-compute one included, have nothing to measure::
 
     python experiments/cifar10/mask_difficulty.py                 # after run.py; reads OUT/results.json
     python experiments/cifar10/mask_difficulty.py --output experiments/cifar10/quick
 
-For each CL-MAE arm and seed, on the first ``--images`` test images (evaluation view, the run's
+For each such arm and seed, on the first ``--images`` test images (evaluation view, the run's
 normalisation), it reports:
 
 * ``reference_ratio``: the reference MAE's loss under the arm's learned masks / under random masks
@@ -65,22 +67,42 @@ def test_images(data: str, data_dir: str | None, channels: int):
 
 
 @torch.no_grad()
+def run_masks(mae, masker, run_cfg: dict[str, Any], x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The visible patches ``(N, K)`` this run's masking strategy picks for the normalised images ``x``.
+
+    The one function that knows the Masker interface (``keep_indices(tokens, num_keep, generator)``).
+    ``masker`` is what :func:`clmae.checkpoint.load_pretrained` returned: the trained masking module, or
+    None for a strategy without weights, which is then built from the registry by the run's method.
+    """
+    from clmae.maskers import create_masker
+
+    if masker is None:
+        masker = create_masker(run_cfg["method"], mae.config)
+        if masker.learnable:
+            raise SystemExit(f"mask_difficulty: the {run_cfg['method']} checkpoint has no masking-module weights")
+    masker.eval()
+    num_keep = mae.num_keep(run_cfg["mask_ratio"])
+    return masker.keep_indices(mae.embed(x), num_keep, torch.Generator().manual_seed(seed))
+
+
+def random_masks(run_cfg: dict[str, Any]) -> bool:
+    """True for a run whose masks are uniformly random (nothing to measure)."""
+    return run_cfg.get("method") == "mae"
+
+
+@torch.no_grad()
 def measure(run_dir: Path, reference: torch.nn.Module, images: int, draws: int) -> dict[str, float]:
     """The four numbers of one arm and seed; ``reference`` is the seed's random-mask MAE."""
     from clmae.checkpoint import load_pretrained
     from clmae.images import normalize, resize_images
-    from clmae.maskers import topk_keep_indices
 
     mae, masker, cfg = load_pretrained(run_dir)
-    if masker is None:
-        raise SystemExit(f"{run_dir}: no masking module in this checkpoint")
     test = test_images(cfg["data"], cfg.get("data_dir"), mae.config.in_chans)
     info = cfg.get("data_info") or {}
     x = normalize(resize_images(test.images[:images], mae.config.img_size), info["mean"], info["std"])
-    for model in (mae, masker):
-        model.eval()
+    mae.eval()
     num_keep = mae.num_keep(cfg["mask_ratio"])
-    learned = topk_keep_indices(masker(mae.embed(x)), num_keep)
+    learned = run_masks(mae, masker, cfg, x)
     randoms = random_keeps(x.shape[0], mae.num_patches, num_keep, draws, seed=0)
 
     def ratio(model) -> float:
@@ -116,10 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     from clmae.checkpoint import load_pretrained
 
     table: dict[str, dict[str, Any]] = {arm: {} for arm in arms if arm != args.reference}
+    uniform = set()
     for seed, ref_run in arms[args.reference].items():
         reference = load_pretrained(args.output / ref_run["run_dir"])[0].eval()  # once per seed, for every arm
         for arm in table:
             if seed not in arms[arm]:
+                continue
+            run_config = json.loads((args.output / arms[arm][seed]["run_dir"] / "config.json").read_text())
+            if random_masks(run_config["run_config"]):
+                uniform.add(arm)
                 continue
             row = measure(args.output / arms[arm][seed]["run_dir"], reference, args.images, args.draws)
             table[arm][seed] = row
@@ -127,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
     table = {arm: rows for arm, rows in table.items() if rows}  # arms without a seed in common are left out
     (args.output / "mask_difficulty.json").write_text(json.dumps(
-        {"reference": args.reference, "images": args.images, "draws": args.draws, "arms": table}, indent=2))
-    lines = ["| arm | learned/random loss, reference MAE | learned/random loss, own MAE | "
-             "hidden→nearest visible, learned | same, random |", "|---|---|---|---|---|"]
+        {"reference": args.reference, "images": args.images, "draws": args.draws, "arms": table,
+         "not_measured_uniform_random": sorted(uniform)}, indent=2))
+    lines = ["| arm | arm's/random masks loss, reference MAE | arm's/random masks loss, own MAE | "
+             "hidden→nearest visible, arm's masks | same, random masks |", "|---|---|---|---|---|"]
     for arm, seeds in table.items():
         cells = [arm]
         for key in ("reference_ratio", "own_ratio", "hidden_to_visible_learned", "hidden_to_visible_random"):
@@ -140,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"# Mask difficulty judged by the `{args.reference}` arm's MAE\n\n"
             f"Test images: {args.images}; random baseline: {args.draws} seeded masks; mean ± std over seeds.\n\n"
             + "\n".join(lines) + "\n")
+    if uniform:
+        text += f"\nNot measured (uniformly random masks, a ratio of 1 by construction): {', '.join(sorted(uniform))}\n"
     (args.output / "mask_difficulty.md").write_text(text)
     print(text)
     return 0

@@ -1,63 +1,311 @@
-"""Does the curriculum help? MAE vs CL-MAE (and ablations) on CIFAR-10, reproducibly.
+"""Is learned masking worth its compute? Every masking arm against MAE at equal epochs and at equal compute.
 
-Every arm gets identical data, augmentation, model, epochs and seeds; only the masking differs::
+Every arm of a seed gets the same data order, the same crops and the same initial weights; only the
+masking (and, for the equal-compute MAE arm, the number of epochs) differs::
 
-    python experiments/cifar10/run.py                  # the full study (hours on 2 CPU cores)
-    python experiments/cifar10/run.py --quick          # every arm end to end, a few minutes
-    python experiments/cifar10/run.py --arms mae clmae_official --seeds 0
+    python experiments/cifar10/run.py                   # the study the README quotes (2 CPU cores)
+    python experiments/cifar10/run.py --estimate        # count FLOPs, print the plan and its time, train nothing
+    python experiments/cifar10/run.py --quick           # every arm end to end, a few minutes
+    python experiments/cifar10/run.py --config gpu --device cuda      # full CIFAR-10, ViT-Tiny, 100 epochs
+    python experiments/cifar10/run.py --quick --data my_images.npz    # the same study on your labeled npz
+    python experiments/cifar10/run.py --arms mae clmae --seeds 0
+
+The arms, profiles and budgets are in ``config.yaml``. Before training, the study counts each arm's
+training FLOPs per image with ``torch.utils.flop_counter.FlopCounterMode`` on a few iterations of the real
+``Trainer.fit`` (cached in ``results.json``); the ``equal_compute_with`` arm gets its epochs from them.
 
 Resumable: each (arm, seed) lives in ``OUT/runs/ARM-sSEED``; a finished run is not retrained, an
-interrupted one resumes from its checkpoint, finished evaluations are read back from their JSON.
-Outputs in ``OUT`` (default ``experiments/cifar10/results`` or ``.../quick``): ``results.json``
-(every number), ``results.md`` (mean ± std over seeds, compute per arm), ``curves.png``
-(mask_difficulty and k-NN accuracy over training for each arm).
+interrupted one resumes from its checkpoint, finished evaluations are read back from their JSON (and
+redone if the checkpoint they name changed). Outputs in ``OUT`` (default ``experiments/cifar10/results``,
+``quick`` or ``results-gpu``): ``results.json`` (every number), ``results.md`` (tables, paired differences
+with 95% intervals, the verdict), ``curves.png``. ``--summarise`` rebuilds the last two from the first.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import importlib.util
+import io
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+if str(HERE) not in sys.path:  # the sibling module, also when this file is loaded by path (tests)
+    sys.path.insert(0, str(HERE))
 
-# The arms: overrides of the shared base config (config.yaml).
-ARMS: dict[str, dict[str, Any]] = {
-    "mae": {"method": "mae"},
-    "clmae_official": {"method": "clmae", "curriculum": "official"},
-    "clmae_partner": {"method": "clmae", "curriculum": "partner"},
-    "clmae_adversary": {"method": "clmae", "curriculum": "adversary"},
-    "clmae_linear": {"method": "clmae", "curriculum": "linear"},
-    "clmae_every4": {"method": "clmae", "curriculum": "official", "masker_every": 4},
-}
-# Metrics reported per arm (from the evaluation JSONs): name in report → column title.
-METRICS = {
-    ("knn", "knn_majority_top1"): "k-NN k=5 (authors)",
-    ("knn", "knn_weighted_top1"): "k-NN k=20 weighted",
-    ("linear", "linear_top1"): "linear probe",
-    ("fewshot", "fewshot_10shot_top1"): "10-shot",
-}
+import study_summary as summary  # noqa: E402
+
+PROFILES = ("cpu", "quick", "gpu")
+DEFAULT_OUTPUT = {"cpu": "results", "quick": "quick", "gpu": "results-gpu"}
+# Keys of an arm in config.yaml that are the study's, not PretrainConfig fields.
+STUDY_KEYS = ("equal_compute_with",)
+# Run folders written by this edition of the study (shared crops per seed): older ones are not resumed.
+EDITION = 2
+# Settings that do not change the FLOPs of one training iteration (left out of the FLOP cache key).
+NOT_FLOPS = ("seed", "epochs", "warmup_epochs", "eval_every", "probe_every", "progress", "output_dir", "data_dir",
+             "subset", "base_lr", "lr", "min_lr", "weight_decay", "curriculum", "curriculum_value", "log_every",
+             "device", "resume")
 
 
-def load_config(quick: bool) -> dict[str, Any]:
-    cfg = yaml.safe_load((HERE / "config.yaml").read_text())
-    base, evaluation = cfg["pretrain"], cfg["evaluation"]
-    if quick:
-        base.update(cfg["quick"]["pretrain"])
-        evaluation.update(cfg["quick"]["evaluation"])
-    return {"pretrain": base, "evaluation": evaluation, "seeds": cfg["quick" if quick else "study"]["seeds"]}
+class StudyError(Exception):
+    """Something the user can fix before anything is trained (reported as one ``study: error:`` line)."""
 
 
 class StudyStopped(Exception):
     """A run was stopped (Ctrl-C / SIGTERM) before its last epoch: its checkpoint is saved, nothing is evaluated."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and arms
+
+
+def read_config_file(path: Path = HERE / "config.yaml") -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def load_config(profile: str, raw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The study settings of ``profile``: ``cpu``'s, with the profile's pretrain/evaluation/budget keys replaced."""
+    raw = raw if raw is not None else read_config_file()
+    if profile not in PROFILES:
+        raise StudyError(f"--config: unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    base, chosen = raw["cpu"], raw[profile]
+    merged = {key: {**(base.get(key) or {}), **(chosen.get(key) or {})} for key in ("pretrain", "evaluation", "budget")}
+    settings = {key: raw[key] for key in ("arms", "default_arms", "reference_arm", "equal_compute_arm",
+                                          "verdict_metric", "flop_iterations")}
+    return {"profile": profile, "seeds": list(chosen.get("seeds", base["seeds"])), **settings, **merged}
+
+
+def arm_overrides(spec: dict[str, Any]) -> dict[str, Any]:
+    """The PretrainConfig overrides of an arm (its config.yaml entry without the study's own keys)."""
+    return {k: v for k, v in spec.items() if k not in STUDY_KEYS}
+
+
+def check_arms(cfg: dict[str, Any], arms: list[str], base: dict[str, Any]) -> list[str]:
+    """Validate every arm before anything runs; return the arms whose ``--method`` this clmae lacks.
+
+    An arm with an unknown option or a bad value raises here, naming the arm and the option.
+    """
+    from clmae.config import make_config
+    from clmae.errors import ConfigError
+    from clmae.maskers import METHODS
+
+    missing = []
+    for arm in arms:
+        spec = cfg["arms"][arm]
+        target = spec.get("equal_compute_with")
+        if target is not None and target not in cfg["arms"]:
+            raise StudyError(f"arm {arm!r}: equal_compute_with names {target!r}, which is not an arm in config.yaml")
+        if spec.get("method") not in METHODS:
+            missing.append(arm)
+            continue
+        try:
+            make_config({**base, **arm_overrides(spec)})
+        except ConfigError as exc:
+            raise StudyError(f"arm {arm!r}: {exc}") from None
+    return missing
+
+
+def missing_method_message(cfg: dict[str, Any], missing: list[str], arms: list[str]) -> str:
+    from clmae.maskers import METHODS
+
+    needs = ", ".join(f"{a} needs --method {cfg['arms'][a].get('method')}" for a in missing)
+    runnable = [a for a in arms if a not in missing]
+    return (f"{needs}, which this clmae does not have (clmae.maskers.METHODS: {', '.join(METHODS)}); the masking "
+            f"strategies come with issue 15. Leave them out with --arms {' '.join(runnable) or '...'}")
+
+
+def flops_needed(cfg: dict[str, Any], arms: list[str]) -> list[str]:
+    """Arms whose FLOPs the plan needs: the chosen ones, the reference, and every equal-compute target."""
+    needed = [cfg["reference_arm"], *arms]
+    needed += [cfg["arms"][a]["equal_compute_with"] for a in arms if cfg["arms"][a].get("equal_compute_with")]
+    return list(dict.fromkeys(needed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training FLOPs, counted on the real training loop
+
+
+@functools.lru_cache(maxsize=1)
+def _throughput_benchmark():
+    spec = importlib.util.spec_from_file_location("clmae_benchmark_throughput", REPO / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def flop_counter():
+    """FlopCounterMode that also counts CPU flash attention (one definition, in benchmarks/throughput.py)."""
+    return _throughput_benchmark().flop_counter()
+
+
+class StopAfter:
+    """Trainer callback: stop the run after ``iterations`` iterations (FLOP counting)."""
+
+    def __init__(self, iterations: int) -> None:
+        self.iterations = iterations
+
+    def on_step(self, run, metrics: dict[str, float]) -> None:
+        if run.iteration >= self.iterations:
+            run.request_stop()
+
+    def on_epoch_end(self, run) -> None:
+        pass
+
+
+def count_flops_per_iteration(values: dict[str, Any], iterations: int, device: str, data_dir: str | None) -> float:
+    """Training FLOPs of one iteration: ``Trainer.fit`` under FlopCounterMode for ``iterations`` iterations, averaged.
+
+    Counts what FlopCounterMode counts (matmuls, convolutions, attention; forward and backward), in
+    everything the loop runs: the MAE step, the masker's scoring, the masking-module step when due.
+    The probe and the k-NN passes are off; they are measurement, not training.
+    """
+    from clmae.config import make_config
+    from clmae.trainer import Trainer
+
+    counter = flop_counter()
+    with tempfile.TemporaryDirectory(prefix="clmae-study-flops-") as tmp:
+        run = {**values, "seed": 0, "output_dir": tmp, "epochs": iterations, "warmup_epochs": 0, "eval_every": 0,
+               "probe_every": 0, "snapshot_every": 0, "save_every": 0, "progress": False, "device": device,
+               "data_dir": data_dir}
+        trainer = Trainer(make_config(run))
+        trainer.callbacks.append(StopAfter(iterations))
+        with contextlib.redirect_stderr(io.StringIO()), counter:  # the stop message is not news
+            trainer.fit()
+        if trainer.iteration != iterations:
+            raise RuntimeError(f"FLOP count ran {trainer.iteration} iterations, expected {iterations}")
+    return counter.get_total_flops() / iterations
+
+
+def flop_key(values: dict[str, Any], iterations: int, device: str) -> dict[str, Any]:
+    """What the FLOPs of one iteration depend on: the cache key in results.json."""
+    key = {k: v for k, v in sorted(values.items()) if k not in NOT_FLOPS}
+    return {**key, "iterations": iterations, "device": device, "edition": EDITION}
+
+
+def measure_compute(cfg: dict[str, Any], arms: list[str], base: dict[str, Any], device: str, data_dir: str | None,
+                    cache: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """FLOPs per iteration and per image of every arm in ``arms``, from ``cache`` (or an arm counted just before)
+    when the key matches: arms that differ only in what does not change an iteration's FLOPs are counted once."""
+    out: dict[str, dict[str, Any]] = {}
+    known = {json.dumps(c["key"], sort_keys=True): c for c in cache.values() if isinstance(c, dict) and "key" in c}
+    for arm in arms:
+        values = {**base, **arm_overrides(cfg["arms"][arm])}
+        iterations = math.lcm(int(cfg["flop_iterations"]), int(values.get("masker_every", 1)))
+        key = flop_key(values, iterations, device)
+        found = known.get(json.dumps(key, sort_keys=True))
+        if found is None:
+            print(f"[study] counting the training FLOPs of {arm} ({iterations} iterations of Trainer.fit)",
+                  file=sys.stderr)
+            per_iteration = count_flops_per_iteration(values, iterations, device, data_dir)
+            found = {"flops_per_iteration": per_iteration, "flops_per_image": per_iteration / values["batch_size"],
+                     "iterations_counted": iterations, "key": key}
+            known[json.dumps(key, sort_keys=True)] = found
+        out[arm] = dict(found)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: each arm's settings and epochs, and the time it should take
+
+
+def plan_arms(cfg: dict[str, Any], arms: list[str], base: dict[str, Any],
+              per_image: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Each arm's PretrainConfig values (without seed and folders), equal-compute epochs resolved.
+
+    ``per_image``: training FLOPs per image of each arm (those of the equal-compute targets included).
+    """
+    plan = {}
+    for arm in arms:
+        spec = cfg["arms"][arm]
+        values = {**base, **arm_overrides(spec)}
+        target = spec.get("equal_compute_with")
+        scale = 1.0
+        if target:
+            epochs = max(1, round(base["epochs"] * per_image[target] / per_image[arm]))
+            scale = epochs / base["epochs"]
+            values["epochs"] = epochs
+            if values.get("warmup_epochs") is not None:  # same warmup fraction: the schedule shape is kept
+                values["warmup_epochs"] = round(values["warmup_epochs"] * scale, 3)
+            if values.get("eval_every"):  # as many k-NN points as the other arms
+                values["eval_every"] = max(1, round(values["eval_every"] * scale))
+        plan[arm] = {"method": spec.get("method"), "overrides": arm_overrides(spec), "equal_compute_with": target,
+                     "epochs": values["epochs"], "epoch_scale": scale, "values": values}
+    return plan
+
+
+def knn_passes(epochs: int, eval_every: int) -> int:
+    """Between-epoch k-NN passes of a run (every ``eval_every`` epochs and after the last)."""
+    if not eval_every:
+        return 0
+    return sum(1 for e in range(1, epochs + 1) if e % eval_every == 0 or e == epochs)
+
+
+def estimate(plan: dict[str, dict[str, Any]], per_image: dict[str, float], sources: dict[str, str], reference: str,
+             budget: dict[str, Any], train_images: int, seeds: int) -> dict[str, Any]:
+    """Pretraining time of the plan: from MAE's measured rate and the FLOP ratios (CPU), or from an assumed
+    sustained FLOP rate (GPU). Both are estimates; the study reports what it then measures."""
+    rows, total_cpu, total_flops = {}, 0.0, 0.0
+    for arm, p in plan.items():
+        batch = p["values"]["batch_size"]
+        images = (train_images // batch) * batch * p["epochs"]
+        ratio = per_image[arm] / per_image[reference]
+        row = {"epochs": p["epochs"], "flop_ratio": ratio, "source": sources[arm],
+               "training_flops": seeds * images * per_image[arm]}
+        total_flops += row["training_flops"]
+        if budget.get("mae_img_per_s"):
+            passes = knn_passes(p["epochs"], p["values"].get("eval_every") or 0)
+            row["cpu_s"] = seeds * (images * ratio / budget["mae_img_per_s"] + passes * budget.get("knn_pass_s", 0))
+            total_cpu += row["cpu_s"]
+        rows[arm] = row
+    out: dict[str, Any] = {"arms": rows, "seeds": seeds, "train_images": train_images, "budget": budget,
+                           "training_flops": total_flops}
+    if budget.get("mae_img_per_s"):
+        out["cpu_min"] = total_cpu / 60
+    if budget.get("assumed_sustained_tflops"):
+        out["gpu_min_assumed"] = total_flops / (budget["assumed_sustained_tflops"] * 1e12) / 60
+    return out
+
+
+def format_estimate(est: dict[str, Any]) -> str:
+    lines = [f"[study] plan: {est['seeds']} seed(s), {est['train_images']} training images",
+             f"  {'arm':<20}{'epochs':>7}{'FLOPs/img ×ref':>16}  {'source':<9}{'est. min':>9}"]
+    for arm, row in est["arms"].items():
+        minutes = f"{row['cpu_s'] / 60:9.1f}" if "cpu_s" in row else f"{'':9}"
+        lines.append(f"  {arm:<20}{row['epochs']:>7}{row['flop_ratio']:>16.2f}  {row['source']:<9}{minutes}")
+    budget = est["budget"]
+    if "cpu_min" in est:
+        limit = budget.get("limit_min")
+        verdict = "" if not limit else (" (within the limit of " if est["cpu_min"] <= limit else
+                                        " (OVER the limit of ") + f"{limit} min)"
+        lines.append(f"  estimated pretraining: {est['cpu_min']:.0f} min{verdict}; assumes MAE trains at "
+                     f"{budget['mae_img_per_s']} img/s, wall ratio = FLOP ratio, {budget.get('knn_pass_s', 0)} s per "
+                     "between-epoch k-NN pass")
+    if "gpu_min_assumed" in est:
+        lines.append(f"  estimated GPU pretraining: {est['gpu_min_assumed']:.0f} min = {est['training_flops']:.3g} "
+                     f"training FLOPs / an ASSUMED sustained {budget['assumed_sustained_tflops']} TFLOP/s (an "
+                     "estimate, not a measurement)")
+    if any(row["source"] == "guess" for row in est["arms"].values()):
+        lines.append("  'guess': the method is not registered yet; its FLOP ratio is config.yaml's guessed_flop_ratio")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run: pretrain, evaluate, collect
 
 
 class TimingFile:
@@ -85,17 +333,50 @@ class TimingFile:
         return timing
 
 
-def train_arm(arm: str, seed: int, base: dict[str, Any], run_dir: Path, data_dir: str) -> dict[str, Any]:
+def share_crops(trainer) -> None:
+    """Make every arm of a seed see the same crops: step ``s`` of epoch ``e`` draws its crop boxes and flips
+    from a generator seeded by (seed, e, s) alone.
+
+    In the library the augmentation shares one generator with the random masks and the masking-module
+    sub-batches, so MAE and CL-MAE runs of one seed drift apart after their first batch. With this, the
+    arms of a seed differ only in their masking (and the equal-compute arm in its length). A resumed run
+    is exact too: the generator of a step does not depend on the steps before it. Needs in-memory data.
+    """
+    import torch
+
+    batches, seed = trainer.batches, trainer.cfg.seed
+    draw = batches.epoch
+
+    def epoch(e: int, generator, start_step: int = 0):
+        for step in range(start_step, len(batches)):
+            crops = torch.Generator().manual_seed((seed * 1_000_003 + e) * 1_000_033 + step)
+            yield next(iter(draw(e, crops, step)))
+
+    batches.epoch = epoch
+
+
+def study_values(plan_values: dict[str, Any], seed: int, run_dir: Path, data_dir: str | None,
+                 device: str) -> dict[str, Any]:
+    return {**plan_values, "seed": seed, "data_dir": data_dir, "output_dir": str(run_dir), "device": device}
+
+
+def train_arm(arm: str, seed: int, values: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Pretrain one arm (or resume it); return wall-clock and throughput."""
     from clmae.checkpoint import read_training_state
     from clmae.config import make_config
     from clmae.trainer import Trainer
 
-    values = {**base, **ARMS[arm], "seed": seed, "data_dir": data_dir, "output_dir": str(run_dir)}
+    values = dict(values)
+    marker = run_dir / "study-run.json"
     timing_file = run_dir / "study-timing.json"
     state_file = run_dir / "checkpoint-last.pt"
+    mine = {"edition": EDITION, "arm": arm, "seed": seed}
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     if state_file.exists():
+        found = json.loads(marker.read_text()) if marker.exists() else {}
+        if found != mine:
+            raise StudyError(f"{run_dir} holds a run of another study (or edition) than {arm} seed {seed} of this one "
+                             f"({found or 'no study-run.json'}); choose another --output or delete that folder")
         done = read_training_state(state_file)["epoch"]
         if done >= values["epochs"] and timing.get("epochs_done", done) >= values["epochs"]:
             return timing
@@ -105,6 +386,8 @@ def train_arm(arm: str, seed: int, base: dict[str, Any], run_dir: Path, data_dir
     else:
         spent = 0.0
     trainer = Trainer(make_config(values), overrides=values if "resume" in values else None)
+    marker.write_text(json.dumps(mine))
+    share_crops(trainer)
     clock = TimingFile(timing_file, spent)
     trainer.callbacks.append(clock)
     trainer.fit()
@@ -113,7 +396,7 @@ def train_arm(arm: str, seed: int, base: dict[str, Any], run_dir: Path, data_dir
     return clock.write(trainer)
 
 
-def evaluate_arm(run_dir: Path, evaluation: dict[str, Any], data_dir: str,
+def evaluate_arm(run_dir: Path, evaluation: dict[str, Any], data: str, data_dir: str | None, device: str,
                  reference: bool = True) -> dict[str, dict[str, Any]]:
     """k-NN (both protocols), linear probe and n-shot on the run's checkpoint, cached as JSON.
 
@@ -125,7 +408,7 @@ def evaluate_arm(run_dir: Path, evaluation: dict[str, Any], data_dir: str,
     from clmae.reports import write_report
 
     options = ev.EvalOptions(max_train=evaluation.get("max_train"), max_test=evaluation.get("max_test"),
-                             progress=False, random_reference=reference)
+                             progress=False, random_reference=reference, device=device)
     reports, setup = {}, None
     sha = file_sha256(checkpoint_file(run_dir))
     for protocol in ("knn", "linear", "fewshot"):
@@ -136,7 +419,7 @@ def evaluate_arm(run_dir: Path, evaluation: dict[str, Any], data_dir: str,
                 reports[protocol] = cached
                 continue
         if setup is None:
-            setup = ev.prepare(run_dir, "cifar10", data_dir, options)
+            setup = ev.prepare(run_dir, data, data_dir, options)
         config = ev.protocol_config(protocol, **evaluation.get(protocol, {}))
         reports[protocol] = ev.run_protocol(setup, protocol, config)
         write_report(reports[protocol], out)
@@ -168,130 +451,8 @@ def collect_curves(run_dir: Path) -> dict[str, Any]:
     return curves
 
 
-def paired_differences(results: dict[str, Any], reference: str = "mae") -> str:
-    """Each arm minus the reference arm, paired by seed (same data order, crops and init): mean ± std."""
-    arms = results["arms"]
-    if reference not in arms:
-        return ""
-    header = ["arm", *(f"Δ {title}" for title in METRICS.values()), "cost (× MAE wall)", "cost (× MAE img/s)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for arm, seeds in arms.items():
-        if arm == reference:
-            continue
-        shared = [s for s in seeds if s in arms[reference]]
-        cells = [arm]
-        for (protocol, name) in METRICS:
-            diffs = []
-            for s in shared:
-                mine = seeds[s]["metrics"][protocol]["pretrained"].get(name)
-                ref = arms[reference][s]["metrics"][protocol]["pretrained"].get(name)
-                if mine is not None and ref is not None:
-                    diffs.append(mine - ref)
-            cells.append(_mean_std(diffs, signed=True))
-        cells.append(_mean_std([seeds[s]["timing"]["wall_s"] / arms[reference][s]["timing"]["wall_s"]
-                                for s in shared], digits=2))
-        cells.append(_mean_std([_train_rate(arms[reference][s]) / _train_rate(seeds[s]) for s in shared
-                                if _train_rate(seeds[s]) and _train_rate(arms[reference][s])], digits=2))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def summarise(results: dict[str, Any], out: Path) -> str:
-    """Markdown table: mean ± std over seeds per arm and metric, with compute."""
-    header = ["arm", *METRICS.values(), "train img/s", "wall (min)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for arm, seeds in results["arms"].items():
-        cells = [arm]
-        for (protocol, name) in METRICS:
-            values = [s["metrics"][protocol]["pretrained"].get(name) for s in seeds.values()]
-            values = [v for v in values if v is not None]
-            cells.append(_mean_std(values))
-        cells.append(_mean_std([_train_rate(s) for s in seeds.values() if _train_rate(s)], digits=0))
-        cells.append(_mean_std([s["timing"]["wall_s"] / 60 for s in seeds.values()], digits=1))
-        lines.append("| " + " | ".join(cells) + " |")
-    cells = ["random init (reference)"]
-    for (protocol, name) in METRICS:  # the encoder every arm of a seed started from: once per seed
-        per_seed: dict[str, float] = {}
-        for seeds in results["arms"].values():
-            for seed, run in seeds.items():
-                value = (run["metrics"][protocol]["random_init"] or {}).get(name)
-                if value is not None:
-                    per_seed.setdefault(seed, value)
-        cells.append(_mean_std(list(per_seed.values())))
-    lines.append("| " + " | ".join(cells + ["", ""]) + " |")
-    table = "\n".join(lines)
-    text = (f"# CIFAR-10 study ({results['mode']})\n\nCommand: `{results['command']}` (commit {results['commit']})\n\n"
-            f"Seeds: {results['seeds']}. Accuracies in %, mean ± std over seeds. train img/s: median over the "
-            "training log windows; wall: the whole pretraining run, including the held-out k-NN passes between "
-            f"epochs (the same for every arm).\n\n{table}\n")
-    diffs = paired_differences(results)
-    if diffs:
-        text += ("\n## Each arm minus MAE, paired by seed (percentage points, mean ± std over seeds)\n\n"
-                 f"{diffs}\n")
-    (out / "results.md").write_text(text)
-    return table
-
-
-def _train_rate(run: dict[str, Any]) -> float | None:
-    return (run.get("curves") or {}).get("train_img_per_s")
-
-
-def _mean_std(values: list[float], digits: int = 2, signed: bool = False) -> str:
-    if not values:
-        return "n/a"
-    mean = statistics.fmean(values)
-    sign = "+" if signed else ""
-    if len(values) == 1:
-        return f"{mean:{sign}.{digits}f}"
-    return f"{mean:{sign}.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def plot_curves(results: dict[str, Any], out: Path) -> Path:
-    """λ, mask_difficulty and held-out k-NN accuracy over training, one colour per arm, one line per seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_l, ax_d, ax_k) = plt.subplots(1, 3, figsize=(16, 4.2))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (arm, seeds) in enumerate(results["arms"].items()):
-        colour = colours[i % len(colours)]
-        for j, info in enumerate(seeds.values()):
-            curves = info["curves"]
-            style = {"color": colour, "ls": "-" if j == 0 else "--", "label": arm if j == 0 else None}
-            probe = curves["probe"]
-            if probe:
-                steps = [r["step"] for r in probe]
-                ax_l.plot(steps, [r.get("curriculum_factor", float("nan")) for r in probe], **style)
-                ax_d.plot(steps, [r["mask_difficulty"] for r in probe], **style)
-            if curves["knn"]:
-                ax_k.plot([r["epoch"] + 1 for r in curves["knn"]], [r["knn_top1"] for r in curves["knn"]],
-                          marker="o", ms=3, **style)
-    ax_d.axhline(1.0, color="grey", lw=0.8, ls=":")
-    ax_l.set(title="curriculum factor λ (masking-module arms)", xlabel="iteration", ylabel="λ")
-    ax_d.set(title="mask difficulty, own MAE: loss learned / random masks", xlabel="iteration", ylabel="ratio")
-    ax_k.set(title="held-out k-NN top-1 during pretraining", xlabel="epoch", ylabel="accuracy (%)")
-    for ax in (ax_l, ax_d, ax_k):
-        ax.grid(alpha=0.3)
-    ax_k.legend(fontsize=8, title="solid: seed 1st, dashed: 2nd", title_fontsize=7)
-    fig.tight_layout()
-    path = out / "curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def summarise_only(out: Path) -> int:
-    """Rebuild the markdown and the curves from results.json alone."""
-    path = out / "results.json"
-    if not path.exists():
-        print(f"study: error: {path} does not exist; run the study first", file=sys.stderr)
-        return 2
-    results = json.loads(path.read_text())
-    print(summarise(results, out))
-    plot_curves(results, out)
-    return 0
+# ---------------------------------------------------------------------------------------------
+# The study
 
 
 def git_commit() -> str:
@@ -302,67 +463,190 @@ def git_commit() -> str:
         return "unknown"
 
 
-def main(argv: list[str] | None = None) -> int:
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def training_images(data: str, data_dir: str | None) -> int:
+    """How many training images ``--data`` has, checked up front: the study needs in-memory images (shared
+    crops) with labels in both splits (evaluation). An npz is checked from its zip directory and array header,
+    without decompressing it; anything unreadable is left to the library's loader and its error."""
+    from clmae.data import data_dirs, load_dataset
+
+    if data == "digits":
+        return len(load_dataset(data, data_dir, "train"))
+    if data == "cifar10":
+        found = [d / "cifar10.npz" for d in data_dirs(data_dir) if (d / "cifar10.npz").is_file()]
+        if not found:  # torchvision's folder, or the library's not-found error
+            return len(load_dataset(data, data_dir, "train"))
+        path = found[0]
+    elif data.endswith(".npz"):
+        path = Path(data).expanduser()
+    else:
+        raise StudyError(f"--data: {data} is not in-memory data; the study takes cifar10, digits or a labeled .npz "
+                         f"({', '.join(NPZ_KEYS)})")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            keys = {name[: -len(".npy")] for name in archive.namelist() if name.endswith(".npy")}
+            if "x_train" not in keys:
+                raise KeyError("x_train")
+            with archive.open("x_train.npy") as member:
+                version = np.lib.format.read_magic(member)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape = read_header(member)[0]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return len(load_dataset(data, data_dir, "train"))  # raises the library's message for a bad file
+    missing = [key for key in NPZ_KEYS if key not in keys]
+    if missing:
+        raise StudyError(f"--data: {path} has no {', '.join(missing)}; the study evaluates with labels, so it needs "
+                         f"{', '.join(NPZ_KEYS)}")
+    return int(shape[0])
+
+
+def build_parser(raw: dict[str, Any]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny version of every arm (minutes)")
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
-    parser.add_argument("--seeds", nargs="+", type=int, help="override the config's seeds")
+    parser.add_argument("--config", choices=PROFILES, default=None, help="profile of config.yaml (default: cpu)")
+    parser.add_argument("--quick", action="store_true", help="the quick profile: every arm, tiny (minutes)")
+    parser.add_argument("--arms", nargs="+", choices=list(raw["arms"]), default=None,
+                        help=f"arms to run (default: {' '.join(raw['default_arms'])})")
+    parser.add_argument("--seeds", nargs="+", type=int, help="override the profile's seeds")
+    parser.add_argument("--data", default=None, help="cifar10 (default), digits, or any labeled .npz "
+                                                     "(x_train, y_train, x_test, y_test)")
     parser.add_argument("--data-dir", default=None, help="folder with cifar10.npz (default: ../shared/datasets)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (pretraining and evaluation)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; 1 is faster on a machine shared with other jobs)")
     parser.add_argument("--output", type=Path, default=None, help="results folder")
-    parser.add_argument("--epochs", type=int, help="override the pretraining epochs (e.g. for a CI-sized run)")
+    parser.add_argument("--epochs", type=int, help="override the pretraining epochs (the equal-compute arm scales)")
     parser.add_argument("--subset", type=int, help="override the number of training images")
+    parser.add_argument("--estimate", action="store_true",
+                        help="count FLOPs, print the plan and its estimated time, train nothing")
     parser.add_argument("--summarise", action="store_true",
                         help="only rebuild results.md and curves.png from OUTPUT/results.json")
-    args = parser.parse_args(argv)
+    return parser
 
-    import torch
 
+def main(argv: list[str] | None = None) -> int:
+    raw = read_config_file()
+    args = build_parser(raw).parse_args(argv)
+    try:
+        return run_study(args, raw, argv)
+    except StudyStopped as exc:
+        print(f"study: {exc}; checkpoint saved. Run the same command again to resume.", file=sys.stderr)
+        return 130
+    except StudyError as exc:
+        print(f"study: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | None) -> int:
     from clmae.errors import ClmaeError
 
-    cfg = load_config(args.quick)
-    base, evaluation = cfg["pretrain"], cfg["evaluation"]
+    if args.quick and args.config not in (None, "quick"):
+        raise StudyError(f"--quick and --config {args.config} contradict each other; give one")
+    profile = "quick" if args.quick else (args.config or "cpu")
+    cfg = load_config(profile, raw)
+    base = dict(cfg["pretrain"])
     if args.epochs:
         base["epochs"] = args.epochs
         base["warmup_epochs"] = min(base.get("warmup_epochs") or 0, args.epochs)
     if args.subset:
         base["subset"] = args.subset
-    seeds = args.seeds or cfg["seeds"]
-    data_dir = args.data_dir or os.environ.get("CLMAE_DATA") or str(HERE.parents[2] / "shared" / "datasets")
-    out = args.output or HERE / ("quick" if args.quick else "results")
+    if args.data:
+        base["data"] = args.data
+    data = base["data"]
+    data_dir = args.data_dir or os.environ.get("CLMAE_DATA") or str(REPO.parent / "shared" / "datasets")
+    out = args.output or HERE / (DEFAULT_OUTPUT[profile] + ("" if data == "cifar10" else f"-{Path(data).stem}"))
     if args.summarise:
         return summarise_only(out)
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {
-        "mode": "quick" if args.quick else "full",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else "run.py " + " ".join(argv),
-        "commit": git_commit(), "torch": torch.__version__, "device": "cpu", "threads": torch.get_num_threads(),
-        "pretrain": base, "evaluation": evaluation, "seeds": seeds, "arms": {},
-    }
+    arms = args.arms or list(cfg["default_arms"])
+    seeds = args.seeds or cfg["seeds"]
+
+    import torch
+
+    from clmae.runtime import resolve_device
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise StudyError(f"--threads: got {args.threads}, expected an integer >= 1")
+        torch.set_num_threads(args.threads)
     try:
-        for seed in seeds:  # seed-major: a study cut short still has every arm for the first seed
-            for arm in args.arms:
+        device = str(resolve_device(args.device))
+        missing = check_arms(cfg, flops_needed(cfg, arms), base)
+        if missing and not args.estimate:
+            raise StudyError(missing_method_message(cfg, missing, arms))
+        available = training_images(data, data_dir)
+        train_images = min(available, base.get("subset") or available)
+        cache = cached_compute(out / "results.json")
+        compute = measure_compute(cfg, [a for a in flops_needed(cfg, arms) if a not in missing], base, device, data_dir,
+                                  cache)
+        per_image = {arm: c["flops_per_image"] for arm, c in compute.items()}
+        sources = dict.fromkeys(per_image, "measured")
+        for arm in missing:  # --estimate only: the guess of config.yaml, clearly labelled
+            guess = (cfg["budget"].get("guessed_flop_ratio") or {}).get(cfg["arms"][arm]["method"])
+            if guess is None:
+                raise StudyError(f"arm {arm!r}: no measured FLOPs and no guessed_flop_ratio in config.yaml")
+            per_image[arm], sources[arm] = guess * per_image[cfg["reference_arm"]], "guess"
+        plan = plan_arms(cfg, arms, base, per_image)
+        est = estimate(plan, per_image, sources, cfg["reference_arm"], cfg["budget"], train_images, len(seeds))
+        print(format_estimate(est), file=sys.stderr)
+        if args.estimate:
+            return 0
+
+        out.mkdir(parents=True, exist_ok=True)
+        results: dict[str, Any] = {
+            "edition": EDITION, "mode": profile, "profile": profile,
+            "command": ("python " + " ".join(sys.argv)) if argv is None else "run.py " + " ".join(argv),
+            "commit": git_commit(), "torch": torch.__version__, "device": device, "threads": torch.get_num_threads(),
+            "data": data, "train_images": train_images, "pretrain": base, "evaluation": cfg["evaluation"],
+            "seeds": seeds, "reference_arm": cfg["reference_arm"], "equal_compute_arm": cfg["equal_compute_arm"],
+            "verdict_metric": cfg["verdict_metric"],
+            "plan": {arm: {k: v for k, v in p.items() if k != "values"} for arm, p in plan.items()},
+            "compute": {"counted_with": "torch.utils.flop_counter.FlopCounterMode on Trainer.fit (matmul, conv, "
+                                        "attention; forward and backward)", "device": device, "arms": compute},
+            "estimate": est, "arms": {},
+        }
+        (out / "results.json").write_text(json.dumps(results, indent=2))  # the FLOP cache survives an interrupt
+        for seed in seeds:  # seed-major: a study cut short still has every arm for the first seeds
+            for arm in arms:
                 run_dir = out / "runs" / f"{arm}-s{seed}"
                 print(f"[study] {arm} seed {seed}: pretraining → {run_dir}", file=sys.stderr)
-                timing = train_arm(arm, seed, base, run_dir, data_dir)
+                values = study_values(plan[arm]["values"], seed, run_dir, data_dir, device)
+                timing = train_arm(arm, seed, values, run_dir)
                 print(f"[study] {arm} seed {seed}: evaluating", file=sys.stderr)
-                reports = evaluate_arm(run_dir, evaluation, data_dir, reference=arm == args.arms[0])
+                reports = evaluate_arm(run_dir, cfg["evaluation"], data, data_dir, device,
+                                       reference=arm == arms[0])
                 metrics = {p: {"pretrained": r["results"]["pretrained"], "random_init": r["results"].get("random_init")}
                            for p, r in reports.items()}
                 results["arms"].setdefault(arm, {})[str(seed)] = {"run_dir": str(run_dir.relative_to(out)),
-                                                                  "timing": timing,
-                                                                  "metrics": metrics,
+                                                                  "timing": timing, "metrics": metrics,
                                                                   "curves": collect_curves(run_dir)}
                 (out / "results.json").write_text(json.dumps(results, indent=2))
-    except StudyStopped as exc:
-        print(f"study: {exc}; checkpoint saved. Run the same command again to resume.", file=sys.stderr)
-        return 130
     except ClmaeError as exc:
-        print(f"study: error: {exc}", file=sys.stderr)
-        return 2
-    table = summarise(results, out)
-    plot_curves(results, out)
-    print(table)
+        raise StudyError(str(exc)) from None
+    text = summary.write_summary(results, out)
+    summary.plot_curves(results, out)
+    print(text)
     print(f"\nresults in {out}", file=sys.stderr)
+    return 0
+
+
+def cached_compute(path: Path) -> dict[str, Any]:
+    """The FLOP counts of an earlier invocation (results.json's ``compute.arms``); none if unreadable."""
+    try:
+        return (json.loads(path.read_text()).get("compute") or {}).get("arms") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def summarise_only(out: Path) -> int:
+    """Rebuild the markdown and the curves from results.json alone."""
+    path = out / "results.json"
+    if not path.exists():
+        raise StudyError(f"{path} does not exist; run the study first")
+    results = json.loads(path.read_text())
+    print(summary.write_summary(results, out))
+    summary.plot_curves(results, out)
     return 0
 
 
