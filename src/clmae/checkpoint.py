@@ -10,13 +10,16 @@ A checkpoint named ``STEM`` (e.g. ``runs/x/checkpoint-last``) is two files:
 Each file is written to a temporary name, flushed to disk and renamed over the old one, so a crash
 or a full disk leaves the previous checkpoint intact. The ``.pt`` is written first: a process killed
 between the two renames leaves a new ``.pt`` (what ``--resume`` reads) next to the previous
-``.safetensors``, both loadable; :func:`load_pretrained` on the run folder then reads the newer
-``.pt`` (:func:`weights_file`) and the trainer rewrites the pair when it finds it torn
+``.safetensors``, both loadable; the trainer rewrites the pair when it finds it torn
 (:func:`checkpoint_pair_complete`). Temporary files left by a killed writer are removed by the
 next write of the same file.
 
+Which file of a run folder is read is decided in one place, :func:`weights_file` (the newer of the
+pair), and :func:`load_checkpoint` takes the weights, model name, training position and sha256 all
+from that one file, so evaluation, visualize, export and :func:`load_pretrained` agree on it.
+
 Loading never runs code from the file: safetensors has no code, the ``.pt`` goes through PyTorch's
-weights-only unpickler, and anything else (truncated, edited, foreign files) is a
+weights-only unpickler, and anything else (truncated, edited, foreign files, NaN/Inf weights) is a
 :class:`~clmae.errors.CheckpointError` whose message says what is wrong.
 """
 
@@ -30,6 +33,7 @@ import pickle
 import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +43,8 @@ from safetensors.torch import save_file
 
 from .errors import CheckpointError
 from .maskers import create_masker
-from .model import MaskedAutoencoderViT, ModelConfig
+from .model import MaskedAutoencoderViT, ModelConfig, default_model
+from .options import check_option
 
 FORMAT = "clmae-checkpoint-v1"
 MAX_PATCHES = 1 << 16  # a 256x256 patch grid; a larger count in a file is an error, not an allocation
@@ -204,6 +209,23 @@ def read_training_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def check_finite(tensors: dict[str, Any], source: str) -> None:
+    """Refuse NaN/Inf weights, naming the file and the first bad tensor.
+
+    A damaged file or a diverged run must be an error, not an evaluation at chance accuracy.
+    Non-tensor values and integer tensors are passed over.
+    """
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                bad = int(finite.numel() - finite.sum())
+                raise CheckpointError(
+                    f"{source}: tensor {name!r} holds {bad} non-finite value(s) (NaN or Inf) out of {value.numel()}; "
+                    "the file is damaged or the run diverged: use an earlier checkpoint"
+                )
+
+
 def split_prefix(flat: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     p = prefix + "."
     return {k[len(p):]: v for k, v in flat.items() if k.startswith(p)}
@@ -342,9 +364,11 @@ def checkpoint_pair_complete(stem: str | Path) -> bool:
 
 
 def weights_file(path: str | Path) -> Path:
-    """The file :func:`load_pretrained` reads for ``path``: an explicit file, or for a run folder or
-    stem its ``.safetensors`` — unless a kill left the ``.pt`` newer (or the ``.safetensors``
-    missing or unreadable), then the ``.pt``, which holds the same weights and more."""
+    """The one rule for which file a checkpoint path means (evaluation, visualize, export, load_pretrained).
+
+    An explicit file is itself; for a run folder or stem its ``.safetensors``, unless a kill left the
+    ``.pt`` newer (or the ``.safetensors`` missing or unreadable), then the ``.pt``, which holds the
+    same weights and more."""
     path = Path(path)
     if path.suffix == ".pt" or (path.suffix == ".safetensors" and path.is_file()):
         if not path.is_file():
@@ -378,30 +402,82 @@ def file_sha256(path: str | Path) -> str:
 
 
 def checkpoint_file(path: str | Path) -> Path:
-    """The file evaluation reports record for ``path`` (folder, stem or file): its sha256 and name."""
-    path = Path(path)
-    if path.suffix == ".pt":
-        if not path.is_file():
-            raise CheckpointError(f"{path}: checkpoint not found")
-        return path
-    if not path.exists() and path.suffix not in ("", ".safetensors"):
-        raise CheckpointError(f"{path}: checkpoint not found (give a run folder or a .safetensors/.pt checkpoint)")
-    if path.is_file() and path.suffix != ".safetensors":
-        raise CheckpointError(f"{path}: not a clmae checkpoint (expected a run folder, .safetensors or .pt file)")
-    return resolve_checkpoint(path, ".safetensors")
+    """The file a checkpoint path means: :func:`weights_file` (kept under this name for existing callers)."""
+    return weights_file(path)
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint rebuilt from one file, with what reports say about it, all read from that file."""
+
+    file: Path
+    sha256: str
+    model_config: ModelConfig  # as pretrained (``mae.config`` differs when loaded at another img_size)
+    mae: MaskedAutoencoderViT
+    masker: torch.nn.Module | None
+    run_config: dict[str, Any]  # the run's configuration as it ran, plus ``data_info`` (the data's stats)
+    model_name: str
+    position: dict[str, int | None]  # epoch (completed), step_in_epoch, iteration when it was saved
+
+    @property
+    def pretrain_img_size(self) -> int:
+        return self.model_config.img_size
+
+
+def _stat_identity(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", img_size: int | None = None,
+                    attempts: int = 3) -> LoadedCheckpoint:
+    """Rebuild the trained model from the file :func:`weights_file` picks, with its sha256 and position.
+
+    ``img_size`` other than the pretraining size gives the encoder for that input size (position
+    embeddings resampled, see :meth:`MaskedAutoencoderViT.at_img_size`); the masking module scores a
+    fixed patch grid and is then not returned. A file replaced while it is read (a run saving) is
+    read again, so the hash always belongs to the weights returned.
+    """
+    for _ in range(attempts):
+        file = weights_file(path)
+        before = _stat_identity(file)
+        sha = file_sha256(file)
+        mae, masker, run_cfg, meta = _load_file(file)
+        if _stat_identity(file) == before:
+            break
+    else:
+        raise CheckpointError(f"{file}: the file changed while it was being read (is a run still saving it?); "
+                              "try again when the run has finished")
+    position = {k: (int(meta[k]) if isinstance(meta.get(k), (int, float)) else None)
+                for k in ("epoch", "step_in_epoch", "iteration")}
+    name = meta.get("model_name") or run_cfg.get("model") or default_model(str(run_cfg.get("data")))
+    model_config = mae.config
+    if img_size is not None and img_size != mae.config.img_size:
+        p = mae.config.patch_size
+        check_option(img_size >= p and img_size % p == 0, "img_size", img_size,
+                     f"a multiple of the checkpoint's patch size {p}")
+        mae, masker = mae.at_img_size(img_size), None
+    masker = None if masker is None else masker.to(device).eval()
+    return LoadedCheckpoint(file, sha, model_config, mae.to(device).eval(), masker, run_cfg, str(name), position)
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu", img_size: int | None = None):
     """Rebuild the trained model from a checkpoint: ``(mae, masker or None, run_config dict)``.
 
-    Accepts a run folder, ``*.safetensors`` or ``*.pt`` (see :func:`weights_file`). Never runs code
-    from the file; a truncated, foreign or mismatching file raises :class:`CheckpointError`.
+    Accepts a run folder, ``*.safetensors`` or ``*.pt`` (see :func:`weights_file`); ``img_size``
+    rebuilds the encoder for another input size (see :func:`load_checkpoint`). Never runs code
+    from the file; a truncated, foreign, mismatching or non-finite file raises :class:`CheckpointError`.
     """
-    path = weights_file(path)
+    loaded = load_checkpoint(path, device, img_size)
+    return loaded.mae, loaded.masker, loaded.run_config
+
+
+def _load_file(path: Path) -> tuple[MaskedAutoencoderViT, torch.nn.Module | None, dict[str, Any], dict[str, Any]]:
+    """``(mae, masker or None, run_config with data_info, metadata)`` from one checkpoint file, on the CPU."""
     if path.suffix == ".pt":
         state = read_training_state(path)
-        flat, meta = state["weights"], {"model_config": state["model_config"], "run_config": state["run_config"],
-                                         "data": state.get("data", {})}
+        flat = state["weights"]
+        meta = {k: v for k, v in state.items() if k not in ("weights", "opt_mae", "opt_masker", "generator")}
         source = str(path)
     else:
         file = path
@@ -409,6 +485,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
         source = str(file)
         if meta.get("format") != FORMAT or "model_config" not in meta:
             raise CheckpointError(f"{source}: not a clmae checkpoint (no model configuration in its metadata)")
+    check_finite(flat, source)
     try:
         model_cfg = ModelConfig(**meta["model_config"])
         model_cfg.validate()
@@ -433,5 +510,5 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
                                   f"({'; '.join(problems)})")
         masker = create_masker("clmae", model_cfg)
         load_state_checked(masker, masker_state, "masking module", source)
-    run_cfg["data_info"] = meta.get("data", {})
-    return mae.to(device).eval(), (None if masker is None else masker.to(device).eval()), run_cfg
+    run_cfg["data_info"] = meta.get("data", {}) or {}
+    return mae.eval(), (None if masker is None else masker.eval()), run_cfg, meta

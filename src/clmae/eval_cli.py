@@ -1,4 +1,9 @@
-"""The ``clmae eval`` command: one sub-command per protocol, flags built from the option dataclasses."""
+"""The ``clmae eval`` command: one sub-command per protocol and ``all``, flags built from the option dataclasses.
+
+``clmae eval all --protocols knn,linear,fewshot`` runs several protocols on one checkpoint with one
+feature extraction per encoder; each protocol's hyper-parameters get its name as a prefix there
+(``--linear-lrs``, ``--fewshot-shots``), since several protocols share field names.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +13,37 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import checkpoint_file
-from .errors import ClmaeError
-from .evaluation import POOLS, PROTOCOLS, EvalOptions, config_class, prepare, protocol_config, run_protocol
-from .options import help_of
-from .reports import default_output, summary_lines, write_report
+from .errors import ClmaeError, ConfigError
+from .evaluation import (
+    FROZEN_PROTOCOLS,
+    POOLS,
+    PROTOCOLS,
+    EvalOptions,
+    EvalSetup,
+    config_class,
+    prepare,
+    protocol_config,
+    run_protocols,
+)
+from .options import check_option, help_of, one_of
+from .reports import (
+    default_output,
+    pretrain_position,
+    summary_lines,
+    summary_output,
+    summary_table,
+    write_report,
+    write_summary,
+)
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, dest_prefix: str, skip=()) -> None:
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, dest_prefix: str, skip=(),
+                         flag_prefix: str = "") -> None:
     """One ``--flag`` per dataclass field (tuples as comma-separated lists), stored as ``PREFIX__name``."""
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + flag_prefix + f.name.replace("_", "-")
         kind = str(f.type)
         default = f.default
         kw = {"dest": f"{dest_prefix}__{f.name}", "default": argparse.SUPPRESS}
@@ -52,8 +75,25 @@ def _collect(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
     return {k[len(p):]: v for k, v in vars(args).items() if k.startswith(p)}
 
 
+def _protocol_list(text: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    for name in names:
+        if name not in PROTOCOLS:
+            raise argparse.ArgumentTypeError(f"unknown protocol {name!r}; choose from {one_of(PROTOCOLS)}")
+    return names
+
+
+def _common_flags(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--checkpoint", required=True, metavar="PATH", help="run folder, .safetensors or .pt")
+    q.add_argument("--data", default=None,
+                   help="digits, cifar10, an .npz with labels, or an image folder with train/ and val/ "
+                        "(default: the checkpoint's pretraining data)")
+    q.add_argument("--data-dir", default=None, help="where cifar10 etc. are looked for")
+    _add_dataclass_flags(q, EvalOptions, "opt")
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    """``clmae eval knn|linear|fewshot|finetune``."""
+    """``clmae eval knn|linear|fewshot|finetune|all``."""
     p = sub.add_parser("eval", help="evaluate a pretrained encoder (k-NN, linear probe, few-shot, fine-tuning)",
                        description="Evaluate a checkpoint on a labeled dataset; every protocol also runs on a "
                                    "randomly initialised encoder of the same architecture as a reference.")
@@ -64,26 +104,39 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
              "finetune": "full fine-tuning with layer-wise lr decay, drop path, label smoothing"}
     for name in PROTOCOLS:
         q = protocols.add_parser(name, help=helps[name], description=helps[name])
-        q.add_argument("--checkpoint", required=True, metavar="PATH", help="run folder, .safetensors or .pt")
-        q.add_argument("--data", default=None,
-                       help="digits, cifar10, an .npz with labels, or an image folder with train/ and val/ "
-                            "(default: the checkpoint's pretraining data)")
-        q.add_argument("--data-dir", default=None, help="where cifar10 etc. are looked for")
+        _common_flags(q)
         q.add_argument("--output", default=None, metavar="FILE.json",
                        help="where to write the report (default: RUN/eval-PROTOCOL-DATA.json)")
-        _add_dataclass_flags(q, EvalOptions, "opt")
         _add_dataclass_flags(q, config_class(name), "cfg")
         q.set_defaults(func=_run_eval)
+    text = ("several protocols with one feature extraction per encoder; writes RUN/eval-PROTOCOL-DATA.json for "
+            "each and the table RUN/eval-summary-DATA.md")
+    q = protocols.add_parser("all", help=text, description=text + ". Protocol hyper-parameters take the "
+                             "protocol's name as prefix: --knn-k-majority, --linear-lrs, --fewshot-shots, …")
+    _common_flags(q)
+    q.add_argument("--protocols", type=_protocol_list, default=FROZEN_PROTOCOLS, metavar="P,P,...",
+                   help=f"protocols to run, from {','.join(PROTOCOLS)} (default {','.join(FROZEN_PROTOCOLS)})")
+    for name in PROTOCOLS:
+        _add_dataclass_flags(q, config_class(name), f"cfg_{name}", flag_prefix=f"{name}-")
+    q.set_defaults(func=_run_all)
+
+
+def _announce(setup: EvalSetup, what: str) -> None:
+    print(f"clmae: {what} on {setup.data} ({len(setup.train)} train / {len(setup.test)} test, "
+          f"{setup.num_classes} classes, {setup.img_size} px), {setup.model_name} from {setup.checkpoint_file}, "
+          f"device {setup.device}", file=sys.stderr)
+    p = pretrain_position(setup)
+    if p["interrupted"]:
+        print(f"clmae: note: this checkpoint was saved after {p['epochs_completed']} of {p['epochs_planned']} "
+              "pretraining epochs (the run was stopped early); the reports say so", file=sys.stderr)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     options = EvalOptions(**_collect(args, "opt"))
     config = protocol_config(args.protocol, **_collect(args, "cfg"))
     setup = prepare(args.checkpoint, args.data, args.data_dir, options)
-    print(f"clmae: {args.protocol} on {setup.data} ({len(setup.train)} train / {len(setup.test)} test, "
-          f"{setup.num_classes} classes), {setup.model_name} from {checkpoint_file(args.checkpoint)}, "
-          f"device {setup.device}", file=sys.stderr)
-    report = run_protocol(setup, args.protocol, config)
+    _announce(setup, args.protocol)
+    report = run_protocols(setup, {args.protocol: config})[args.protocol]
     output = Path(args.output) if args.output else default_output(args.checkpoint, args.protocol, setup.data)
     try:
         write_report(report, output)
@@ -98,3 +151,24 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_all(args: argparse.Namespace) -> int:
+    names = args.protocols
+    check_option(len(names) >= 1 and len(set(names)) == len(names), "protocols", ",".join(names),
+                 "one or more distinct protocols")
+    given = {name: _collect(args, f"cfg_{name}") for name in PROTOCOLS}
+    unused = [name for name in PROTOCOLS if given[name] and name not in names]
+    if unused:
+        raise ConfigError(f"--protocols: options were given for {', '.join(unused)}, which is not run; add it to "
+                         "--protocols or drop its options")
+    configs = {name: protocol_config(name, **given[name]) for name in names}
+    options = EvalOptions(**_collect(args, "opt"))
+    setup = prepare(args.checkpoint, args.data, args.data_dir, options)
+    _announce(setup, ", ".join(names))
+    reports = run_protocols(setup, configs)
+    written = [write_report(r, default_output(args.checkpoint, name, setup.data)) for name, r in reports.items()]
+    table = summary_table(list(reports.values()))
+    written.append(write_summary(table, summary_output(args.checkpoint, setup.data)))
+    print(table)
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0

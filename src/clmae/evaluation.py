@@ -8,19 +8,23 @@ architecture, built with the pretraining run's seed (so it is exactly the weight
 started from): the gap between the two lines is what pretraining bought.
 
 Frozen-feature protocols (features: ``forward_features`` with ``cls`` or ``mean`` pooling, extracted
-once under ``no_grad``, bf16 autocast on CUDA, cached in memory and optionally on disk):
+once under ``no_grad``, bf16 autocast on CUDA, cached in memory and on disk):
 
 * **k-NN, majority** (the CL-MAE authors' protocol): the ``k=5`` nearest training features in
   Euclidean distance vote, one vote each. Ties between classes go to the tied class whose nearest
   member ranks highest among the neighbours (i.e. is closest to the query). Neighbours at exactly
-  equal distance are ordered as ``torch.topk`` returns them (unspecified).
+  equal distance are ordered as ``torch.topk`` returns them (unspecified). Distances do not depend
+  on where the features sit: candidates are found on features centred on the training mean, then
+  ranked by exact distances.
 * **k-NN, weighted** (the DINO protocol): ``k=20`` nearest by cosine similarity ``s``, each votes
   for its class with weight ``exp(s / T)``, ``T = 0.07``. The class with the largest sum wins.
   Both run as chunked matrix products plus ``topk`` on the device, never a loop per test image.
   Top-5 accuracy ranks classes by the same scores; it is reported only with more than 5 classes.
 * **Linear probe** (as MAE): ``BatchNorm1d(affine=False)`` then one linear layer on the frozen
-  features, AdamW with a cosine schedule. The learning rate is chosen from a small sweep on a
-  validation split carved from train (never on test); the probe is then retrained on all of train.
+  features, AdamW with a cosine schedule. Its length is counted in optimizer steps, not epochs, so a
+  small dataset is trained to convergence too (see :class:`~clmae.protocols.LinearConfig`). The
+  learning rate is chosen from a small sweep on a validation split carved from train (never on
+  test); the probe is then retrained on all of train.
 * **Few-shot**: for each ``n`` in ``shots`` (1, 5, 10), ``draws`` random support sets of exactly
   ``n`` training images per class (seeded), a linear probe as above trained full-batch on each,
   scored on the whole test split; reported as mean ± std over the draws. Its hyper-parameters are
@@ -30,10 +34,15 @@ once under ``no_grad``, bf16 autocast on CUDA, cached in memory and optionally o
 Fine-tuning (:mod:`clmae.finetune`) trains the whole encoder with a linear head: layer-wise lr
 decay, stochastic depth, label smoothing, warmup + cosine, random-resized-crop + flip.
 
-Entry points: :func:`evaluate` (one protocol, returns the JSON report), :func:`prepare` +
-:func:`run_protocol` (several protocols on one checkpoint sharing the feature cache),
-:func:`quick_knn` (the trainer's ``--eval-every``); the ``clmae eval`` command is
-:mod:`clmae.eval_cli`. The pieces: :mod:`clmae.splits` (labeled data and its evaluation view),
+Any evaluation is possible at another input size than pretraining (``img_size``): the position
+embeddings of the pretraining grid are resampled bicubically to the new grid, as timm does.
+
+Entry points: :func:`evaluate` (one protocol, writes and returns the JSON report),
+:func:`evaluate_all` (several protocols, one feature extraction per encoder), :func:`prepare` +
+:func:`run_protocols` (the same, step by step), :func:`quick_knn` (the trainer's
+``--eval-every``); the ``clmae eval`` command is :mod:`clmae.eval_cli`. Before any evaluation that
+would take more than ten minutes, the estimate and how to shorten it are printed. The pieces:
+:mod:`clmae.splits` (labeled data and its evaluation view),
 :mod:`clmae.features` (extraction and cache), :mod:`clmae.protocols` (pure functions on feature
 tensors), :mod:`clmae.reports` (the JSON); :mod:`clmae.compare` tabulates and plots several reports.
 """
@@ -44,6 +53,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,13 +62,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .checkpoint import checkpoint_file, file_sha256, load_pretrained
-from .data import load_dataset
+from .checkpoint import load_checkpoint
+from .data import FolderData, load_dataset
 from .errors import CheckpointError, ConfigError, DataError
 from .features import FeatureCache, Features, extract_features
 from .finetune import FinetuneConfig, finetune_metrics
-from .model import MaskedAutoencoderViT, default_model
-from .options import check_option, opt
+from .model import MaskedAutoencoderViT, ModelConfig
+from .options import check_option, one_of, opt
 from .protocols import (
     FewShotConfig,
     KnnConfig,
@@ -68,14 +78,20 @@ from .protocols import (
     linear_probe_metrics,
     sample_support,
 )
-from .reports import assemble_report, write_report
-from .runtime import DEVICE_CHOICES, resolve_device
-from .splits import LabeledSplit, class_count, data_identity, eval_batches, labeled_split
+from .reports import assemble_report, default_output, summary_output, summary_table, write_report, write_summary
+from .runtime import DEVICE_CHOICES, autocast, resolve_device
+from .splits import LabeledSplit, class_count, content_identity, data_identity, eval_batches, labeled_split
+from .version import __version__
 
 PROTOCOLS = ("knn", "linear", "fewshot", "finetune")
+FROZEN_PROTOCOLS = ("knn", "linear", "fewshot")  # the ones that share extracted features
 POOLS = ("cls", "mean")
 QUICK_KNN_MAX_TRAIN = 10_000
 QUICK_KNN_MAX_TEST = 2_000
+LONG_RUN_SECONDS = 600  # evaluations estimated to take longer say so before they start
+# A throughput no machine clmae runs on falls below (10 GFLOP/s): work that takes under
+# LONG_RUN_SECONDS even at this rate needs no timing to know it is short.
+SLOWEST_FLOPS = 1e10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +103,8 @@ class EvalOptions:
     """What every protocol shares: features, data caps, device, seed, reference run."""
 
     pool: str = opt("cls", "encoder features: cls token or mean of patch tokens")
+    img_size: int | None = opt(None, "input size to evaluate at; another size than pretraining resamples the "
+                                     "position embeddings (default: the pretraining size)")
     extract_batch_size: int = opt(256, "images per feature-extraction batch")
     device: str = opt("auto", DEVICE_CHOICES)
     seed: int = opt(0, "seed of data caps, validation split, support sets and classifier init")
@@ -94,11 +112,14 @@ class EvalOptions:
     max_test: int | None = opt(None, "use a random (seeded) subset of this many test images")
     num_workers: int = opt(2, "DataLoader workers for image folders")
     progress: bool = opt(True, "show progress bars")
-    cache_dir: str | None = opt(None, "also store extracted features as .pt files in this folder")
+    feature_cache: bool = opt(True, "keep extracted features on disk and reuse them when checkpoint, data, "
+                                    "subset, pooling and image size match")
+    cache_dir: str | None = opt(None, "folder of the feature cache (default: features/ in the run folder)")
     random_reference: bool = opt(True, "also run the protocol on a randomly initialised encoder")
 
     def validate(self) -> EvalOptions:
         check_option(self.pool in POOLS, "pool", self.pool, "'cls' or 'mean'")
+        check_option(self.img_size is None or self.img_size >= 1, "img_size", self.img_size, "an integer >= 1")
         check_option(self.extract_batch_size >= 1, "extract_batch_size", self.extract_batch_size, "an integer >= 1")
         for name in ("max_train", "max_test"):
             value = getattr(self, name)
@@ -122,6 +143,18 @@ def config_class(protocol: str) -> type:
     if protocol not in classes:
         raise ConfigError(f"protocol: unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     return classes[protocol]
+
+
+def split_keywords(protocols: tuple[str, ...], values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(EvalOptions fields, protocol fields)`` of keyword options; an unknown name is an error naming it."""
+    option_names = {f.name for f in dataclasses.fields(EvalOptions)}
+    config_names = {f.name for p in protocols for f in dataclasses.fields(config_class(p))}
+    unknown = sorted(set(values) - option_names - config_names)
+    if unknown:
+        raise ConfigError(f"evaluate: unknown option(s) {', '.join(unknown)}; the options are the `clmae eval` flags "
+                          f"with _ for -: {', '.join(sorted(option_names | config_names))}")
+    return ({k: v for k, v in values.items() if k in option_names},
+            {k: v for k, v in values.items() if k not in option_names})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +186,7 @@ CACHES = EvalCaches()
 
 
 def clear_caches() -> None:
-    """Forget cached datasets, features and results."""
+    """Forget cached datasets, features and results (of this process; files on disk stay)."""
     CACHES.clear()
 
 
@@ -167,6 +200,11 @@ def random_encoder(model_cfg, seed: int, device) -> nn.Module:
         torch.manual_seed(seed)
         model = MaskedAutoencoderViT(copy.deepcopy(model_cfg))
     return model.to(device).eval()
+
+
+def architecture_id(model_cfg: ModelConfig) -> str:
+    """A short hash of a model configuration: two encoders with equal ids and seeds start identical."""
+    return hashlib.sha1(json.dumps(dataclasses.asdict(model_cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -183,9 +221,12 @@ class EvalSetup:
     """Everything the protocols share for one checkpoint and one dataset."""
 
     checkpoint: str
+    checkpoint_file: Path  # the file the weights, sha256 and model name all come from
     checkpoint_sha256: str
     model_name: str
     run_config: dict
+    position: dict  # epoch (completed), step_in_epoch, iteration of the checkpoint
+    pretrain_img_size: int
     data: str
     data_dir: str | None
     train: LabeledSplit
@@ -196,14 +237,42 @@ class EvalSetup:
     std: tuple[float, ...]
     device: torch.device
     options: EvalOptions
+    cache_folder: Path | None = None
     encoders: list[Encoder] = field(default_factory=list)
     random_init_seed: int | None = None
+    random_init_architecture: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    content_ids: dict[str, str] = field(default_factory=dict)
+
+    def data_id(self, split: LabeledSplit) -> str:
+        """What the split's data is: its identity, and with a cache on disk the state of every image file."""
+        if self.cache_folder is None:
+            return split.identity
+        if split.split not in self.content_ids:
+            self.content_ids[split.split] = content_identity(split)
+        return self.content_ids[split.split]
+
+    def feature_key(self, encoder: Encoder, split: LabeledSplit) -> tuple:
+        """What determines the features: encoder weights, exact data and subset, pooling, view, code version."""
+        return (encoder.key, self.data_id(split), self.options.pool, self.img_size, tuple(self.mean),
+                tuple(self.std), __version__)
+
+    def _cache(self, encoder: Encoder, split: LabeledSplit) -> tuple[tuple, Path | None, torch.Tensor | None]:
+        key = self.feature_key(encoder, split)
+        if self.cache_folder is None:
+            return key, None, None
+        digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
+        file = self.cache_folder / f"{encoder.role}-{split.split}-{self.options.pool}-{self.img_size}px-{digest}.pt"
+        # Image folders may drop unreadable files while extracting; their content id covers the files.
+        labels = None if isinstance(split.dataset, FolderData) else split.labels
+        return key, file, labels
+
+    def has_features(self, encoder: Encoder, split: LabeledSplit) -> bool:
+        return CACHES.features.has(*self._cache(encoder, split))
 
     def features(self, encoder: Encoder, split: LabeledSplit) -> Features:
-        """Frozen features of ``split``, extracted once per (encoder, data, split, pool, view)."""
+        """Frozen features of ``split``, extracted once per (encoder, data, subset, pool, view)."""
         o = self.options
-        key = (encoder.key, split.identity, o.pool, self.img_size, tuple(self.mean), tuple(self.std))
 
         def extract() -> Features:
             start = time.perf_counter()
@@ -215,21 +284,11 @@ class EvalSetup:
             self.timings[f"features_{encoder.role}_{split.split}_img_per_s"] = round(len(split) / max(seconds, 1e-9), 1)
             return feats
 
-        return CACHES.features.get(key, extract, o.cache_dir, f"features-{encoder.role}-{split.split}-{o.pool}")
-
-
-def _model_name(file: Path, run_config: dict) -> str:
-    if file.suffix == ".safetensors":
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(file), "pt") as fh:
-                name = (fh.metadata() or {}).get("model_name")
-            if name:
-                return json.loads(name)
-        except Exception:  # noqa: BLE001 — the name is cosmetic
-            pass
-    return run_config.get("model") or default_model(str(run_config.get("data")))
+        key, file, labels = self._cache(encoder, split)
+        feats = CACHES.features.get(key, extract, file, labels)
+        if key in CACHES.features.read_from:
+            self.timings[f"features_{encoder.role}_{split.split}_cached"] = str(CACHES.features.read_from[key])
+        return feats
 
 
 def prepare(checkpoint: str | Path, data: str | None = None, data_dir: str | None = None,
@@ -240,8 +299,8 @@ def prepare(checkpoint: str | Path, data: str | None = None, data_dir: str | Non
     """
     o = (options or EvalOptions()).validate()
     device = resolve_device(o.device)
-    file = checkpoint_file(checkpoint)
-    mae, _, run_cfg = load_pretrained(checkpoint, device)
+    loaded = load_checkpoint(checkpoint, device, o.img_size)
+    mae, run_cfg, file = loaded.mae, loaded.run_config, loaded.file
     info = run_cfg.get("data_info") or {}
     cfg = mae.config
     data = data or run_cfg.get("data")
@@ -264,19 +323,104 @@ def prepare(checkpoint: str | Path, data: str | None = None, data_dir: str | Non
     std = tuple(info.get("std") or train_ds.std)
     if len(mean) != cfg.in_chans or len(std) != cfg.in_chans:
         raise CheckpointError(f"{file}: normalisation stats do not match the model's {cfg.in_chans} channel(s)")
-    sha = file_sha256(file)
+    cache_folder = None
+    if o.feature_cache:
+        cache_folder = Path(o.cache_dir).expanduser() if o.cache_dir else file.parent / "features"
+    sha = loaded.sha256
     setup = EvalSetup(
-        checkpoint=str(checkpoint), checkpoint_sha256=sha, model_name=_model_name(file, run_cfg), run_config=run_cfg,
-        data=data, data_dir=data_dir, train=train, test=test, num_classes=class_count(train, test),
-        img_size=cfg.img_size, mean=mean, std=std, device=device, options=o,
+        checkpoint=str(checkpoint), checkpoint_file=file, checkpoint_sha256=sha, model_name=loaded.model_name,
+        run_config=run_cfg, position=loaded.position, pretrain_img_size=loaded.pretrain_img_size, data=data,
+        data_dir=data_dir, train=train, test=test, num_classes=class_count(train, test), img_size=cfg.img_size,
+        mean=mean, std=std, device=device, options=o, cache_folder=cache_folder,
     )
-    setup.encoders.append(Encoder("pretrained", mae, f"ckpt:{sha}"))
+    setup.encoders.append(Encoder("pretrained", mae, f"ckpt:{sha}:{cfg.img_size}px"))
     if o.random_reference:
         seed = int(run_cfg.get("seed", o.seed))
-        arch = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
-        setup.encoders.append(Encoder("random_init", random_encoder(cfg, seed, device), f"random:{arch}:{seed}"))
-        setup.random_init_seed = seed
+        arch = architecture_id(loaded.model_config)
+        model = random_encoder(loaded.model_config, seed, device).at_img_size(cfg.img_size)
+        key = f"random:{arch}:{seed}:{cfg.img_size}px:torch-{torch.__version__}"  # init code may change with torch
+        setup.encoders.append(Encoder("random_init", model, key))
+        setup.random_init_seed, setup.random_init_architecture = seed, arch
     return setup
+
+
+# ---------------------------------------------------------------------------------------------
+# How long it will take
+
+
+def encoder_flops(cfg: ModelConfig) -> float:
+    """Multiply-adds x2 of one image through the encoder: patch embedding, blocks (linear layers and attention)."""
+    tokens, d = 1 + cfg.num_patches, cfg.embed_dim
+    embed = 2 * cfg.num_patches * cfg.patch_dim * d
+    linear = 2 * tokens * (4 + 2 * cfg.mlp_ratio) * d * d
+    attention = 4 * tokens * tokens * d
+    return embed + cfg.depth * (linear + attention)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+@torch.no_grad()
+def measure_throughput(model: nn.Module, setup: EvalSetup) -> float:
+    """Images per second of the encoder's forward pass, timed on a second batch after a warm-up one.
+
+    A small batch on the CPU (cheap to time), a full batch on accelerators (whose throughput needs
+    one). It times the model only: reading images from slow disks can make the real run slower.
+    """
+    cfg = model.config
+    size = setup.options.extract_batch_size if setup.device.type != "cpu" else min(8, setup.options.extract_batch_size)
+    x = torch.randn(size, cfg.in_chans, cfg.img_size, cfg.img_size, device=setup.device)
+    seconds = 0.0
+    for _ in range(2):
+        _synchronize(setup.device)
+        start = time.perf_counter()
+        with autocast(setup.device):
+            model.forward_features(x, pool="cls")
+        _synchronize(setup.device)
+        seconds = time.perf_counter() - start
+    return size / max(seconds, 1e-9)
+
+
+def estimate_seconds(setup: EvalSetup, configs: dict[str, Any]) -> tuple[float, int, float] | None:
+    """``(seconds, image passes, images/s)`` the protocols will take, or ``None`` when surely short.
+
+    Counts forward passes of images through the encoders: features not yet cached (memory or disk),
+    and for fine-tuning ``epochs`` training passes (forward and backward, 3 forward passes' worth)
+    plus the two test passes. Classifier training on features is cheap beside them and not counted.
+    """
+    passes = 0
+    for enc in setup.encoders:
+        if any(p in FROZEN_PROTOCOLS for p in configs):
+            passes += sum(len(s) for s in (setup.train, setup.test) if not setup.has_features(enc, s))
+        if "finetune" in configs:
+            passes += 3 * configs["finetune"].epochs * len(setup.train) + 2 * len(setup.test)
+    if passes == 0 or passes * encoder_flops(setup.encoders[0].model.config) < SLOWEST_FLOPS * LONG_RUN_SECONDS:
+        return None
+    rate = measure_throughput(setup.encoders[0].model, setup)
+    return passes / rate, passes, rate
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
+
+
+def warn_if_long(setup: EvalSetup, configs: dict[str, Any]) -> float | None:
+    """Print the estimate and how to shorten it when the evaluation will take over ten minutes."""
+    estimate = estimate_seconds(setup, configs)
+    if estimate is None or estimate[0] <= LONG_RUN_SECONDS:
+        return None if estimate is None else estimate[0]
+    seconds, passes, rate = estimate
+    encoders = len(setup.encoders)
+    print(f"clmae: this evaluation will take about {_duration(seconds)}: {passes:,} image passes through "
+          f"{encoders} encoder{'s' if encoders > 1 else ''} ({len(setup.train):,} train / {len(setup.test):,} test "
+          f"images) at ~{rate:,.0f} img/s, measured on {setup.device} (model time only). To limit it: --max-train N "
+          "--max-test N (Python: max_train=N, max_test=N), --no-random-reference, or fewer --protocols",
+          file=sys.stderr)
+    return seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,35 +444,89 @@ def _protocol_on(setup: EvalSetup, encoder: Encoder, protocol: str, config) -> t
     raise ConfigError(f"protocol: unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
 
 
+def run_protocols(setup: EvalSetup, configs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Run several protocols (``{name: config or None}``) on every encoder of ``setup``; reports by name.
+
+    Frozen-feature protocols share one feature extraction per encoder and split. Impossible settings
+    are refused, and a long run announced, before any work.
+    """
+    configs = {p: (c if c is not None else protocol_config(p)) for p, c in configs.items()}
+    for protocol, config in configs.items():
+        config_class(protocol)
+        config.validate()
+        if protocol == "fewshot":  # refuse impossible shot counts before extracting anything
+            for shots in config.shots:
+                sample_support(setup.train.labels, shots, torch.Generator().manual_seed(0))
+    warn_if_long(setup, configs)
+    reports = {}
+    for protocol, config in configs.items():
+        results, details = {}, {}
+        for enc in setup.encoders:
+            key = (enc.key, protocol, repr(config), setup.train.identity, setup.test.identity,
+                   setup.options.pool, setup.options.seed, setup.img_size, setup.mean, setup.std)
+            if key not in CACHES.results:
+                CACHES.results[key] = _protocol_on(setup, enc, protocol, config)
+            results[enc.role], details[enc.role] = copy.deepcopy(CACHES.results[key])
+        reports[protocol] = assemble_report(setup, protocol, config, results, details)
+    return reports
+
+
 def run_protocol(setup: EvalSetup, protocol: str, config=None) -> dict[str, Any]:
     """Run one protocol on every encoder of ``setup``; return the JSON-ready report."""
-    config = config if config is not None else protocol_config(protocol)
-    config.validate()
-    if protocol == "fewshot":  # refuse impossible shot counts before extracting anything
-        for shots in config.shots:
-            sample_support(setup.train.labels, shots, torch.Generator().manual_seed(0))
-    results, details = {}, {}
-    for enc in setup.encoders:
-        key = (enc.key, protocol, repr(config), setup.train.identity, setup.test.identity, setup.options.pool,
-               setup.options.seed)
-        if key not in CACHES.results:
-            CACHES.results[key] = _protocol_on(setup, enc, protocol, config)
-        results[enc.role], details[enc.role] = copy.deepcopy(CACHES.results[key])
-    return assemble_report(setup, protocol, config, results, details)
+    return run_protocols(setup, {protocol: config})[protocol]
 
 
 def evaluate(protocol: str, checkpoint: str | Path, data: str | None = None, data_dir: str | None = None,
-             output: str | Path | None = None, options: EvalOptions | None = None, **config_values) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` with ``protocol`` (knn | linear | fewshot | finetune) on ``data``.
+             output: str | Path | None = None, options: EvalOptions | None = None, write: bool = True,
+             **keywords) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` with ``protocol`` (knn | linear | fewshot | finetune) on ``data``, like ``clmae eval``.
 
-    ``config_values`` override the protocol's configuration (e.g. ``k_majority=10``). Writes the
-    report to ``output`` when given and returns it.
+    ``keywords`` are the command's flags with ``_`` for ``-``: evaluation options
+    (``max_train=500``, ``pool="mean"``, ``img_size=64``, … see :class:`EvalOptions`, applied on
+    top of ``options``) and the protocol's hyper-parameters (``k_majority=10``). The report is
+    written to ``output``, by default ``RUN/eval-PROTOCOL-DATA.json`` as the command does
+    (``write=False``: not written), and returned.
     """
+    check_option(protocol in PROTOCOLS, "protocol", protocol, one_of(PROTOCOLS))
+    option_values, config_values = split_keywords((protocol,), keywords)
+    o = dataclasses.replace(options or EvalOptions(), **option_values)
     config = protocol_config(protocol, **config_values)
-    report = run_protocol(prepare(checkpoint, data, data_dir, options), protocol, config)
-    if output is not None:
-        write_report(report, output)
+    setup = prepare(checkpoint, data, data_dir, o)
+    report = run_protocol(setup, protocol, config)
+    if write:
+        write_report(report, output if output is not None else default_output(checkpoint, protocol, setup.data))
     return report
+
+
+def evaluate_all(checkpoint: str | Path, data: str | None = None, data_dir: str | None = None,
+                 protocols: tuple[str, ...] | list[str] = FROZEN_PROTOCOLS, options: EvalOptions | None = None,
+                 configs: dict[str, dict[str, Any]] | None = None, write: bool = True,
+                 **keywords) -> dict[str, dict[str, Any]]:
+    """Several protocols on one checkpoint (``clmae eval all``), one feature extraction per encoder.
+
+    ``keywords`` are evaluation options (as :func:`evaluate`); ``configs`` maps a protocol to its
+    hyper-parameters (``{"linear": {"lrs": (0.01,)}}``). Writes ``RUN/eval-PROTOCOL-DATA.json`` per
+    protocol and the summary table ``RUN/eval-summary-DATA.md`` unless ``write=False``.
+    """
+    protocols = tuple(protocols)
+    for p in protocols:
+        check_option(p in PROTOCOLS, "protocols", p, one_of(PROTOCOLS))
+    check_option(len(protocols) >= 1 and len(set(protocols)) == len(protocols), "protocols", ",".join(protocols),
+                 "one or more distinct protocols")
+    option_values, _ = split_keywords((), keywords)
+    o = dataclasses.replace(options or EvalOptions(), **option_values)
+    configs = configs or {}
+    extra = sorted(set(configs) - set(protocols))
+    if extra:
+        raise ConfigError(f"evaluate_all: configs for protocols not run: {', '.join(extra)}")
+    built = {p: protocol_config(p, **configs.get(p, {})) for p in protocols}
+    setup = prepare(checkpoint, data, data_dir, o)
+    reports = run_protocols(setup, built)
+    if write:
+        for p, report in reports.items():
+            write_report(report, default_output(checkpoint, p, setup.data))
+        write_summary(summary_table(list(reports.values())), summary_output(checkpoint, setup.data))
+    return reports
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,21 +7,31 @@
 
 Only the encoder travels out: patch embedding, CLS token, blocks, final norm, and the fixed
 sin-cos position embedding (CLS slot included) as the learned ``pos_embed`` the other libraries
-expect. No decoder, masking module or mask token.
+expect. No decoder, masking module or mask token. ``img_size`` exports the encoder for another
+input size: the position embedding resampled bicubically as timm's ``resample_abs_pos_embed`` does.
+
+An export is written into a temporary folder next to the target, reloaded and checked there (its
+tensors read back, finite, and the other library's features equal to clmae's), and only then moved
+into place: a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from .checkpoint import load_pretrained
+from .checkpoint import check_finite, load_checkpoint
 from .errors import CheckpointError, ConfigError
 from .images import default_stats
 
@@ -35,6 +45,8 @@ TIMM_BY_SHAPE = {
     (1280, 32, 16): "vit_huge_patch14_224",
 }
 VERIFY_ATOL = 1e-4
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,24 +130,56 @@ class ExportResult:
         return "\n".join([f"wrote {p}" for p in self.files] + [f"check        {self.verified}"])
 
 
-def _source(checkpoint) -> tuple[Any, dict[str, Any], str | None]:
-    """``(mae, data_info, model_name)`` from a checkpoint path or an in-memory model."""
+def _source(checkpoint, img_size: int | None = None) -> tuple[Any, dict[str, Any], str | None]:
+    """``(mae, data_info, model_name)`` from a checkpoint path or an in-memory model, at ``img_size``."""
     if isinstance(checkpoint, torch.nn.Module):
-        return checkpoint, {}, None
-    mae, _masker, run_cfg = load_pretrained(checkpoint, "cpu")
-    return mae, dict(run_cfg.get("data_info") or {}), run_cfg.get("model")
+        return (checkpoint if img_size is None else checkpoint.at_img_size(img_size)), {}, None
+    loaded = load_checkpoint(checkpoint, "cpu", img_size)
+    return loaded.mae, dict(loaded.run_config.get("data_info") or {}), loaded.model_name
 
 
-def _prepare(output: str | Path, overwrite: bool) -> Path:
+@contextmanager
+def staged_folder(output: str | Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside ``output`` to write into; moved into place when the block succeeds.
+
+    On any error the temporary folder (and any parent folder made for it) is removed, and an
+    existing ``output`` is left as it was. Files and folder get the usual permissions (not mkdtemp's
+    0600/0700). Into an existing folder, the files are moved one by one, each replacing its namesake.
+    """
     out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output: {out} is a file; give a folder to write the export into")
     if (out / "model.safetensors").exists() and not overwrite:
         raise ConfigError(f"--output: {out} already holds a model.safetensors; pass --overwrite or choose another "
                           "folder")
+    made = next((p for p in reversed(out.parents) if not p.exists()), None)  # the first folder we create
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by a killed export of the same folder
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as exc:
-        raise ConfigError(f"--output: cannot create {out}: {exc.strerror}") from None
-    return out
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise ConfigError(f"--output: cannot create {out}: {exc.strerror or exc}") from None
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~_UMASK)
+        if out.exists():
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, out / f.name)
+            tmp.rmdir()
+        else:
+            os.chmod(tmp, 0o777 & ~_UMASK)
+            os.rename(tmp, out)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if made is not None and not out.exists():
+            shutil.rmtree(made, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise ConfigError(f"--output: cannot write {out}: {exc.strerror or exc}") from None
+        raise
 
 
 def _stats(mae, data_info: dict[str, Any]) -> tuple[list[float], list[float]]:
@@ -151,24 +195,70 @@ def _probe_input(mae, n: int = 2) -> torch.Tensor:
     return torch.randn(n, c.in_chans, c.img_size, c.img_size, generator=torch.Generator().manual_seed(0))
 
 
+def _tensor_differences(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor],
+                        values: bool = True) -> list[str]:
+    """What differs between two state dicts: missing and extra keys, shapes, values (first few of each)."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    shapes = [k for k in expected if k in found and expected[k].shape != found[k].shape]
+    unequal = [k for k in expected if values and k in found and k not in shapes
+               and not torch.equal(expected[k].float(), found[k].float())]
+
+    def gap(k: str) -> float:
+        return float((found[k].float() - expected[k].float()).abs().max())
+
+    parts = []
+    if missing:
+        parts.append("missing " + ", ".join(missing[:3]) + (" …" if len(missing) > 3 else ""))
+    if extra:
+        parts.append("unexpected " + ", ".join(extra[:3]) + (" …" if len(extra) > 3 else ""))
+    if shapes:
+        parts.append("other shape " + ", ".join(f"{k} {tuple(found[k].shape)} vs {tuple(expected[k].shape)}"
+                                                 for k in shapes[:3]))
+    if unequal:
+        parts.append("other values " + ", ".join(f"{k} (max abs diff {gap(k):.2e})" for k in unequal[:3])
+                     + (f" and {len(unequal) - 3} more" if len(unequal) > 3 else ""))
+    return parts
+
+
+def _check_file(file: Path, expected: dict[str, torch.Tensor]) -> None:
+    """The written file reads back finite and identical to what was meant to be written."""
+    found = load_file(str(file))
+    check_finite(found, str(file))
+    differences = _tensor_differences(expected, found)
+    if differences:
+        raise CheckpointError(f"{file.name} does not read back as written ({'; '.join(differences)}); nothing was "
+                              "exported")
+
+
 def _compare(ours: torch.Tensor, theirs: torch.Tensor, library: str) -> str:
     diff = float((ours - theirs).abs().max())
-    if not diff <= VERIFY_ATOL * max(1.0, float(ours.abs().max())):
-        raise CheckpointError(f"the exported encoder's {library} features differ from clmae's by {diff:.2e}; "
-                              "please report this with your timm/transformers versions")
+    tolerance = VERIFY_ATOL * max(1.0, float(ours.abs().max()))
+    if not diff <= tolerance:  # also catches NaN
+        rows = (ours - theirs).abs().flatten(1).amax(1)
+        raise CheckpointError(
+            f"reloaded in {library}, the exported encoder's CLS features differ from clmae's by up to {diff:.2e} "
+            f"(tolerance {tolerance:.1e}; per probe image {', '.join(f'{float(r):.1e}' for r in rows)}) although "
+            "every tensor reads back identical: the two compute different functions of the same weights; nothing "
+            "was exported"
+        )
     return f"{library} CLS features match clmae's (max abs diff {diff:.1e})"
 
 
-def export_timm(checkpoint, output: str | Path, overwrite: bool = False, verify: bool = True) -> ExportResult:
-    """Write ``model.safetensors`` and ``config.json`` (timm Hub layout) for the checkpoint's encoder."""
+def export_timm(checkpoint, output: str | Path, overwrite: bool = False, verify: bool = True,
+                img_size: int | None = None) -> ExportResult:
+    """Write ``model.safetensors`` and ``config.json`` (timm Hub layout) for the checkpoint's encoder.
+
+    ``img_size``: export the encoder for this input size instead of the pretraining one.
+    """
     import timm
 
-    mae, data_info, model_name = _source(checkpoint)
+    mae, data_info, model_name = _source(checkpoint, img_size)
     mae = mae.float().eval()
-    out = _prepare(output, overwrite)
     arch = timm_architecture(mae, model_name)
     args = timm_model_args(mae)
     state = timm_state_dict(mae)
+    check_finite(state, "the encoder to export")
     c = mae.config
     mean, std = _stats(mae, data_info)
     config = {
@@ -185,55 +275,74 @@ def export_timm(checkpoint, output: str | Path, overwrite: bool = False, verify:
         },
     }
     model = timm.create_model(arch, pretrained=False, **args)
-    model.load_state_dict(state, strict=True)  # raises on any missing/unexpected key
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    differences = _tensor_differences(state, model.state_dict(), values=False)
+    if differences:
+        raise CheckpointError(f"timm's {arch} with {args} does not take the encoder's tensors "
+                              f"({'; '.join(differences)}); nothing was exported")
+    out = Path(output)
     verified = "not run"
-    if verify:
-        reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
-        x = _probe_input(mae)
-        with torch.no_grad():
-            verified = _compare(mae.forward_features(x, "cls"), reloaded.forward_features(x)[:, 0], "timm")
+    with staged_folder(out, overwrite) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if verify:
+            _check_file(tmp / "model.safetensors", state)
+            reloaded = timm.create_model(f"local-dir:{tmp}", pretrained=True).eval()
+            differences = _tensor_differences(state, reloaded.state_dict())
+            if differences:
+                raise CheckpointError(f"timm.create_model('local-dir:…') loaded the export differently from what "
+                                      f"was written ({'; '.join(differences)}); nothing was exported")
+            x = _probe_input(mae)
+            with torch.no_grad():
+                verified = _compare(mae.forward_features(x, "cls"), reloaded.forward_features(x)[:, 0], "timm")
     return ExportResult(out, [out / "model.safetensors", out / "config.json"], verified)
 
 
-def export_hf(checkpoint, output: str | Path, overwrite: bool = False, verify: bool = True) -> ExportResult:
+def export_hf(checkpoint, output: str | Path, overwrite: bool = False, verify: bool = True,
+              img_size: int | None = None) -> ExportResult:
     """Write a transformers ``ViTModel`` folder (``config.json``, ``model.safetensors``, image processor)."""
-    mae, data_info, _ = _source(checkpoint)
+    mae, data_info, _ = _source(checkpoint, img_size)
     mae = mae.float().eval()
-    out = _prepare(output, overwrite)
     c = mae.config
     mean, std = _stats(mae, data_info)
-    save_file(hf_state_dict(mae), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(mae), indent=2))
+    state = hf_state_dict(mae)
+    check_finite(state, "the encoder to export")
     processor = {"image_processor_type": "ViTImageProcessor", "do_resize": True,
                  "size": {"height": c.img_size, "width": c.img_size}, "resample": 3, "do_rescale": True,
                  "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean, "image_std": std}
-    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
-    files = [out / "model.safetensors", out / "config.json", out / "preprocessor_config.json"]
+    out = Path(output)
+    names = ["model.safetensors", "config.json", "preprocessor_config.json"]
     verified = "not run"
-    if verify:
-        try:
-            from transformers import ViTModel
-        except ImportError:
-            return ExportResult(out, files, "not run (transformers is not installed)")
-        model, info = ViTModel.from_pretrained(str(out), add_pooling_layer=False, output_loading_info=True)
-        bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-        if bad:
-            raise CheckpointError(f"transformers did not load the export cleanly ({bad}); please report this")
-        x = _probe_input(mae)
-        with torch.no_grad():
-            theirs = model.eval()(pixel_values=x).last_hidden_state[:, 0]
-            verified = _compare(mae.forward_features(x, "cls"), theirs, "transformers")
-    return ExportResult(out, files, verified)
+    with staged_folder(out, overwrite) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config(mae), indent=2))
+        (tmp / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+        if verify:
+            _check_file(tmp / "model.safetensors", state)
+            try:
+                from transformers import ViTModel
+            except ImportError:
+                verified = "reload in transformers not run (transformers is not installed)"
+            else:
+                model, info = ViTModel.from_pretrained(str(tmp), add_pooling_layer=False, output_loading_info=True)
+                bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                       and v}
+                if bad:
+                    raise CheckpointError(f"transformers' ViTModel did not take the exported tensors as written "
+                                          f"({'; '.join(f'{k}: {sorted(v)[:3]}' for k, v in bad.items())}); nothing "
+                                          "was exported")
+                x = _probe_input(mae)
+                with torch.no_grad():
+                    theirs = model.eval()(pixel_values=x).last_hidden_state[:, 0]
+                    verified = _compare(mae.forward_features(x, "cls"), theirs, "transformers")
+    return ExportResult(out, [out / n for n in names], verified)
 
 
 def export_encoder(checkpoint, fmt: str, output: str | Path, overwrite: bool = False,
-                   verify: bool = True) -> ExportResult:
+                   verify: bool = True, img_size: int | None = None) -> ExportResult:
     if fmt == "timm":
-        return export_timm(checkpoint, output, overwrite, verify)
+        return export_timm(checkpoint, output, overwrite, verify, img_size)
     if fmt == "hf":
-        return export_hf(checkpoint, output, overwrite, verify)
+        return export_hf(checkpoint, output, overwrite, verify, img_size)
     raise ConfigError(f"--format: got {fmt!r}, expected one of {', '.join(FORMATS)}")
 
 
@@ -250,13 +359,16 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=FORMATS, dest="fmt", help="timm or hf")
     p.add_argument("--output", required=True, help="folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --output")
+    p.add_argument("--img-size", type=int, default=None, metavar="N",
+                   help="export the encoder for N x N inputs (position embeddings resampled bicubically, as timm "
+                        "does; default: the pretraining size)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip reloading the export and comparing features")
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    result = export_encoder(args.checkpoint, args.fmt, args.output, args.overwrite, args.verify)
+    result = export_encoder(args.checkpoint, args.fmt, args.output, args.overwrite, args.verify, args.img_size)
     print(result.summary())
     return 0
 

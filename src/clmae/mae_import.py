@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import FORMAT, read_weights, split_prefix
+from .checkpoint import FORMAT, check_finite, read_weights, split_prefix, weights_file
 from .errors import CheckpointError
 
 
@@ -55,17 +55,31 @@ def _load_pickle(path: Path) -> Any:
 
 
 def read_mae_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
-    """``(state dict in MAE layout, training args, description)`` from any supported file or folder."""
-    path = Path(path).expanduser()
+    """``(state dict in MAE layout, training args, description)`` from any supported file or folder.
+
+    NaN or Inf in any tensor is an error naming the file and the tensor.
+    """
+    file = _weights_path(Path(path).expanduser())
+    state, args, kind = _read_state(file)
+    check_finite(state, str(file))
+    return state, args, kind
+
+
+def _weights_path(path: Path) -> Path:
+    """The file a ``--init-from`` path means (a clmae run folder: :func:`~clmae.checkpoint.weights_file`)."""
     if path.is_dir():
-        for name in ("checkpoint-last.safetensors", "model.safetensors"):
-            if (path / name).is_file():
-                path = path / name
-                break
+        if any((path / f"checkpoint-last{s}").is_file() for s in (".safetensors", ".pt")):
+            path = weights_file(path)  # a clmae run: the same file every other command reads
+        elif (path / "model.safetensors").is_file():
+            path = path / "model.safetensors"
         else:
             raise CheckpointError(f"{path}: no checkpoint-last.safetensors or model.safetensors in this folder")
     if not path.is_file():
         raise CheckpointError(f"--init-from: {path} not found")
+    return path
+
+
+def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     if path.suffix == ".safetensors":
         tensors, meta = read_weights(path)
         if meta.get("format") == FORMAT:

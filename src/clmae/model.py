@@ -23,6 +23,7 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
@@ -51,6 +52,9 @@ class ModelConfig:
     masker_dim: int | None = None
     masker_depth: int = 5
     masker_num_heads: int = 4
+    # The patch grid the fixed sin-cos position embeddings were made for; ``None``: this config's own
+    # grid. Another grid (a model run at a resolution it was not pretrained at) gets them resampled.
+    pos_embed_grid: int | None = None
 
     @property
     def grid_size(self) -> int:
@@ -89,6 +93,7 @@ class ModelConfig:
         width = self.masker_dim or self.embed_dim
         need(width % self.masker_num_heads == 0, "masker_num_heads", "must divide the masker width")
         need(self.depth >= 1 and self.masker_depth >= 1, "depth", "must be at least 1")
+        need(self.pos_embed_grid is None or self.pos_embed_grid >= 1, "pos_embed_grid", "must be at least 1")
 
 
 # Registry of named configurations. Decoders of the ImageNet models follow the paper (512 wide,
@@ -181,6 +186,32 @@ def sincos_pos_embed_2d(dim: int, grid_size: int, cls_token: bool = True) -> tor
     return torch.from_numpy(emb).float()
 
 
+def resample_pos_embed(pos_embed: torch.Tensor, grid_size: int, prefix_tokens: int = 1) -> torch.Tensor:
+    """Position embeddings ``(1, prefix + g², D)`` of a square grid resampled to ``grid_size²`` patches.
+
+    Bicubic with antialiasing in float32, the prefix (CLS) slots kept as they are: the computation
+    timm's ``resample_abs_pos_embed`` does by default, so an encoder exported at another resolution
+    holds the embedding timm itself would make from the original one.
+    """
+    prefix, grid = pos_embed[:, :prefix_tokens], pos_embed[:, prefix_tokens:]
+    old = int(round(grid.shape[1] ** 0.5))
+    if old * old != grid.shape[1]:
+        raise ValueError(f"{grid.shape[1]} position embeddings do not form a square grid")
+    if old == grid_size:
+        return pos_embed
+    dim = grid.shape[-1]
+    image = grid.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)
+    image = F.interpolate(image, size=(grid_size, grid_size), mode="bicubic", align_corners=False, antialias=True)
+    grid = image.permute(0, 2, 3, 1).reshape(1, grid_size * grid_size, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def fixed_pos_embed(dim: int, config: ModelConfig) -> torch.Tensor:
+    """The model's sin-cos embeddings ``(1, 1 + L, dim)``: made for ``pos_embed_grid``, resampled to its grid."""
+    base = sincos_pos_embed_2d(dim, config.pos_embed_grid or config.grid_size)[None]
+    return resample_pos_embed(base, config.grid_size)
+
+
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     """``(N, C, H, W)`` images → ``(N, L, p·p·C)`` patches, row-major over the grid."""
     n, c, h, w = imgs.shape
@@ -251,15 +282,13 @@ class MaskedAutoencoderViT(nn.Module):
         # Same key names as timm's ViT and the MAE checkpoints (patch_embed.proj.*), so weights travel.
         self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(c.embed_dim, c.grid_size)[None], persistent=False)
+        self.register_buffer("pos_embed", fixed_pos_embed(c.embed_dim, c), persistent=False)
         self.blocks = _blocks(c.embed_dim, c.depth, c.num_heads, c.mlp_ratio)
         self.norm = nn.LayerNorm(c.embed_dim, eps=LAYER_NORM_EPS)
 
         self.decoder_embed = nn.Linear(c.embed_dim, c.decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_embed_dim))
-        self.register_buffer(
-            "decoder_pos_embed", sincos_pos_embed_2d(c.decoder_embed_dim, c.grid_size)[None], persistent=False
-        )
+        self.register_buffer("decoder_pos_embed", fixed_pos_embed(c.decoder_embed_dim, c), persistent=False)
         self.decoder_blocks = _blocks(c.decoder_embed_dim, c.decoder_depth, c.decoder_num_heads, c.mlp_ratio)
         self.decoder_norm = nn.LayerNorm(c.decoder_embed_dim, eps=LAYER_NORM_EPS)
         self.decoder_pred = nn.Linear(c.decoder_embed_dim, c.patch_dim)
@@ -356,6 +385,19 @@ class MaskedAutoencoderViT(nn.Module):
         if pool == "mean":
             return latent[:, 1:].mean(dim=1)
         raise ConfigError(f"pool: must be 'cls' or 'mean', got {pool!r}")
+
+    def at_img_size(self, img_size: int) -> MaskedAutoencoderViT:
+        """This model for ``img_size`` inputs: the same weights, the position embeddings of the
+        pretraining grid resampled to the new one (``self`` when the size is already ``img_size``)."""
+        if img_size == self.config.img_size:
+            return self
+        cfg = dataclasses.replace(self.config, img_size=img_size,
+                                  pos_embed_grid=self.config.pos_embed_grid or self.config.grid_size)
+        with torch.random.fork_rng(devices=[]):  # the throw-away initialisation leaves the caller's RNG alone
+            model = MaskedAutoencoderViT(cfg)
+        model.load_state_dict(self.state_dict())
+        weight = self.cls_token
+        return model.to(device=weight.device, dtype=weight.dtype).train(self.training)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the encoder's weights (what downstream users need)."""

@@ -39,20 +39,32 @@ class KnnConfig:
 
 @dataclass
 class LinearConfig:
-    epochs: int = opt(30, "training epochs")
+    """The probe trains for ``max(min_steps, epochs × batches per epoch)`` optimizer steps.
+
+    Counting steps, not epochs, lets the length follow the dataset: large sets get their ``epochs``
+    passes, small ones (digits: 6 batches per epoch) still get enough steps to converge.
+    """
+
+    epochs: int = opt(30, "passes over the training features (the length on large datasets)")
+    min_steps: int = opt(1000, "at least this many optimizer steps (the length on small datasets)")
     batch_size: int = opt(256, "training batch size")
-    lrs: tuple[float, ...] = opt((1e-3, 3e-3, 1e-2, 3e-2),
+    lrs: tuple[float, ...] = opt((1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
                                  "learning rates tried (the best on the validation split is kept)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     val_fraction: float = opt(0.1, "fraction of train held out to choose the learning rate")
 
     def validate(self) -> LinearConfig:
         check_option(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        check_option(self.min_steps >= 0, "min_steps", self.min_steps, "an integer >= 0")
         check_option(self.batch_size >= 2, "batch_size", self.batch_size, "an integer >= 2")
         check_option(len(self.lrs) >= 1 and all(lr > 0 for lr in self.lrs), "lrs", self.lrs, "positive numbers")
         check_option(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         check_option(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "a number in (0, 1)")
         return self
+
+    def steps(self, n: int) -> int:
+        """Optimizer steps on ``n`` training samples."""
+        return max(self.min_steps, self.epochs * max(1, math.ceil(n / self.batch_size)))
 
 
 @dataclass
@@ -76,6 +88,21 @@ class FewShotConfig:
 # k-NN
 
 
+def centred_bank(train_feats: torch.Tensor, device: torch.device,
+                 chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(training features minus their mean as float32, the float64 mean)`` on ``device``.
+
+    Distances do not change under a shift, but float32 products of large values lose their low
+    digits: centring first (mean and subtraction in float64) keeps the shortcut accurate whatever
+    offset the features carry.
+    """
+    total = torch.zeros(train_feats.shape[1], dtype=torch.float64, device=device)
+    for part in train_feats.split(chunk):
+        total += part.to(device, torch.float64).sum(0)
+    mean = total / max(train_feats.shape[0], 1)
+    return torch.cat([(part.to(device, torch.float64) - mean).float() for part in train_feats.split(chunk)]), mean
+
+
 def knn_class_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                      num_classes: int, k: int, metric: str, temperature: float = 0.07, chunk_size: int = 1024,
                      device: torch.device | str | None = None) -> torch.Tensor:
@@ -83,32 +110,43 @@ def knn_class_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test
 
     ``metric="euclidean"``: majority vote, each of the ``k`` nearest counts 1; ties between classes are
     broken in favour of the class whose best neighbour ranks highest (a bonus below 1 that never
-    outweighs a vote). ``metric="cosine"``: votes weighted by ``exp(similarity / temperature)``.
+    outweighs a vote). Neighbours: candidates from one matrix product on features centred on the
+    training mean, ``‖q − t‖² = ‖q‖² − (2 q·t − ‖t‖²)``, then the exact distances of those
+    candidates (float64) decide the order, so a constant offset of the features changes nothing.
+    ``metric="cosine"``: votes weighted by ``exp(similarity / temperature)``.
     The test set is processed in chunks of ``chunk_size`` rows as one matrix product each.
     """
     if metric not in ("euclidean", "cosine"):
         raise ConfigError(f"metric: must be 'euclidean' or 'cosine', got {metric!r}")
     device = torch.device(device) if device is not None else train_feats.device
-    k = min(k, train_feats.shape[0])
-    bank = train_feats.to(device, torch.float32)
+    n_train = train_feats.shape[0]
+    k = min(k, n_train)
     bank_labels = train_labels.to(device)
     if metric == "cosine":
-        bank = F.normalize(bank, dim=1)
+        bank = F.normalize(train_feats.to(device, torch.float32), dim=1)
     else:
-        # −‖q − t‖² + ‖q‖² = 2 q·t − ‖t‖² = [q, 1] · [2t, −‖t‖²]: one matrix product ranks by distance.
-        bank = torch.cat([2 * bank, -(bank * bank).sum(1, keepdim=True)], dim=1)
+        centred, mean = centred_bank(train_feats, device)
+        # −‖q − t‖² + ‖q‖² = 2 q·t − ‖t‖² = [q, 1] · [2t, −‖t‖²]: one matrix product finds the candidates.
+        bank = torch.cat([2 * centred, -(centred * centred).sum(1, keepdim=True)], dim=1)
+        del centred
+        raw = train_feats.to(device, torch.float32)  # differences of float32 values are exact in float64
+        candidates = min(n_train, 2 * k + 16)  # a margin for the shortcut's rounding near the k-th neighbour
     ranks = torch.arange(k, device=device, dtype=torch.float32)
     tie_bonus = (k - ranks) / (k + 1)  # rank 0 → k/(k+1) < 1
     out = []
     for chunk in test_feats.split(chunk_size):
-        q = chunk.to(device, torch.float32)
         if metric == "cosine":
+            q = chunk.to(device, torch.float32)
             sim = F.normalize(q, dim=1) @ bank.T
             values, idx = sim.topk(k, dim=1)
             weights = torch.exp(values / temperature)
         else:
+            q = (chunk.to(device, torch.float64) - mean).float()
             closeness = torch.cat([q, torch.ones(q.shape[0], 1, device=device)], dim=1) @ bank.T
-            _, idx = closeness.topk(k, dim=1, sorted=True)
+            _, cand = closeness.topk(candidates, dim=1, sorted=True)
+            diff = chunk.to(device, torch.float64).unsqueeze(1) - raw[cand].double()
+            order = (diff * diff).sum(-1).argsort(dim=1, stable=True)[:, :k]  # exact ties keep topk's order
+            idx = cand.gather(1, order)
             weights = torch.ones_like(idx, dtype=torch.float32)
         neighbour_labels = bank_labels[idx]
         scores = torch.zeros(q.shape[0], num_classes, device=device).scatter_add_(1, neighbour_labels, weights)
@@ -169,25 +207,43 @@ def train_linear(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, lr
     Batches walk through seeded permutations of the data; a trailing batch of one sample is skipped
     (batch norm needs two). With ``batch_size >= len(feats)`` every step is full-batch.
     """
+    return train_linear_heads(feats, labels, num_classes, (lr,), steps, batch_size, weight_decay, seed, device)[0]
+
+
+def train_linear_heads(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, lrs, steps: int,
+                       batch_size: int, weight_decay: float, seed: int, device=None) -> list[LinearHead]:
+    """One :class:`LinearHead` per learning rate in ``lrs``, each as :func:`train_linear` trains it alone.
+
+    The heads see the same batches side by side: they share no parameter (one batch norm without
+    parameters feeds them all) and AdamW updates each parameter on its own, so one step of the sum
+    of their losses is one step of each; a learning-rate sweep then costs one pass, not one per rate.
+    """
     device = torch.device(device) if device is not None else feats.device
     n = feats.shape[0]
     if n < 2:
         raise DataError(f"need at least 2 training samples for a linear classifier, got {n}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = LinearHead(feats.shape[1], num_classes).to(device)
+    heads = []
+    for _ in lrs:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            heads.append(LinearHead(feats.shape[1], num_classes).to(device))
+    for head in heads[1:]:
+        head[0] = heads[0][0]  # one batch norm: the same statistics for every head
     x_all, y_all = feats.to(device, torch.float32), labels.to(device)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW([{"params": list(h[1].parameters()), "lr": lr, "peak_lr": lr} for h, lr in zip(heads, lrs)],
+                            weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, n)
-    head.train()
+    for head in heads:
+        head.train()
     with few_threads(device):
-        _fit(head, opt, x_all, y_all, lr, steps, batch_size, g)
-    return head.eval()
+        _fit(heads, opt, x_all, y_all, steps, batch_size, g)
+    return [head.eval() for head in heads]
 
 
-def _fit(head, opt, x_all, y_all, lr: float, steps: int, batch_size: int, g: torch.Generator) -> None:
+def _fit(heads: list[LinearHead], opt, x_all, y_all, steps: int, batch_size: int, g: torch.Generator) -> None:
     n, step = x_all.shape[0], 0
+    norm = heads[0][0]
     while step < steps:
         order = torch.randperm(n, generator=g).to(x_all.device)
         for start in range(0, n, batch_size):
@@ -195,8 +251,9 @@ def _fit(head, opt, x_all, y_all, lr: float, steps: int, batch_size: int, g: tor
             if idx.numel() < 2:
                 continue
             for group in opt.param_groups:
-                group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / steps))
-            loss = F.cross_entropy(head(x_all[idx]), y_all[idx])
+                group["lr"] = 0.5 * group["peak_lr"] * (1.0 + math.cos(math.pi * step / steps))
+            z, y = norm(x_all[idx]), y_all[idx]
+            loss = sum(F.cross_entropy(head[1](z), y) for head in heads)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -230,18 +287,16 @@ def linear_probe_metrics(train_feats, train_labels, test_feats, test_labels, num
     n = train_feats.shape[0]
     tr, va = split_train_val(n, c.val_fraction, seed)
     sweep = {}
-    for lr in c.lrs:
-        steps = c.epochs * max(1, math.ceil(len(tr) / c.batch_size))
-        head = train_linear(train_feats[tr], train_labels[tr], num_classes, lr, steps, c.batch_size, c.weight_decay,
-                            seed, device)
-        acc = topk_accuracy(classifier_scores(head, train_feats[va]), train_labels[va], "val")["val_top1"]
-        sweep[repr(lr)] = acc
+    heads = train_linear_heads(train_feats[tr], train_labels[tr], num_classes, c.lrs, c.steps(len(tr)), c.batch_size,
+                               c.weight_decay, seed, device)
+    for lr, head in zip(c.lrs, heads):
+        sweep[repr(lr)] = topk_accuracy(classifier_scores(head, train_feats[va]), train_labels[va], "val")["val_top1"]
     best_lr = max(c.lrs, key=lambda lr: (sweep[repr(lr)], -lr))  # ties → the smaller lr
-    steps = c.epochs * max(1, math.ceil(n / c.batch_size))
-    head = train_linear(train_feats, train_labels, num_classes, best_lr, steps, c.batch_size, c.weight_decay, seed,
-                        device)
+    head = train_linear(train_feats, train_labels, num_classes, best_lr, c.steps(n), c.batch_size, c.weight_decay,
+                        seed, device)
     metrics = topk_accuracy(classifier_scores(head, test_feats), test_labels, "linear")
-    details = {"val_top1_by_lr": sweep, "best_lr": best_lr, "train_size": len(tr), "val_size": len(va)}
+    details = {"val_top1_by_lr": sweep, "best_lr": best_lr, "train_size": len(tr), "val_size": len(va),
+               "steps": c.steps(n), "sweep_steps": c.steps(len(tr))}
     return metrics, details
 
 

@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import (
     FORMAT,
+    check_finite,
     load_state_checked,
     read_training_state,
     resolve_checkpoint,
@@ -164,6 +165,10 @@ def load_run_checkpoint(path: Path, modules: dict[str, Any], optimizers: dict[st
                         generator: torch.Generator) -> tuple[Position, dict[str, Any]]:
     """Restore weights, optimiser and RNG states from a resume file; ``(position, the whole state)``."""
     state = read_training_state(path)
+    check_finite(state["weights"], str(path))
+    for name in optimizers:  # NaN moments would poison every later step as surely as NaN weights
+        moments = (state.get(name) or {}).get("state", {})
+        check_finite({f"{name}.{i}.{k}": v for i, s in moments.items() for k, v in s.items()}, str(path))
     names = {"mae": "autoencoder", "masker": "masking module"}
     for prefix, module in modules.items():
         if module is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -56,6 +57,25 @@ def labeled_split(dataset, split: str, max_items: int | None, seed: int, identit
         raise DataError(f"{dataset.name}: the {split} labels contain negative values; labels must be 0..C-1")
     digest = hashlib.sha1(indices.numpy().tobytes()).hexdigest()[:12]
     return LabeledSplit(dataset.name, split, dataset, indices, labels[indices], f"{identity}|{split}|{n}|{digest}")
+
+
+def content_identity(split: LabeledSplit) -> str:
+    """``split.identity`` plus, for image folders, a digest of every chosen file's path, size and time.
+
+    Used where a result outlives the process (the feature cache on disk): an image replaced in a
+    class sub-folder changes no folder's own modification time, but changes this.
+    """
+    if not isinstance(split.dataset, FolderData):
+        return split.identity
+    h = hashlib.sha1()
+    files = split.dataset.files.files
+    for i in split.indices.tolist():
+        try:
+            st = os.stat(files[i])
+            h.update(f"{files[i]}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{files[i]}:missing\n".encode())
+    return f"{split.identity}|files:{h.hexdigest()[:16]}"
 
 
 def data_identity(data: str, data_dir: str | None) -> str:
