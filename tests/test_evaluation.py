@@ -186,8 +186,10 @@ def test_cli_eval_knn_end_to_end(run_dir, tmp_path, capsys):
 
 
 def test_features_are_extracted_once_and_random_reference_is_the_pretraining_start(run_dir):
+    from clmae.evaluation import clear_caches
     from clmae.model import MaskedAutoencoderViT
 
+    clear_caches()  # other test modules may have extracted the same random encoder's features already
     setup = prepare(run_dir, "digits", options=opts(max_train=300, max_test=100))
     assert len(setup.train) == 300 and len(setup.test) == 100
     enc = setup.encoders[1]
