@@ -7,6 +7,14 @@ a start killed before its first checkpoint is started over by the same command; 
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +22,11 @@ import pytest
 import torch
 from PIL import Image
 
+from clmae import cli
+from clmae.config import make_config
 from clmae.data import load_dataset, scan_data
 from clmae.errors import ConfigError
+from clmae.metrics import read_metrics
 from clmae.model import (
     MODEL_CONFIGS,
     MaskedAutoencoderViT,
@@ -23,6 +34,7 @@ from clmae.model import (
     param_count,
     resolve_model,
 )
+from clmae.trainer import Trainer
 
 # Native size → (model, image size, patch size) without --model.
 EXPECTED = {
@@ -34,6 +46,7 @@ EXPECTED = {
     224: ("vit_base_patch16_224", 224, 16),
     500: ("vit_base_patch16_224", 224, 16),
 }
+QUIET = ["--probe-every", "0", "--snapshot-every", "0", "--num-workers", "0", "--device", "cpu", "--no-progress"]
 
 
 # =============================================================================================
@@ -147,3 +160,169 @@ def test_parameter_counts_match_the_built_models():
         encoder = sum(p.numel() for k, p in model.named_parameters() if not k.startswith(("decoder_", "mask_token")))
         total = sum(p.numel() for p in model.parameters())
         assert param_count(cfg) == (encoder, total - encoder), name
+
+
+def test_models_command_shows_parameters_and_sizes(capsys):
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("vit_tiny_patch4_28 "))
+    assert "5.3M" in line and "24-29 px" in line
+    assert ">= 160 px" in next(ln for ln in out.splitlines() if ln.startswith("vit_base_patch16_224 "))
+
+
+# =============================================================================================
+# What a run prints
+
+
+def test_a_no_progress_run_prints_a_line_per_epoch_and_a_summary(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    rc = cli.main(["pretrain", "--data", "digits", "--subset", "128", "--batch-size", "32", "--epochs", "2",
+                   "--eval-every", "1", "--probe-every", "2", "--snapshot-every", "0", "--num-workers", "0",
+                   "--device", "cpu", "--no-progress", "--output-dir", str(out_dir)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "\r" not in captured.out + captured.err  # no bar redraws outside a terminal
+    header = captured.err.splitlines()[0]
+    assert header.startswith("clmae: clmae on digits (128 images, 8 px, gray), model vit_micro_patch2_8 at 8 px "
+                             "(native size of the data; --model/--img-size to override), 4x4 patches of 2 px"), header
+    assert "for the whole run (8 iterations)" in captured.err  # the early ETA
+    lines = captured.out.splitlines()
+    epochs = [ln for ln in lines if ln.startswith("epoch ")]
+    assert len(epochs) == 2, captured.out
+    for n, line in enumerate(epochs, 1):
+        for field in (f"epoch {n}/2", "loss_mae ", "λ ", "loss_masker ", "mask_difficulty ", "knn_top1 ", " img/s",
+                      "elapsed "):
+            assert field in line, (field, line)
+    assert "λ +1.00" in epochs[0] and "λ -1.00" in epochs[1]  # the official schedule over 2 epochs
+    assert "ETA " in epochs[0] and "ETA " not in epochs[1]
+    knn = [r["knn_top1"] for r in read_metrics(out_dir) if r["kind"] == "eval"]
+    assert f"knn_top1 {knn[-1]:.2f}" in epochs[1]
+    summary = "\n".join(lines[lines.index(epochs[1]) + 1:])
+    assert summary.startswith("done: 2 epochs in ")
+    for fragment in ("loss_mae", "mask_difficulty", "knn_top1", str(out_dir / "checkpoint-last.safetensors"),
+                     str(out_dir / "metrics.jsonl"), str(out_dir / "config.json"), f"clmae report {out_dir}"):
+        assert fragment in summary, fragment
+    recorded = json.loads((out_dir / "config.json").read_text())["run_config"]
+    assert (recorded["model"], recorded["img_size"], recorded["patch_size"]) == ("vit_micro_patch2_8", 8, 2)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_in_a_terminal_the_bar_shows_the_epoch_and_a_loss_from_the_first_iterations(tmp_path, monkeypatch):
+    out, err = Terminal(), Terminal()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    cfg = make_config(dict(data="digits", subset=64, batch_size=16, epochs=1, progress=True, probe_every=0,
+                           snapshot_every=0, device="cpu", output_dir=str(tmp_path / "run")))
+    Trainer(cfg).fit()
+    bar = err.getvalue()
+    assert "\r" in bar and re.search(r"epoch 1/1: .*\| [1-3]/4 .*loss \d+\.\d{4}\]", bar), bar
+    assert "epoch 1/1  loss_mae" in out.getvalue()  # the epoch line too
+
+
+# =============================================================================================
+# Failed set-ups leave no folder; a start killed before its first checkpoint is started over
+
+
+def test_every_kind_of_validation_failure_leaves_no_folder(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    for i in range(4):
+        (unreadable / f"x{i}.png").write_bytes(b"" if i % 2 else b"not an image")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    cases = {
+        "missing npz": (["--data", str(tmp_path / "missing.npz")], "file not found"),
+        "no images": (["--data", str(empty)], "no images found"),
+        "no readable image": (["--data", str(unreadable)], "4 files skipped: "),
+        "sizes": (["--img-size", "9", "--patch-size", "2"], "image size 9 is not divisible by patch size 2"),
+        "batch": (["--subset", "100", "--batch-size", "500"], "fewer than one global batch"),
+        "init-from": (["--init-from", str(tmp_path / "notes.txt")], "notes.txt: "),  # fails after the folder exists
+    }
+    for name, (argv, fragment) in cases.items():
+        top = tmp_path / f"new-{name.replace(' ', '-')}"
+        rc = cli.main(["pretrain", "--epochs", "1", "--subset", "64", "--batch-size", "16", *QUIET, *argv,
+                       "--output-dir", str(top / "deeper" / "run")])
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("clmae: error: "), (name, err)
+        assert fragment in lines[0], (name, lines[0])
+        assert not top.exists(), f"{name}: the run folder (or its parents) was left behind"
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_with_the_same_command(tmp_path, capsys):
+    """SIGKILL in the first epoch; then the same command, with --resume and without, starts the run over there."""
+    run = tmp_path / "run"
+    argv = ["pretrain", "--data", "digits", "--subset", "256", "--batch-size", "16", "--epochs", "1", "--log-every",
+            "1", *QUIET, "--output-dir", str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "clmae", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().count('"train"'):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stderr.close()
+    assert not (run / "checkpoint-last.pt").exists() and (run / "config.json").exists()
+    killed = {p.name for p in run.iterdir()}
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in killed - {"tensorboard", "probe"}:
+        (copy / name).write_bytes((run / name).read_bytes())
+
+    for folder, extra in ((run, ["--resume"]), (copy, [])):
+        command = [a if a != str(run) else str(folder) for a in argv] + extra
+        assert cli.main(command) == 0
+        err = capsys.readouterr().err
+        assert "clmae: note: " in err and "starting" in err and "error" not in err, err
+        steps = [r["step"] for r in read_metrics(folder) if r["kind"] == "train"]
+        assert steps == list(range(1, 17)), "the stale metrics of the killed start were not cleared"
+        assert (folder / "checkpoint-last.pt").exists()
+
+
+def test_resume_with_a_changed_option_names_the_stored_value(tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["pretrain", "--subset", "64", "--batch-size", "32", "--epochs", "1", *QUIET, "--output-dir", str(run)]
+    assert cli.main(base) == 0  # no --model: the default model is recorded
+    capsys.readouterr()
+    for argv, fragment in ((["--model", "vit_tiny_patch4_32"], "--model: the run was started with "
+                                                               "'vit_micro_patch2_8'"),
+                           (["--img-size", "16"], "--img-size: the run was started with 8;")):
+        assert cli.main(["pretrain", "--resume", str(run), *argv]) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and "None" not in err, err
+
+
+# =============================================================================================
+# Usage errors and help
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["pretrain", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+    (["pretrain", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["pretrian"], "invalid choice: 'pretrian'"),
+    (["pretrain", "--method", "bert"], "argument --method: invalid choice: 'bert'"),
+    (["eval", "knn"], "the following arguments are required: --checkpoint"),
+])
+def test_usage_errors_are_one_line_with_exit_code_2(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("clmae: error: ") and fragment in err, err
+    assert "usage:" not in err
+
+
+def test_pretrain_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for fragment in ("training epochs (default: 30)", "(default: 0.75)", "(default: 64)", "(default: clmae)",
+                     "show a progress bar (default: on)", "see `clmae models`"):
+        assert fragment in text, fragment
