@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from clmae.model import (
 )
 from clmae.trainer import Trainer
 
+REPO = Path(__file__).resolve().parents[1]
 # Native size → (model, image size, patch size) without --model.
 EXPECTED = {
     8: ("vit_micro_patch2_8", 8, 2),
@@ -297,6 +299,30 @@ def test_resume_with_a_changed_option_names_the_stored_value(tmp_path, capsys):
         assert cli.main(["pretrain", "--resume", str(run), *argv]) == 2
         err = capsys.readouterr().err
         assert fragment in err and "None" not in err, err
+
+
+@pytest.mark.parametrize("pretrain_exit", [0, 130, 143])
+def test_make_run_evaluates_only_after_a_completed_pretraining(tmp_path, pretrain_exit):
+    """`make run` chains pretraining and k-NN with `&&`: a run stopped by a signal (exit 130/143) is never evaluated.
+
+    The Makefile runs as is, against a stand-in virtual environment whose `clmae` records its calls.
+    """
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    (venv / ".installed").touch()  # newer than pyproject.toml: `setup` has nothing to do
+    calls = tmp_path / "calls"
+    fake = venv / "bin" / "clmae"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n[ "$1" = pretrain ] && exit {pretrain_exit}\nexit 0\n')
+    fake.chmod(0o755)
+    proc = subprocess.run(["make", "-s", "-f", str(REPO / "Makefile"), "run", f"VENV={venv}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    made = calls.read_text().splitlines()
+    assert re.fullmatch(r"pretrain --output-dir runs/default-\d{8}-\d{6}", made[0]), made
+    if pretrain_exit == 0:
+        assert proc.returncode == 0 and made[1:] == [f"eval knn --checkpoint {made[0].split()[-1]} --no-progress"]
+    else:
+        assert proc.returncode != 0 and made[1:] == [], "make run evaluated a run that did not finish"
 
 
 # =============================================================================================

@@ -69,6 +69,7 @@ class Console:
         self.eta_said = False
         self.epoch_started = self.started
         self.last_step_time = self.started
+        self.last_epoch_end: tuple[float, int] | None = None  # (time, iteration) at the previous epoch line
         self.epoch_images = 0
         self.epoch_loss_sum, self.epoch_loss_n = 0.0, 0
         self.line_step = run.iteration  # probe records after this iteration are new for the next line
@@ -124,10 +125,15 @@ class Console:
             self._say_eta(run, (now - self.first_step_end) / timed)
 
     def seconds_per_iteration(self, run: RunView) -> float | None:
-        """Wall-clock per iteration since the first one, everything included (checkpoints, k-NN, probe)."""
+        """Recent wall-clock per iteration, everything included (checkpoints, k-NN, probe): over the last epoch,
+        or since the first iteration during the first epoch. Recent, so a machine that got busier or quieter
+        shows in the ETA at the next line."""
+        now = time.perf_counter()
+        if self.last_epoch_end is not None and run.iteration > self.last_epoch_end[1]:
+            return (now - self.last_epoch_end[0]) / (run.iteration - self.last_epoch_end[1])
         if self.first_step_end is None or run.iteration <= self.first_timed_iteration:
             return None
-        return (time.perf_counter() - self.first_step_end) / (run.iteration - self.first_timed_iteration)
+        return (now - self.first_step_end) / (run.iteration - self.first_timed_iteration)
 
     def _say_eta(self, run: RunView, per_iteration: float) -> None:
         total_iterations = run.epochs * run.steps_per_epoch
@@ -177,6 +183,7 @@ class Console:
         if self.bar is not None:
             self.bar.set_description_str(self._desc(run.epoch), refresh=False)
         self.epoch_started = self.last_step_time = time.perf_counter()
+        self.last_epoch_end = (now, run.iteration)
         self.epoch_images = 0
         self.epoch_loss_sum, self.epoch_loss_n = 0.0, 0
         self.line_step = run.iteration

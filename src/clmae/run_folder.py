@@ -85,8 +85,13 @@ class Position:
 
 
 def default_output_dir(cfg: PretrainConfig) -> Path:
-    """``runs/<method>-<data>-<time>``."""
-    return Path("runs") / f"{cfg.method}-{dataset_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``runs/<method>-<data>-<time>``, with ``-2``, ``-3``, … when runs start within the same second."""
+    base = Path("runs") / f"{cfg.method}-{dataset_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 @dataclass
