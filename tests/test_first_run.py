@@ -208,6 +208,29 @@ def test_a_no_progress_run_prints_a_line_per_epoch_and_a_summary(tmp_path, capsy
     assert (recorded["model"], recorded["img_size"], recorded["patch_size"]) == ("vit_micro_patch2_8", 8, 2)
 
 
+def test_a_run_estimated_at_hours_on_cpu_gets_a_warning_saying_how_to_make_it_smaller():
+    from types import SimpleNamespace
+
+    from clmae.console import Console
+
+    def run_on(device: str):
+        return SimpleNamespace(iteration=5, epochs=30, steps_per_epoch=1000, global_batch=64,
+                               device=torch.device(device), dataset=range(64_000),
+                               model_config=SimpleNamespace(img_size=224), cfg=SimpleNamespace(method="clmae"))
+
+    for device, warned in (("cpu", True), ("meta", False)):
+        out, err = io.StringIO(), io.StringIO()
+        console = Console(run_on(device), progress=False, out=out, err=err)
+        console._say_eta(run_on(device), per_iteration=90.0)  # 30,000 iterations of 90 s: 31 days
+        lines = err.getvalue().splitlines()
+        assert lines[0].startswith("clmae: 90 s per iteration (1 img/s): about 31d05h for the whole run (30000 ")
+        assert (len(lines) == 2) == warned, lines
+        if warned:
+            for hint in ("--epochs (now 30)", "--subset N (now 64000 images)", "--img-size (now 224 px)",
+                         "--method mae", "--device cuda"):
+                assert hint in lines[1], hint
+
+
 class Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True

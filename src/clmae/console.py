@@ -34,7 +34,7 @@ LONG_CPU_RUN_S = 3 * 3600  # warn on CPU when a run is estimated to take longer
 
 
 def format_duration(seconds: float) -> str:
-    """``42s``, ``3m05s``, ``2h35m``: short and unambiguous in a log line."""
+    """``42s``, ``3m05s``, ``2h35m``, ``31d06h``: short and unambiguous in a log line."""
     if not math.isfinite(seconds):
         return "?"
     s = int(round(max(seconds, 0.0)))
@@ -42,7 +42,9 @@ def format_duration(seconds: float) -> str:
         return f"{s}s"
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    if s < 2 * 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
 
 
 def _number(value: Any) -> float | None:
