@@ -9,6 +9,7 @@ saving its checkpoint, so ``clmae pretrain ... && clmae eval ...`` never evaluat
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -114,7 +115,7 @@ def _run_models(args: argparse.Namespace) -> int:
 
     print(f"{'name':<22} {'img':>4} {'patch':>5} {'width':>5} {'depth':>5} {'heads':>5} {'encoder':>8} "
           f"{'total':>8}  {'suits':<11} decoder (w/d/h)")
-    for name, c in sorted(MODEL_CONFIGS.items(), key=lambda kv: (kv[1].embed_dim * kv[1].depth, kv[0])):
+    for name, c in sorted(MODEL_CONFIGS.items(), key=lambda kv: (kv[1].embed_dim * kv[1].depth, kv[1].img_size)):
         encoder, decoder = param_count(c)
         print(f"{name:<22} {c.img_size:>4} {c.patch_size:>5} {c.embed_dim:>5} {c.depth:>5} {c.num_heads:>5} "
               f"{encoder / 1e6:>7.1f}M {(encoder + decoder) / 1e6:>7.1f}M  {suits(name):<11} "
@@ -155,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("clmae: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `clmae models | head`: the reader is gone; say nothing more, as a shell tool would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE
 
 
 if __name__ == "__main__":  # pragma: no cover
