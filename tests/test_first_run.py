@@ -348,6 +348,22 @@ def test_make_run_evaluates_only_after_a_completed_pretraining(tmp_path, pretrai
         assert proc.returncode != 0 and made[1:] == [], "make run evaluated a run that did not finish"
 
 
+def test_a_run_recorded_without_its_model_by_an_older_clmae_resumes_with_the_model_it_used(tmp_path, capsys):
+    from clmae.checkpoint import read_training_state, save_training_state
+
+    run = tmp_path / "run"
+    argv = ["pretrain", "--subset", "64", "--batch-size", "32", "--epochs", "1", *QUIET, "--output-dir", str(run)]
+    assert cli.main(argv) == 0
+    state = read_training_state(run / "checkpoint-last.pt")
+    state["run_config"].update(model=None, img_size=None, patch_size=None)  # what clmae recorded before
+    save_training_state(run / "checkpoint-last.pt", state)
+    capsys.readouterr()
+    assert cli.main(["pretrain", "--resume", str(run), "--epochs", "2"]) == 0
+    assert "model vit_micro_patch2_8 at 8 px (as the run started)" in capsys.readouterr().err
+    assert cli.main(["pretrain", "--resume", str(run), "--model", "vit_tiny_patch4_32"]) == 2
+    assert "the run was started with 'vit_micro_patch2_8'" in capsys.readouterr().err
+
+
 # =============================================================================================
 # Usage errors and help
 
