@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("batches and runs", ["batches", "run_folder"]),
     ("evaluation data", ["splits", "features", "reports"]),
     ("downstream tools", ["finetune", "visualize"]),
-    ("evaluation and probe", ["evaluation", "probe"]),
+    ("evaluation, probe and console", ["evaluation", "probe", "console"]),
     ("training", ["trainer"]),
     ("commands and API", ["cli", "eval_cli", "report", "compare", "export", "__init__", "__main__"]),
 ]

@@ -165,7 +165,7 @@ def test_sigkill_in_a_step_and_in_checkpoint_writes_resumes_to_identical_weights
 
 
 # =============================================================================================
-# Graceful stop: SIGINT / SIGTERM finish the step, save, exit 0 and say how to resume
+# Graceful stop: SIGINT / SIGTERM finish the step, save, say how to resume, exit 130 / 143 (shell chains stop)
 
 
 @pytest.mark.slow
@@ -180,7 +180,7 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_printed_resume_command_finishes
         proc = soak.launch(cmd, None, 0, log)
         assert soak.wait_for_steps(proc, metrics, offset, 2, TIMEOUT), log.read_text()[-3000:]
         proc.send_signal(sig)
-        assert proc.wait(timeout=TIMEOUT) == 0, log.read_text()[-3000:]
+        assert proc.wait(timeout=TIMEOUT) == 128 + sig, log.read_text()[-3000:]  # 130 for SIGINT, 143 for SIGTERM
         text = log.read_text()[log_offset:]
         assert f"received {sig.name}" in text
         m = re.search(r"Resume with: clmae (pretrain --resume (\S+))", text)
@@ -219,7 +219,8 @@ def _cli_cases(d: Path, existing: Path) -> dict[str, tuple[list[str], list[str]]
     return {
         "empty folder": (["--data", str(d / "empty"), *fresh("empty")], ["no images found"]),
         "mask ratio": (["--mask-ratio", "1.0", *fresh("ratio")], ["--mask-ratio", "strictly between 0 and 1"]),
-        "size not divisible": (["--img-size", "9", *fresh("size")], ["img_size", "not divisible by patch size 2"]),
+        "size not divisible": (["--img-size", "9", "--patch-size", "2", *fresh("size")],
+                               ["image size 9 is not divisible by patch size 2", "the data is 8 px"]),
         "existing run": (["--output-dir", str(existing)],
                          ["already holds a run", "--resume", "nothing was overwritten"]),
         "untrusted resume": (["--resume", str(d / "evil_run")], ["refused to load", "could run code"]),
@@ -266,7 +267,7 @@ def test_bad_input_gives_one_line_error_and_exit_code_2(cli_results, case):
     (["--mask-ratio", "-0.5"], "strictly between 0 and 1"),
     (["--epochs", "0"], "--epochs: got 0, expected an integer >= 1"),
     (["--model", "vit_nope"], "--model: got 'vit_nope', expected one of"),
-    (["--patch-size", "3"], "not divisible by patch size 3"),
+    (["--model", "vit_micro_patch2_8", "--img-size", "9"], "image size 9 is not divisible by patch size 2"),
     (["--data", "MISSING.npz"], "MISSING.npz: file not found"),
     (["--data", "/nonexistent/folder"], "is not a built-in dataset"),
     (["--data", "NOKEYS.npz"], "missing key 'x_train' (found ['images'])"),
@@ -542,7 +543,8 @@ def test_edited_patch_size_in_metadata_is_caught_before_building_the_model(finis
 
 
 def test_resume_with_a_different_patch_size_is_refused(finished_run):
-    with pytest.raises(ConfigError, match="--patch-size: the run was started with None"):
+    # The resolved value the run trained with, not "None" for an option left to its default.
+    with pytest.raises(ConfigError, match="--patch-size: the run was started with 2;"):
         Trainer(tiny_config(finished_run, resume=str(finished_run), patch_size=4),
                 overrides={"resume": str(finished_run), "patch_size": 4})
 
@@ -655,7 +657,9 @@ def test_run_on_a_messy_folder_completes_and_reports_skips_once(messy_folder, tm
         signal.signal(signal.SIGALRM, previous)
     assert result.epochs_done == 2
     err = capfd.readouterr().err
-    assert f"skipped {len(bad)} unreadable image(s)" in err  # once per file, not once per epoch
+    assert f"{len(bad)} files skipped: " in err  # once per file, not once per epoch
+    for reason in set(bad.values()):
+        assert f"{reason} × 2" in err  # every reason counted
     data = [r for r in read_metrics(result.metrics) if r.get("kind") == "data"]
     assert len(data) == 1 and data[0]["skipped_files"] == len(bad)
     assert data[0]["skipped_empty file"] == 2 and data[0]["skipped_not an image"] == 2
@@ -671,10 +675,12 @@ def test_a_folder_of_only_bad_files_is_a_clear_error(tmp_path):
     for i in range(8):
         (d / f"x{i}.png").write_bytes(b"" if i % 2 else b"not a png at all")
     cfg = tiny_config(tmp_path / "run", data=str(d), img_size=8, batch_size=4, subset=None, epochs=1, method="mae")
-    with pytest.raises(DataError, match=r"not one batch of 4 readable images in this epoch \(8 files tried; "
-                                         r"unreadable so far: "
-                                         r"(4 empty file, 4 not an image|4 not an image, 4 empty file)\)"):
+    # The same "N files skipped: reason × count" report as partial skips, never a batch-size message,
+    # and before the run folder exists.
+    with pytest.raises(DataError, match=r"no readable image among 8 files \(8 files skipped: "
+                                         r"(empty file × 4, not an image × 4|not an image × 4, empty file × 4)\)"):
         Trainer(cfg).fit()
+    assert not (tmp_path / "run").exists()
 
 
 # =============================================================================================

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import torch
 
 from .augment import crop_flip, random_resized_crop_flip, sample_crop_boxes
-from .data import Dataset, InMemoryImages
+from .data import Dataset, InMemoryImages, skip_summary
 from .distributed import SINGLE, DistContext, all_true, gather_objects
 from .errors import DataError
 from .images import train_transform
@@ -180,10 +180,9 @@ class TrainBatches(BatchSource):
             yielded += 1
             yield batch
         if yielded == 0 and len(order) >= self.batch_size:
-            reasons = ", ".join(f"{n} {r}" for r, n in self.skipped.most_common()) or "none"
             raise DataError(
-                f"{files.root}: not one batch of {self.batch_size} readable images in this epoch "
-                f"({len(order)} files tried; unreadable so far: {reasons}); check the folder or lower --batch-size"
+                f"{files.root}: fewer than one batch of {self.batch_size} readable images among the {len(order)} "
+                f"files tried ({skip_summary(self.skipped)}); check the folder or lower --batch-size"
             )
 
 
@@ -316,8 +315,7 @@ def report_skipped_files(batches, ctx: DistContext, logger) -> Counter:
         examples += some
     if ctx.is_main and skipped:
         total = sum(skipped.values())
-        reasons = ", ".join(f"{n} {r}" for r, n in skipped.most_common())
-        print(f"clmae: skipped {total} unreadable image(s): {reasons}", file=sys.stderr)
+        print(f"clmae: {skip_summary(skipped)} (unreadable; each counted once)", file=sys.stderr)
         for path, reason in examples[:5]:
             print(f"  {path}: {reason}", file=sys.stderr)
         logger.log({"kind": "data", "skipped_files": total, **{f"skipped_{r}": n for r, n in skipped.items()}})

@@ -63,6 +63,11 @@ class RunView:
     def steps_per_epoch(self) -> int:
         return len(self._trainer.batches)
 
+    @property
+    def global_batch(self) -> int:
+        """Images per iteration, over all processes."""
+        return self._trainer.cfg.batch_size * self._trainer.dist.world_size
+
     # what the run is
     @property
     def cfg(self):
@@ -113,6 +118,11 @@ class RunView:
     def log(self, record: dict[str, Any]) -> None:
         """Append a record to ``metrics.jsonl`` (and TensorBoard) at the current iteration."""
         self._trainer.logger.log(record, step=self._trainer.iteration)
+
+    @property
+    def last_records(self) -> dict[str, dict[str, Any]]:
+        """A copy of the last record of each kind logged so far (``"epoch"``, ``"probe"``, ``"eval"``, …)."""
+        return {kind: dict(record) for kind, record in self._trainer.logger.latest.items()}
 
     @property
     def tensorboard(self):

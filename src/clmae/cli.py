@@ -1,11 +1,15 @@
 """The ``clmae`` command line. Each sub-command is a thin layer over the Python API.
 
-Errors a user can fix (:class:`clmae.errors.ClmaeError`) print one line and exit with code 2.
+Errors a user can fix (:class:`clmae.errors.ClmaeError`) and usage errors print one line,
+``clmae: error: ...``, and exit with code 2. A pretraining run stopped by a signal exits as a shell
+reports a process killed by it, 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), after
+saving its checkpoint, so ``clmae pretrain ... && clmae eval ...`` never evaluates a half-trained run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -15,17 +19,34 @@ from .options import flag, help_of
 from .version import __version__
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``clmae: error: ...`` and where to look, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"clmae: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _with_default(text: str, default) -> str:
+    """Help text ending with the default, unless the text already says what happens by default."""
+    if "default" in text or default is None:
+        return text
+    if isinstance(default, bool):
+        default = "on" if default else "off"
+    return f"{text} (default: {default})"
+
+
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="pretrain a ViT with CL-MAE or MAE",
                        description="Pretrain a ViT with CL-MAE (default) or MAE. With no arguments: CL-MAE on the "
-                                   "built-in digits set, a few minutes on a CPU.")
+                                   "built-in digits set, a few minutes on a CPU. Without --model, the model is "
+                                   "chosen from the data's image size (see `clmae models`).")
     p.add_argument("--config", metavar="FILE_OR_PRESET",
                    help=f"YAML file of options, or a shipped preset ({', '.join(preset_names())}); flags override it")
     for name, f in FIELDS.items():
         if name == "extra":
             continue
         kind = str(f.type)
-        kwargs = {"help": help_of(f), "default": argparse.SUPPRESS, "dest": name}
+        kwargs = {"help": _with_default(help_of(f), f.default), "default": argparse.SUPPRESS, "dest": name}
         if name == "resume":
             p.add_argument(flag(name), nargs="?", const="auto", metavar="RUN", **kwargs)
         elif kind.startswith("bool"):
@@ -44,16 +65,27 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     values.update(given)
     cfg = make_config(values)
     trainer = Trainer(cfg, overrides=values if cfg.resume else None)
-    main_process = trainer.dist.is_main
-    if main_process:
-        print(f"clmae: {cfg.method} on {trainer.dataset.name} ({len(trainer.dataset)} images), "
-              f"model {trainer.model_name}, "
-              f"{trainer.model_config.num_patches} patches, device {trainer.device}, output {trainer.output_dir}",
-              file=sys.stderr)
-    result = trainer.fit()
-    if main_process:
-        print(result.summary())
-    return 0
+    if trainer.dist.is_main:
+        print(header_line(trainer), file=sys.stderr)
+    return trainer.fit().exit_code  # the summary is printed by the run's console
+
+
+def header_line(trainer) -> str:
+    """What runs on what, and why this model: ``clmae: clmae on x.npz (2048 images, 28 px, gray), model …``."""
+    cfg, choice, scan, mc = trainer.cfg, trainer.model_choice, trainer.data_scan, trainer.model_config
+    native = f", {scan.size} px" if scan.size else ""
+    colour = "gray" if trainer.dataset.channels == 1 else "RGB"
+    if trainer.resume_path is not None:
+        why = "as the run started"
+    else:
+        why = choice.reason
+        if cfg.model is None:
+            why += "; --model/--img-size to override"
+        elif scan.size and scan.size != mc.img_size:
+            why += f"; the data is {scan.size} px"
+    return (f"clmae: {cfg.method} on {trainer.dataset.name} ({len(trainer.dataset)} images{native}, {colour}), "
+            f"model {choice.name} at {mc.img_size} px ({why}), {mc.grid_size}x{mc.grid_size} patches of "
+            f"{mc.patch_size} px, device {trainer.device}, output {trainer.output_dir}")
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -75,12 +107,22 @@ def _run_methods(args: argparse.Namespace) -> int:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from .model import MODEL_CONFIGS
+    from .model import MODEL_CONFIGS, SUITS, param_count
 
-    print(f"{'name':<24} {'img':>4} {'patch':>5} {'width':>5} {'depth':>5} {'heads':>5}  decoder (w/d/h)")
-    for name, c in sorted(MODEL_CONFIGS.items()):
-        print(f"{name:<24} {c.img_size:>4} {c.patch_size:>5} {c.embed_dim:>5} {c.depth:>5} {c.num_heads:>5}  "
+    def suits(name: str) -> str:
+        lo, hi = SUITS.get(name, (None, None))
+        return "" if lo is None else (f">= {lo} px" if hi is None else f"{lo}-{hi} px")
+
+    print(f"{'name':<22} {'img':>4} {'patch':>5} {'width':>5} {'depth':>5} {'heads':>5} {'encoder':>8} "
+          f"{'total':>8}  {'suits':<11} decoder (w/d/h)")
+    for name, c in sorted(MODEL_CONFIGS.items(), key=lambda kv: (kv[1].embed_dim * kv[1].depth, kv[1].img_size)):
+        encoder, decoder = param_count(c)
+        print(f"{name:<22} {c.img_size:>4} {c.patch_size:>5} {c.embed_dim:>5} {c.depth:>5} {c.num_heads:>5} "
+              f"{encoder / 1e6:>7.1f}M {(encoder + decoder) / 1e6:>7.1f}M  {suits(name):<11} "
               f"{c.decoder_embed_dim}/{c.decoder_depth}/{c.decoder_num_heads}")
+    print("\nParameters for 3 channels, without the CL-MAE masking module. 'suits': the native image sizes (shorter "
+          "side) for which `clmae pretrain` picks the model when no --model is given; the image size follows the "
+          "data (e.g. vit_tiny_patch8_64 trains 50 px images at 48 px). --img-size / --patch-size override.")
     return 0
 
 
@@ -88,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Sub-commands living next to the code they drive: each module has ``add_cli(subparsers)``.
     from . import compare, eval_cli, export, report, visualize
 
-    parser = argparse.ArgumentParser(prog="clmae", description="Curriculum-Learned Masked Autoencoders for ViTs")
+    parser = ArgumentParser(prog="clmae", description="Curriculum-Learned Masked Autoencoders for ViTs")
     parser.add_argument("--version", action="version", version=f"clmae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_pretrain(sub)
@@ -114,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("clmae: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `clmae models | head`: the reader is gone; say nothing more, as a shell tool would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE
 
 
 if __name__ == "__main__":  # pragma: no cover

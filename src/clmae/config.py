@@ -34,12 +34,15 @@ class PretrainConfig:
     data: str = opt("digits", "digits (built in), cifar10, a .npz with x_train/y_train, or a folder of images")
     data_dir: str | None = opt(None, "where cifar10 etc. are looked for (default: $CLMAE_DATA, then ./data)")
     subset: int | None = opt(None, "train on the first N images only")
-    img_size: int | None = opt(None, "input resolution (default: the model's)")
+    img_size: int | None = opt(None, "input resolution in px (default: about the data's own, see `clmae models`); "
+                                     "given alone, the model and patch size follow it")
     num_workers: int = opt(2, "DataLoader workers for image folders")
     # method and model
     method: str = opt("clmae", "masking strategy: clmae (learned curriculum masking) or mae (random masking)")
-    model: str | None = opt(None, "named configuration, see `clmae models` (default: chosen by dataset)")
-    patch_size: int | None = opt(None, "override the model's patch size")
+    model: str | None = opt(None, "named configuration, see `clmae models` (default: chosen from the data's image "
+                                  "size)")
+    patch_size: int | None = opt(None, "patch size in px (default: the model's); given alone, the image size is the "
+                                       "multiple of it nearest to the data's")
     norm_pix_loss: bool = opt(False, "reconstruct per-patch normalised pixels (MAE option)")
     mask_ratio: float = opt(0.75, "fraction of patches hidden from the encoder, in (0, 1)")
     init_from: str | None = opt(None, "start from an MAE checkpoint (facebookresearch/mae .pth, clmae run, or timm "

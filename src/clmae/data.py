@@ -9,14 +9,17 @@
   fatal; huge images are decoded at reduced scale so memory stays bounded.
 * :class:`~clmae.shards.ShardData` — tar shards, streamed (:mod:`clmae.shards`).
 
-:func:`load_dataset` turns the ``--data`` string into one of them; :mod:`clmae.batches` turns a
-dataset into training batches.
+:func:`load_dataset` turns the ``--data`` string into one of them; :func:`scan_data` measures its
+native image size and channels (a sample of file headers for folders), from which the default
+model is chosen; :mod:`clmae.batches` turns a dataset into training batches.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import statistics
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +29,7 @@ import torch
 from PIL import Image
 
 from .errors import DataError
-from .images import channel_stats, default_stats, list_image_folder, open_image, skip_reason
+from .images import ImageTooLarge, channel_stats, default_stats, list_image_folder, open_image, skip_reason
 from .shards import ShardData, is_shard_spec, load_shards
 
 BUILTIN = ("digits", "cifar10")  # dataset names --data accepts besides paths
@@ -240,6 +243,15 @@ class FolderData:
     def num_classes(self) -> int | None:
         return len(self.files.classes) or None
 
+    def with_channels(self, channels: int) -> FolderData:
+        """The same files decoded to ``channels`` (1: grayscale, 3: RGB), with the matching default statistics."""
+        if channels == self.channels:
+            return self
+        files = copy.copy(self.files)
+        files.channels = channels
+        mean, std = default_stats(channels)
+        return FolderData(self.name, files, mean, std)
+
     def subset(self, n: int | None) -> FolderData:
         """``n`` files drawn at random with a fixed seed (files are sorted by class, so not the first n)."""
         if n is None or n >= len(self.files):
@@ -287,3 +299,87 @@ def load_dataset(data: str, data_dir: str | None = None, split: str = "train", c
     files = ImageFiles(path, channels=channels)
     mean, std = default_stats(channels)
     return FolderData(str(data), files, mean, std)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the data looks like: native size and channels (the default model is chosen from them)
+
+SCAN_SAMPLE = 200  # file headers read to measure a folder
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+def skip_summary(counts: Counter) -> str:
+    """``"3 files skipped: not an image × 2, empty file × 1"``: every reason, with its count."""
+    total = sum(counts.values())
+    reasons = ", ".join(f"{reason} × {n}" for reason, n in counts.most_common())
+    return f"{total} file{'s' if total != 1 else ''} skipped: {reasons}"
+
+
+@dataclass(frozen=True)
+class DataScan:
+    """The data's native image size (shorter side, px) and channels, and how they were measured."""
+
+    size: int | None  # None when not measured (tar shards)
+    channels: int
+    note: str  # e.g. "median shorter side of 200 sampled files, 40-80 px"
+    skipped: Counter = field(default_factory=Counter)  # unreadable files met while scanning, by reason
+
+
+def _header(path: Path, limit: int | None) -> tuple[int, int, str] | str:
+    """``(width, height, mode)`` from the file's header (pixels are not decoded), or why it is unusable."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file: 0 bytes"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                width, height, mode = img.width, img.height, img.mode
+        if limit and width * height > limit:
+            raise ImageTooLarge(f"{width}x{height} = {width * height} pixels > {limit}")
+        return width, height, mode
+    except Exception as exc:  # noqa: BLE001 — any unusable file gets its reason, as in training
+        return skip_reason(exc)
+
+
+def scan_folder(folder: FolderData, sample: int = SCAN_SAMPLE, seed: int = 0) -> DataScan:
+    """Median shorter side and grayscale-or-not of a seeded sample of the folder's image headers.
+
+    A folder where no file is a readable image is a :class:`DataError` listing every skip reason
+    with its count (when the sample finds none, every file is checked before saying so).
+    """
+    files = folder.files.files
+    limit = folder.files.max_pixels
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+    picked = order[:sample]
+    skipped: Counter = Counter()
+    sides: list[int] = []
+    gray = True
+    for pass_indices in (picked, order[sample:]):
+        for i in pass_indices:
+            found = _header(files[i], limit)
+            if isinstance(found, str):
+                skipped[found.split(":")[0]] += 1
+                continue
+            width, height, mode = found
+            sides.append(min(width, height))
+            gray = gray and mode in GRAY_MODES
+        if sides:
+            break
+    if not sides:
+        raise DataError(f"{folder.files.root}: no readable image among {len(files)} files ({skip_summary(skipped)}); "
+                        "check the folder")
+    sampled = "sampled " if len(files) > len(picked) else ""
+    note = (f"median shorter side of {len(sides)} {sampled}images, {min(sides)}-{max(sides)} px"
+            if min(sides) != max(sides) else f"all {len(sides)} {sampled}images {sides[0]} px")
+    return DataScan(int(statistics.median_low(sides)), 1 if gray else 3, note, skipped)
+
+
+def scan_data(dataset: Dataset, sample: int = SCAN_SAMPLE, seed: int = 0) -> DataScan:
+    """Native size and channels: from the array shape in memory, from file headers for folders."""
+    if isinstance(dataset, InMemoryImages):
+        _, channels, height, width = dataset.images.shape
+        note = f"{height}x{width} px" if height != width else ""
+        return DataScan(min(height, width), channels, note)
+    if isinstance(dataset, FolderData):
+        return scan_folder(dataset, sample, seed)
+    return DataScan(None, dataset.channels, "tar shards are not scanned")

@@ -15,6 +15,7 @@ class MetricsLogger:
     def __init__(self, output_dir: str | Path, tensorboard: bool = True, enabled: bool = True):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
+        self.latest: dict[str, dict[str, Any]] = {}  # the last record of each kind ("train", "epoch", "probe", …)
         self.tb = None
         if enabled and tensorboard:
             try:
@@ -29,6 +30,7 @@ class MetricsLogger:
             return
         clean = {k: _plain(v) for k, v in record.items()}
         clean.setdefault("time", round(time.time(), 3))
+        self.latest[str(clean.get("kind", "train"))] = clean
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(clean) + "\n")
         if self.tb is not None and step is not None:

@@ -1,10 +1,13 @@
 """A run's folder and its state on disk: where it goes, what resuming may change, what a checkpoint holds.
 
-* :func:`prepare_output_dir` — create the run folder, refusing to overwrite a run.
+* :func:`prepare_output_dir` — create the run folder, refusing to overwrite a run; a folder holding
+  only an earlier start that saved nothing is started over. :func:`discard_unsaved` removes the
+  folders a run created when it fails before saving anything.
 * :func:`resume_config` — the configuration a ``--resume`` continues with: the saved one, plus the
-  few options a resumed run may change (:data:`RESUMABLE_OVERRIDES`).
-* :class:`RunState` — values resolved when a run starts (model chosen for the data, output folder,
-  warmup, snapshot interval); the config itself keeps what the user asked for.
+  few options a resumed run may change (:data:`RESUMABLE_OVERRIDES`); a run killed before its first
+  checkpoint starts over in its folder.
+* :class:`RunState` — values resolved when a run starts (model and sizes chosen for the data, output
+  folder, warmup, snapshot interval); the config itself keeps what the user asked for.
 * :class:`Position` and :func:`save_run_checkpoint` / :func:`load_run_checkpoint` — the checkpoint
   payload: weights, optimiser states, RNG state and position in the run.
 """
@@ -12,7 +15,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +37,8 @@ from .checkpoint import (
 )
 from .config import PretrainConfig
 from .data import dataset_label
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
+from .model import default_model
 from .options import flag
 
 # Options a resumed run may change; every other one must match the checkpoint.
@@ -40,6 +46,9 @@ from .options import flag
 RESUMABLE_OVERRIDES = {"device", "num_workers", "progress", "log_every", "eval_every", "save_every", "epochs",
                        "max_nonfinite", "data_dir", "output_dir", "resume", "compile", "batch_size", "accum_iter"}
 LAST = "checkpoint-last"
+CONFIG = "config.json"
+# What a run writes before its first checkpoint: an earlier start that saved nothing left only these.
+EARLY_FILES = ("metrics.jsonl", "tensorboard", "probe", CONFIG)
 
 
 @dataclass
@@ -51,11 +60,14 @@ class RunState:
     warmup_epochs: float
     snapshot_every: int
     knn_eval: bool  # --eval-every is on and the data allows a held-out k-NN (turned off when it does not)
+    img_size: int | None = None  # the image and patch size the model was built with
+    patch_size: int | None = None
 
     def recorded_config(self, cfg: PretrainConfig) -> PretrainConfig:
         """The config as it ran: what ``config.json`` and checkpoints store, so a resume repeats it."""
+        sizes = {k: v for k, v in (("img_size", self.img_size), ("patch_size", self.patch_size)) if v is not None}
         return dataclasses.replace(cfg, output_dir=str(self.output_dir), model=self.model_name,
-                                   warmup_epochs=self.warmup_epochs, snapshot_every=self.snapshot_every)
+                                   warmup_epochs=self.warmup_epochs, snapshot_every=self.snapshot_every, **sizes)
 
 
 @dataclass
@@ -74,50 +86,142 @@ class Position:
 
 
 def default_output_dir(cfg: PretrainConfig) -> Path:
-    """``runs/<method>-<data>-<time>``."""
-    return Path("runs") / f"{cfg.method}-{dataset_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``runs/<method>-<data>-<time>``, with ``-2``, ``-3``, … when runs start within the same second."""
+    base = Path("runs") / f"{cfg.method}-{dataset_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
-def prepare_output_dir(out: Path, resuming: bool) -> Path:
-    """Create the run folder; refuse a folder that already holds a run unless resuming it."""
+@dataclass
+class OutputFolder:
+    """The run folder, the folders this run created for it (outermost first) and a note for the user."""
+
+    path: Path
+    created: list[Path]
+    note: str | None = None
+
+
+def has_checkpoint(out: Path) -> bool:
+    """Whether the folder holds any checkpoint file (the last one or a kept ``checkpoint-EPOCH``)."""
+    return out.is_dir() and (any(out.glob("checkpoint-*.pt")) or any(out.glob("checkpoint-*.safetensors")))
+
+
+def earlier_start(out: Path) -> bool:
+    """An existing folder with only what a run writes before its first checkpoint (a start killed early)."""
+    if not out.is_dir() or has_checkpoint(out):
+        return False
+    names = {p.name for p in out.iterdir()}
+    return bool(names) and names <= set(EARLY_FILES) and (out / CONFIG).is_file()
+
+
+def prepare_output_dir(out: Path, resuming: bool) -> OutputFolder:
+    """Create the run folder; refuse a folder that already holds a run unless resuming it.
+
+    A folder holding an earlier start that saved no checkpoint (killed in its first epoch) is
+    started over: its metrics, probe and TensorBoard files are removed, with a note.
+    """
     if not resuming and (out / f"{LAST}.pt").exists():
         raise ConfigError(
             f"--output-dir: {out} already holds a run; pass --resume to continue it or choose another --output-dir "
             "(nothing was overwritten)"
         )
+    note = None
+    if not resuming and earlier_start(out):
+        for name in EARLY_FILES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        note = (f"{out} holds an earlier start of a run that was stopped before its first checkpoint; "
+                "starting the run over in it")
+    created = [p for p in (out, *out.parents) if not p.exists()][::-1]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--output-dir: cannot create {out}: {exc.strerror}") from None
     if not os.access(out, os.W_OK):
         raise ConfigError(f"--output-dir: {out} is not writable; choose another folder")
-    return out
+    return OutputFolder(out, created, note)
+
+
+def discard_unsaved(folder: OutputFolder) -> bool:
+    """Remove the folders this run created, if no checkpoint was saved in them; True if removed.
+
+    A run that fails during set-up (or before its first checkpoint) leaves nothing behind.
+    """
+    if not folder.created or has_checkpoint(folder.path):
+        return False
+    shutil.rmtree(folder.created[0], ignore_errors=True)
+    return not folder.created[0].exists()
 
 
 # ---------------------------------------------------------------------------------------------
 # Resuming
 
 
-def resume_file(cfg: PretrainConfig) -> Path:
-    """The ``.pt`` a ``--resume`` reads: the given run folder or checkpoint, or ``--output-dir``'s."""
+def resume_target(cfg: PretrainConfig) -> Path:
+    """What ``--resume`` names: the given run folder or checkpoint, or ``--output-dir``'s (``--resume`` alone)."""
     target = cfg.resume
     if target == "auto":
         if not cfg.output_dir:
             raise ConfigError("--resume: give the run folder or checkpoint to resume, or --output-dir of the run")
         target = cfg.output_dir
-    return resolve_checkpoint(target, ".pt")
+    return Path(target)
 
 
-def resume_config(cfg: PretrainConfig, overrides: dict[str, Any] | None) -> tuple[PretrainConfig, Path]:
-    """``(config to continue with, resume file)``: the saved config with the allowed overrides applied.
+def resume_file(cfg: PretrainConfig) -> Path:
+    """The ``.pt`` a ``--resume`` reads: the given run folder or checkpoint, or ``--output-dir``'s."""
+    return resolve_checkpoint(resume_target(cfg), ".pt")
+
+
+@dataclass
+class Resumed:
+    """What a ``--resume`` continues with: the config, the checkpoint (None: start over), a note."""
+
+    config: PretrainConfig
+    path: Path | None
+    note: str | None = None
+
+
+def _start_over(cfg: PretrainConfig, folder: Path, given: dict[str, Any]) -> Resumed:
+    """``--resume`` of a folder without a checkpoint: the run recorded there (or the options given), from zero."""
+    note = (f"{folder} has no checkpoint yet (the run was stopped before its first save); "
+            "starting it from the beginning there")
+    recorded = folder / CONFIG
+    if not recorded.is_file():
+        return Resumed(dataclasses.replace(cfg, resume=None, output_dir=str(folder)).validate(), None, note)
+    try:
+        saved = json.loads(recorded.read_text())["run_config"]
+        config = PretrainConfig(**{**saved, **given, "resume": None, "output_dir": str(folder)})
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"--resume: {folder} has no checkpoint and its {CONFIG} is not a clmae run's; "
+                          "start a new run instead") from None
+    return Resumed(config.validate(), None, note)
+
+
+def resume_config(cfg: PretrainConfig, overrides: dict[str, Any] | None) -> Resumed:
+    """The config to continue with and the resume file: the saved config with the allowed overrides applied.
 
     An option the user gave that a resumed run cannot change, with a value other than the saved one,
-    is an error naming the saved value.
+    is an error naming the saved value. A folder holding only a start killed before its first
+    checkpoint is started over (see :func:`earlier_start`).
     """
+    given = {k: v for k, v in (overrides or {}).items() if k != "resume"}
+    target = resume_target(cfg)
+    never_saved = target.is_dir() and not (target / f"{LAST}.pt").exists()
+    if never_saved and (earlier_start(target) or not any(target.iterdir())):
+        return _start_over(cfg, target, given)
     path = resume_file(cfg)
     state = read_training_state(path)
     saved = dict(state["run_config"])
-    given = overrides if overrides is not None else {}
+    if saved.get("model") is None:  # recorded by an older clmae: the model its default rule chose then
+        mc = state.get("model_config") or {}
+        saved.update(model=default_model(str(saved.get("data"))), img_size=saved.get("img_size") or mc.get("img_size"),
+                     patch_size=saved.get("patch_size") or mc.get("patch_size"))
     for key, value in given.items():
         if key in RESUMABLE_OVERRIDES or key not in saved:
             continue
@@ -128,7 +232,10 @@ def resume_config(cfg: PretrainConfig, overrides: dict[str, Any] | None) -> tupl
     saved["resume"] = str(path)
     if saved.get("output_dir") is None or "output_dir" not in given:
         saved["output_dir"] = str(path.parent)
-    return PretrainConfig(**saved).validate(), path
+    try:
+        return Resumed(PretrainConfig(**saved).validate(), path)
+    except TypeError as exc:
+        raise CheckpointError(f"{path}: the stored run configuration does not fit this clmae ({exc})") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,9 @@
 The first signal only sets a flag the training loop reads after each step; the loop then saves a
 checkpoint and returns. The same signal delivered twice within two seconds (SLURM signals the job
 step, torchrun forwards it again) counts once; a second, deliberate one aborts at once.
+
+The command then exits as a process killed by that signal would be seen by a shell, 128 + the
+signal's number (130 for SIGINT, 143 for SIGTERM), so ``pretrain && evaluate`` stops there.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class GracefulStop:
         self.announce = announce
         self.requested = False
         self.signal_name: str | None = None
+        self.signal_number: int | None = None
         self._first: float | None = None
         self._previous: dict[int, object] = {}
 
@@ -35,11 +39,17 @@ class GracefulStop:
         self._first = now
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+        self.signal_number = int(signum)
         if self.announce:
             from tqdm.auto import tqdm
 
             tqdm.write(f"clmae: received {self.signal_name}; finishing this step and saving a checkpoint "
                        "(send again to abort)", file=sys.stderr)
+
+    @property
+    def exit_code(self) -> int:
+        """What the command exits with: ``128 + signal number`` after a signal, else 0."""
+        return 128 + self.signal_number if self.signal_number is not None else 0
 
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():  # signals can only be handled there

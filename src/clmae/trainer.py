@@ -19,6 +19,7 @@ and skipped-file reports in :mod:`clmae.batches`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -34,8 +35,9 @@ from .batches import RankBatches, ShardBatches, map_position, report_skipped_fil
 from .callbacks import Callback, RunView
 from .checkpoint import checkpoint_pair_complete
 from .config import PretrainConfig, make_config
+from .console import Console, summary_lines
 from .curriculum import curriculum_factor
-from .data import load_dataset
+from .data import FolderData, load_dataset, scan_data
 from .distributed import (
     SINGLE,
     DistContext,
@@ -57,7 +59,7 @@ from .losses import binarization_loss, diversity_loss, mask_ratio_kl_loss, soft_
 from .mae_import import load_mae_checkpoint
 from .maskers import Masker, create_masker, global_random_keep
 from .metrics import MetricsLogger, MetricWindow
-from .model import MaskedAutoencoderViT, default_model, model_config
+from .model import MaskedAutoencoderViT, model_config, resolve_model
 from .optim import lr_at, make_optimizer, set_lr
 from .probe import CurriculumProbe
 from .run_folder import (
@@ -65,6 +67,7 @@ from .run_folder import (
     Position,
     RunState,
     default_output_dir,
+    discard_unsaved,
     load_run_checkpoint,
     prepare_output_dir,
     resume_config,
@@ -96,41 +99,71 @@ class RunResult:
     metrics: Path
     epochs_done: int
     final: dict[str, float] = field(default_factory=dict)
+    epochs: int = 0  # epochs the run was asked for
+    elapsed_s: float = 0.0  # wall-clock of this call to fit
+    images_per_s: float = 0.0
+    stopped_by: str | None = None  # "SIGINT", "SIGTERM" or "request_stop" when stopped before the end
+    exit_code: int = 0  # for the command: 128 + the signal's number after a signal (130, 143), else 0
 
     def summary(self) -> str:
-        lines = [f"run folder   {self.output_dir}",
-                 f"weights      {self.weights}",
-                 f"resume from  {self.checkpoint}",
-                 f"metrics      {self.metrics}"]
-        for k, v in self.final.items():
-            lines.append(f"{k:<12} {v:.4f}" if isinstance(v, float) else f"{k:<12} {v}")
-        return "\n".join(lines)
+        return "\n".join(summary_lines(self))
+
+
+def _discard_folder_on_failure(method):
+    """Set-up or training that fails before anything is saved removes the run folder it created."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            folder = getattr(self, "output_folder", None)
+            if folder is not None and self.dist.is_main:
+                discard_unsaved(folder)
+            raise
+
+    return wrapper
 
 
 class Trainer:
     """Builds data, model, masker and optimisers from a :class:`PretrainConfig` and trains."""
 
+    @_discard_folder_on_failure
     def __init__(self, config: PretrainConfig, overrides: dict[str, Any] | None = None):
         cfg = config.validate()
         self.resume_path: Path | None = None
+        note = None
         if cfg.resume:
-            cfg, self.resume_path = resume_config(cfg, overrides)
+            resumed = resume_config(cfg, overrides)
+            cfg, self.resume_path, note = resumed.config, resumed.path, resumed.note
         self.cfg = cfg
         # One process per device under torchrun; SINGLE otherwise.
         self.dist: DistContext = setup_distributed(cfg.device) or SINGLE
         self.device = self.dist.device if self.dist.enabled else resolve_device(cfg.device)
-        wanted = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
-        output_dir = Path(on_main(lambda: prepare_output_dir(wanted, resuming=bool(cfg.resume)), self.dist))
 
-        # Data: in-memory sets keep their channel count; folders are read as RGB.
+        # Data, model and batch size are checked before the run folder exists. In-memory sets keep
+        # their channels; folders are read as RGB, or grayscale when every sampled image is.
         self.dataset = load_dataset(cfg.data, cfg.data_dir, "train").subset(cfg.subset)
-        model_name = cfg.model or default_model(cfg.data)
+        self.data_scan = scan_data(self.dataset)
+        if isinstance(self.dataset, FolderData):
+            self.dataset = self.dataset.with_channels(self.data_scan.channels)
+        # Without --model: the model that fits the data's native size (clmae.model.resolve_model).
+        self.model_choice = resolve_model(cfg.model, cfg.img_size, cfg.patch_size, self.data_scan.size,
+                                          self.dataset.channels, self.data_scan.note)
         self.model_config = model_config(
-            model_name, in_chans=self.dataset.channels, img_size=cfg.img_size, patch_size=cfg.patch_size,
-            norm_pix_loss=cfg.norm_pix_loss or None,
+            self.model_choice.name, in_chans=self.dataset.channels, img_size=self.model_choice.img_size,
+            patch_size=self.model_choice.patch_size, norm_pix_loss=cfg.norm_pix_loss or None,
         )
-        self.run = RunState(output_dir, model_name, cfg.warmup(), cfg.snapshot_interval(), knn_eval=cfg.eval_every > 0)
         self.batches = self._make_batches()
+        wanted = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
+        self.output_folder = on_main(lambda: prepare_output_dir(wanted, resuming=self.resume_path is not None),
+                                     self.dist)
+        note = note or self.output_folder.note
+        if note and self.dist.is_main:
+            print(f"clmae: note: {note}", file=sys.stderr)
+        self.run = RunState(self.output_folder.path, self.model_choice.name, cfg.warmup(), cfg.snapshot_interval(),
+                            knn_eval=cfg.eval_every > 0, img_size=self.model_config.img_size,
+                            patch_size=self.model_config.patch_size)
 
         torch.manual_seed(cfg.seed)
         self.mae = MaskedAutoencoderViT(self.model_config).to(self.device)
@@ -169,12 +202,16 @@ class Trainer:
         # Observers of the run (rank 0 only), see clmae.callbacks.
         self.view = RunView(self)
         self.callbacks: list[Callback] = []
+        # What the run prints (bar, a line per epoch, ETA, summary): clmae.console.
+        self.console = Console(self.view, progress=cfg.progress) if self.dist.is_main else None
         if (cfg.probe_every or self.run.snapshot_every) and self.dist.is_main:
             if isinstance(self.dataset, ShardData):
                 print("clmae: the curriculum probe needs random access to images; it is off for tar shards",
                       file=sys.stderr)
             else:
                 self.callbacks.append(CurriculumProbe(self.view))
+        if self.console is not None:
+            self.callbacks.append(self.console)
 
     @property
     def output_dir(self) -> Path:
@@ -322,15 +359,19 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # the run
 
+    @_discard_folder_on_failure
     def fit(self) -> RunResult:
-        """Train from the current position to ``cfg.epochs``; checkpoint every epoch."""
+        """Train from the current position to ``cfg.epochs``; checkpoint every epoch.
+
+        Stopped by SIGINT/SIGTERM (or a callback), it saves and returns; the result says by what
+        (``stopped_by``) and the exit code a command should end with (``exit_code``).
+        """
         cfg = self.cfg
         steps_per_epoch = len(self.batches)
-        total = cfg.epochs * steps_per_epoch
         self._write_run_info(steps_per_epoch)
-        bar = tqdm(total=total, initial=min(self.epoch * steps_per_epoch + self.step_in_epoch, total),
-                   disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True, unit="it",
-                   desc=f"{cfg.method} {self.model_name}")
+        started, first_iteration = time.perf_counter(), self.iteration
+        if self.console is not None:
+            self.console.begin()
         window = MetricWindow()
         last_log = time.perf_counter()
         images_since_log = 0
@@ -348,7 +389,6 @@ class Trainer:
                     images_since_log += imgs.shape[0]
                     window.add(metrics)
                     epoch_window.add(metrics)
-                    bar.update(1)
                     for cb in self.callbacks:
                         cb.on_step(self.view, metrics)
                     self.stop_requested = self.stop_requested or signals.requested
@@ -363,8 +403,6 @@ class Trainer:
                             record["curriculum_factor"] = lam
                             record["masker_updates"] = self.masker_updates
                         self.logger.log(record, step=self.iteration)
-                        bar.set_postfix({"loss": f"{record.get('loss_mae', float('nan')):.4f}", "λ": f"{lam:+.2f}",
-                                         "img/s": f"{record['img_per_s']:.0f}"}, refresh=False)
                         window.reset()
                         last_log, images_since_log = now, 0
                     if self.stop_requested:
@@ -375,9 +413,12 @@ class Trainer:
                 self.epoch += 1
                 self.step_in_epoch = 0
                 self._end_of_epoch(final)
-        bar.close()
+        if self.console is not None:
+            self.console.close()
+        stopped_by = None
         if self.stop_requested:
             self.save_checkpoint()
+            stopped_by = signals.signal_name or "request_stop"
             if self.dist.is_main:
                 print(f"clmae: stopped at epoch {self.epoch}, iteration {self.iteration}; checkpoint saved. "
                       f"Resume with: clmae pretrain --resume {self.output_dir}", file=sys.stderr)
@@ -387,8 +428,15 @@ class Trainer:
         self.logger.close()
         barrier(self.dist)  # every rank returns only once rank 0 has written everything
         teardown(self.dist)
-        return RunResult(self.output_dir, self.output_dir / f"{LAST}.pt", self.output_dir / f"{LAST}.safetensors",
-                         self.logger.path, self.epoch, final)
+        elapsed = time.perf_counter() - started
+        images = (self.iteration - first_iteration) * cfg.batch_size * self.dist.world_size
+        result = RunResult(self.output_dir, self.output_dir / f"{LAST}.pt", self.output_dir / f"{LAST}.safetensors",
+                           self.logger.path, self.epoch, final, epochs=cfg.epochs, elapsed_s=elapsed,
+                           images_per_s=images / elapsed if elapsed > 0 else 0.0, stopped_by=stopped_by,
+                           exit_code=signals.exit_code)
+        if self.console is not None:
+            self.console.finish(result)
+        return result
 
     def _end_of_epoch(self, epoch_means: dict[str, float]) -> None:
         cfg = self.cfg
