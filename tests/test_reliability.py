@@ -756,7 +756,7 @@ def test_nonfinite_gradient_skips_the_step(tmp_path, monkeypatch):
 
 def test_nonfinite_masker_loss_skips_the_masker_update(tmp_path, monkeypatch):
     """The MAE step came first with a finite loss and stays; the masking module's update is dropped."""
-    import clmae.trainer as trainer_module
+    import clmae.maskers.learned as trainer_module  # where the masking module's loss terms are assembled
 
     trainer = Trainer(tiny_config(tmp_path / "run", epochs=1))
     rec = Recorder(trainer)
@@ -797,7 +797,7 @@ def test_repeated_bad_batches_stop_the_run_with_the_last_good_state_saved(tmp_pa
 
 def test_repeated_masker_faults_also_stop_the_run(tmp_path, monkeypatch):
     """A masking module that keeps producing non-finite losses must not be trained around forever."""
-    import clmae.trainer as trainer_module
+    import clmae.maskers.learned as trainer_module  # where the masking module's loss terms are assembled
 
     trainer = Trainer(tiny_config(tmp_path / "run", epochs=2, max_nonfinite=3))
     rec = Recorder(trainer)

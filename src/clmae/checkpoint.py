@@ -37,8 +37,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .config import config_from_record
 from .errors import CheckpointError
-from .maskers import create_masker
+from .maskers import METHODS, create_masker
 from .model import MaskedAutoencoderViT, ModelConfig
 
 FORMAT = "clmae-checkpoint-v1"
@@ -394,6 +395,8 @@ def checkpoint_file(path: str | Path) -> Path:
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     """Rebuild the trained model from a checkpoint: ``(mae, masker or None, run_config dict)``.
 
+    The masker is the run's masking strategy with its saved state (CL-MAE's masking module, EMA
+    copies); None for uniformly random masks (MAE) and for a method not registered in this process.
     Accepts a run folder, ``*.safetensors`` or ``*.pt`` (see :func:`weights_file`). Never runs code
     from the file; a truncated, foreign or mismatching file raises :class:`CheckpointError`.
     """
@@ -426,12 +429,22 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     masker = None
     run_cfg = dict(meta.get("run_config") or {})
     masker_state = split_prefix(flat, "masker")
-    if masker_state:
+    method = run_cfg.get("method") or ("clmae" if masker_state else "mae")
+    if method == "clmae" and masker_state:
         problems = masker_config_mismatch(model_cfg, masker_state)
         if problems:
             raise CheckpointError(f"{source}: its model configuration does not match its masking-module weights "
                                   f"({'; '.join(problems)})")
-        masker = create_masker("clmae", model_cfg)
-        load_state_checked(masker, masker_state, "masking module", source)
+    if method in METHODS:
+        masker = create_masker(method, model_cfg, config_from_record(run_cfg))
+        masker.attach(mae)
+        if masker.has_state:
+            load_state_checked(masker, masker_state, "masking module" if method == "clmae" else f"{method} masker",
+                               source)
+        elif masker_state:
+            raise CheckpointError(f"{source}: it holds masker weights but method {method!r} has no state; "
+                                  "the file was edited or is not a clmae checkpoint")
+        if masker.uniform:
+            masker = None
     run_cfg["data_info"] = meta.get("data", {})
     return mae.to(device).eval(), (None if masker is None else masker.to(device).eval()), run_cfg

@@ -142,6 +142,15 @@ FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
 CHOICES = {"method": list(METHODS), "curriculum": list(SCHEDULES), "kl_reduction": list(KL_REDUCTIONS)}
 
 
+def config_from_record(values: dict[str, Any]) -> PretrainConfig:
+    """The configuration a checkpoint or ``config.json`` recorded, as it ran (not validated again).
+
+    Options it lacks (an older version) take their defaults; options this version does not know
+    are dropped.
+    """
+    return PretrainConfig(**{k: v for k, v in values.items() if k in FIELDS})
+
+
 def preset_names() -> list[str]:
     folder = resources.files("clmae") / "presets"
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
