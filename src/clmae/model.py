@@ -268,8 +268,7 @@ class MaskedAutoencoderViT(nn.Module):
     def reset_parameters(self) -> None:
         self.apply(_init_weights)
         w = self.patch_embed.proj.weight.data  # initialise the patch projection like a linear layer
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the bias keeps Conv2d's default, as in MAE/CL-MAE/HPM
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
 
