@@ -425,7 +425,8 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, max_imag
         ]),
         ("Losses", ("Every loss term as logged during training: loss_mae is the MAE's; loss_rec is the masking "
                     "module's soft reconstruction term before λ; loss_gauss, loss_kl and loss_div include their "
-                    "weights; loss_masker is the total the masking module minimises."),
+                    "weights; loss_masker is the total the masking module minimises; loss_hpm is HPM's weighted "
+                    "ranking loss, added to the MAE's."),
          [("losses", "Loss terms over training.", figure_losses(run))]),
         ("Evaluation", "", [("eval", "Evaluation results over training.", figure_eval(run))]),
     ]
