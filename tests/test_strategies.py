@@ -387,3 +387,32 @@ def test_strategy_checkpoint_reaches_load_pretrained_visualize_report_and_export
     assert (exported.output / "model.safetensors").is_file() and "max" in exported.verified
     config = json.loads((run.output_dir / "config.json").read_text())
     assert config["method"] == method
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom masker of docs/masking-strategies.md, run as written
+
+
+def test_the_documented_custom_masker_trains_for_two_epochs(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "masking-strategies.md").read_text()
+    code = doc.split("<!-- custom-masker -->\n```python\n", 1)[1].split("```", 1)[0]
+    assert 25 <= len([ln for ln in code.splitlines() if ln.strip()]) <= 45  # "about 30 lines"
+    monkeypatch.chdir(tmp_path)  # the example writes runs/hardpos
+    namespace: dict = {}
+    try:
+        exec(compile(code, "docs/masking-strategies.md", "exec"), namespace)  # our own doc, run as written
+        result = namespace["result"]
+        assert result.epochs_done == 2
+        losses = [r["loss_mae"] for r in read_metrics(result.metrics) if r["kind"] == "epoch"]
+        assert losses[1] < losses[0]
+        saved = torch.load(result.checkpoint, weights_only=True)["weights"]["masker.error"]
+        assert saved.shape == (16,) and float(saved.min()) > 0  # every position was watched and saved
+        mae, masker, _ = load_pretrained(result.output_dir)
+        assert torch.equal(masker.error, saved)
+        keep = masker.keep_indices(batch_for(mae, 8, 4))
+        hardest = set(saved.topk(6).indices.tolist())  # int(12 hidden · 0.5)
+        assert all(not hardest & set(row) for row in keep.tolist())
+    finally:
+        METHODS.pop("hardpos", None)
