@@ -1,12 +1,13 @@
 """Throughput of one iteration of a masking strategy against one plain-MAE iteration, measured through the trainer.
 
-What is timed is exactly what ``clmae pretrain`` runs: two :class:`clmae.trainer.Trainer` objects
-(``method=--method``, CL-MAE by default, and ``method="mae"``) are built with the same model and
+What is timed is exactly what ``clmae pretrain`` runs: :class:`clmae.trainer.Trainer` objects
+(``method="mae"`` and one per ``--method``, CL-MAE by default) are built with the same model and
 batch, and each iteration is ``next(batches)`` + ``trainer.train_step(imgs, lr)``, at the middle
 of a 100-epoch run (where schedules such as HPM's hard share are half-way). The variants are
-timed interleaved in one process (rep 1: MAE, the strategy, matmul; rep 2: ...), so a noisy shared
-machine hits all of them alike; ratios are medians of per-rep ratios. JSON keys carry the method's
-name (``img_per_s_hpm``, ``ratio_hpm_to_mae``) and, for tables, also ``*_method*``.
+timed interleaved in one process (rep 1: MAE, each strategy, matmul; rep 2: ...), so a noisy
+shared machine hits all of them alike; ratios are medians of per-rep ratios. JSON keys carry the
+method's name (``img_per_s_hpm``, ``ratio_hpm_to_mae``), ``per_method`` gathers the headline
+numbers, and a single-method run also has them as ``*_method*``.
 
 Reported per variant: median and spread of seconds per iteration, images/s, the split of the
 strategy's iteration into its MAE step (and in it the masks' choice) and its own step (CL-MAE's
@@ -19,8 +20,8 @@ Peak memory is measured in a fresh subprocess per variant: the RSS high-water ma
 
     python benchmarks/throughput.py --model vit_tiny_patch4_32 --batch-size 128 \
         --output benchmarks/results/throughput_tiny_b128.json
-    python benchmarks/throughput.py --method hpm --model vit_mini_patch4_32 --batch-size 128 --threads 2 \
-        --output benchmarks/results/throughput_strategies/hpm_mini_b128.json
+    python benchmarks/throughput.py --method clmae block hpm attmask --model vit_mini_patch4_32 \
+        --batch-size 128 --threads 2 --output benchmarks/results/throughput_strategies_mini_b128.json
 """
 
 from __future__ import annotations
@@ -369,10 +370,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     started = time.time()
     k = args.masker_every
-    m, label = args.method, method_label(args.method)
+    methods = args.method
     with tempfile.TemporaryDirectory(prefix="clmae-bench-") as tmp:
         mae_runner = Runner(build_trainer("mae", args, Path(tmp)))
-        clmae_runner = Runner(build_trainer(m, args, Path(tmp)))
+        runners = {m: Runner(build_trainer(m, args, Path(tmp))) for m in methods}
         device = mae_runner.device
         imgs = next(mae_runner.batches)
         fwd_bwd = model_fwd_bwd(mae_runner.trainer, imgs)
@@ -380,64 +381,98 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
         # The first pass counts FLOPs (eager) and doubles as warm-up for the eager parts.
         log(f"counting FLOPs: {k} iteration(s) per variant")
-        flops = {"mae": mae_runner.count_flops(k), m: clmae_runner.count_flops(k)}
+        flops = {"mae": mae_runner.count_flops(k), **{m: r.count_flops(k) for m, r in runners.items()}}
         with flop_counter() as fc:
             fwd_bwd()
         flops["mae_fwd_bwd"] = fc.get_total_flops()
         log(f"warm-up: {args.warmup} x {k} iteration(s) per variant")
         for _ in range(args.warmup):
             mae_runner.iterate(k)
-            clmae_runner.iterate(k)
+            for runner in runners.values():
+                runner.iterate(k)
             fwd_bwd()
             peak_fn()
 
         reps: list[dict[str, Any]] = []
         for r in range(args.reps):
-            rec = {"mae": mae_runner.iterate(k), m: clmae_runner.iterate(k),
+            rec = {"mae": mae_runner.iterate(k), **{m: runner.iterate(k) for m, runner in runners.items()},
                    "mae_fwd_bwd": timed(fwd_bwd, device), "matmul": timed(peak_fn, device)}
             reps.append(rec)
-            log(f"rep {r + 1}/{args.reps}: MAE {rec['mae']['iteration']:.3f}s  "
-                f"{label} {rec[m]['iteration']:.3f}s  "
-                f"ratio {rec[m]['iteration'] / rec['mae']['iteration']:.2f} "
-                f"(CPU time {rec[m]['cpu'] / rec['mae']['cpu']:.2f})  "
+            mae_it, mae_cpu = rec["mae"]["iteration"], rec["mae"]["cpu"]
+            parts = "  ".join(f"{method_label(m)} {rec[m]['iteration']:.3f}s (x{rec[m]['iteration'] / mae_it:.2f}, "
+                              f"CPU time x{rec[m]['cpu'] / mae_cpu:.2f})" for m in methods)
+            log(f"rep {r + 1}/{args.reps}: MAE {rec['mae']['iteration']:.3f}s  {parts}  "
                 f"matmul {peak_flops / rec['matmul']['wall'] / 1e9:.1f} GFLOP/s")
         model_cfg = dataclasses.asdict(mae_runner.trainer.model_config)
 
     memory = {}
     if not args.no_memory:
-        for variant in ("mae", m):
+        for variant in ("mae", *methods):
             log(f"peak memory: {variant} (separate process)")
             memory[variant] = measure_memory(args, variant)
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     extra = {"load_avg_before": load_before, "load_avg_after": load_after, "wall_s": round(time.time() - started, 1),
              "model_config": model_cfg}
-    return summarise(args, reps, flops, peak_flops, memory, device, extra)
+    return summarise_all(args, reps, flops, peak_flops, memory, device, extra)
 
 
 def method_label(method: str) -> str:
     return {"clmae": "CL-MAE", "mae": "MAE", "hpm": "HPM", "attmask": "AttMask", "block": "block"}.get(method, method)
 
 
-def memory_fields(memory: dict[str, Any], m: str) -> dict[str, Any]:
-    mem = {v: memory.get(v, {}) for v in ("mae", m)}
-    both = bool(mem["mae"]) and bool(mem[m])
-    return {
-        "peak_mem_mae_bytes": mem["mae"].get("peak_bytes"),
-        f"peak_mem_{m}_bytes": mem[m].get("peak_bytes"),
-        "peak_mem_ratio": mem[m]["peak_bytes"] / mem["mae"]["peak_bytes"] if both else None,
-        "peak_mem_mae_increment_bytes": mem["mae"].get("increment_bytes"),
-        f"peak_mem_{m}_increment_bytes": mem[m].get("increment_bytes"),
-        "peak_mem_increment_ratio": mem[m]["increment_bytes"] / mem["mae"]["increment_bytes"] if both else None,
-        "peak_mem_method_bytes": mem[m].get("peak_bytes"),
-        "memory": memory,
-    }
+def memory_fields(memory: dict[str, Any], methods: list[str]) -> dict[str, Any]:
+    """Peak memory per variant and its ratio to MAE's (``peak_mem_ratio_M``; unsuffixed for one method)."""
+    out: dict[str, Any] = {"peak_mem_mae_bytes": memory.get("mae", {}).get("peak_bytes"),
+                           "peak_mem_mae_increment_bytes": memory.get("mae", {}).get("increment_bytes")}
+    for m in methods:
+        mem = {v: memory.get(v, {}) for v in ("mae", m)}
+        both = bool(mem["mae"]) and bool(mem[m])
+        fields = {
+            f"peak_mem_{m}_bytes": mem[m].get("peak_bytes"),
+            f"peak_mem_ratio_{m}": mem[m]["peak_bytes"] / mem["mae"]["peak_bytes"] if both else None,
+            f"peak_mem_{m}_increment_bytes": mem[m].get("increment_bytes"),
+            f"peak_mem_increment_ratio_{m}": (mem[m]["increment_bytes"] / mem["mae"]["increment_bytes"] if both
+                                              else None),
+        }
+        out.update(fields)
+        if len(methods) == 1:
+            out.update(peak_mem_ratio=fields[f"peak_mem_ratio_{m}"],
+                       peak_mem_method_bytes=fields[f"peak_mem_{m}_bytes"],
+                       peak_mem_increment_ratio=fields[f"peak_mem_increment_ratio_{m}"])
+    out["memory"] = memory
+    return out
 
 
-def summarise(args, reps, flops, peak_flops, memory, device, extra) -> dict[str, Any]:
-    """Medians over reps; ratios are medians of per-rep ratios (paired, so shared noise cancels)."""
+def summarise_all(args, reps, flops, peak_flops, memory, device, extra) -> dict[str, Any]:
+    """:func:`summarise` for each method of the run, merged (the MAE's and the machine's fields are shared)."""
+    methods = args.method
+    res: dict[str, Any] = {}
+    for m in methods:
+        part = summarise(args, reps, flops, peak_flops, memory, device, extra, m)
+        seconds = {**res.get("seconds", {}), **part["seconds"]}
+        res.update(part)
+        res["seconds"] = seconds
+    res.update(memory_fields(memory, methods))
+    res["methods"] = methods
+    if len(methods) > 1:  # the unsuffixed *_method* fields belong to single-method runs
+        for key in [k for k in res if "_method" in k and k != "methods"]:
+            del res[key]
+        res["method"] = None
+    res["per_method"] = {m: {
+        "img_per_s": res[f"img_per_s_{m}"], "ratio_to_mae": res[f"ratio_{m}_to_mae"],
+        "ratio_to_mae_spread": res[f"ratio_{m}_to_mae_spread"],
+        "ratio_to_mae_cpu_time": res[f"ratio_{m}_to_mae_cpu_time"],
+        "ratio_flops_to_mae": res[f"ratio_flops_{m}_to_mae"], "peak_mem_ratio": res.get(f"peak_mem_ratio_{m}"),
+        "masks_seconds": res["seconds"][f"{m}_masker_scores_in_mae_step"]["median"],
+        "own_step_seconds": res["seconds"][f"{m}_masker_step"]["median"],
+    } for m in methods}
+    return res
+
+
+def summarise(args, reps, flops, peak_flops, memory, device, extra, m: str) -> dict[str, Any]:
+    """Medians over reps for method ``m``; ratios are medians of per-rep ratios (paired, so shared noise cancels)."""
     b = args.batch_size
     med = statistics.median
-    m = args.method
 
     def col(variant: str, key: str) -> list[float]:
         return [rep[variant][key] for rep in reps]
@@ -490,7 +525,7 @@ def summarise(args, reps, flops, peak_flops, memory, device, extra) -> dict[str,
         "ratio_method_to_mae": med(paired(cl_it, mae_it)),
         "ratio_method_to_mae_cpu_time": med(paired(cl_cpu, mae_cpu)),
         "ratio_flops_method_to_mae": f_cl / f_mae,
-        **memory_fields(memory, m),
+
         "peak_mem_note": ("CPU: RSS high-water mark (VmHWM) of a fresh process per variant over two iterations, "
                           "reset after building the trainer; increment = peak minus RSS after building the trainer. "
                           "CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats"),
@@ -543,8 +578,7 @@ def summarise(args, reps, flops, peak_flops, memory, device, extra) -> dict[str,
 
 def print_summary(res: dict[str, Any]) -> None:
     s = res["seconds"]
-    m = res.get("method", "clmae")
-    label = method_label(m)
+    methods = res.get("methods") or [res.get("method") or "clmae"]
     gib = 2**30
     pct = lambda x: f"{100 * x:.0f}%"
     lines = [
@@ -553,39 +587,45 @@ def print_summary(res: dict[str, Any]) -> None:
          f"{res['precision']}), masker_every={res['masker_every']}, "
          f"masker_batch_fraction={res['masker_batch_fraction']}"),
         f"  MAE iteration     {s['mae_iteration']['median']:.3f} s  ({res['img_per_s_mae']:.1f} img/s)",
-        f"  {label + ' iteration':<18}{s[f'{m}_iteration']['median']:.3f} s  ({res[f'img_per_s_{m}']:.1f} img/s)",
-        (f"    MAE step        {s[f'{m}_mae_step']['median']:.3f} s  (of which masker scoring "
-        f"{s[f'{m}_masker_scores_in_mae_step']['median']:.3f} s)"),
-        (f"  {'ratio ' + label + '/MAE':<18}{res[f'ratio_{m}_to_mae']:.2f} wall "
-         f"(reps {res[f'ratio_{m}_to_mae_spread']['min']:.2f}-"
-        f"{res[f'ratio_{m}_to_mae_spread']['max']:.2f}), {res[f'ratio_{m}_to_mae_cpu_time']:.2f} CPU time, "
-        f"{res[f'ratio_flops_{m}_to_mae']:.2f} FLOPs"),
-        (f"  data time         {pct(res['data_fraction_mae'])} of the MAE iteration, "
-        f"{pct(res[f'data_fraction_{m}'])} of the {label} iteration"),
-        (f"  matmul peak       {res['matmul_peak_flop_s']['median'] / 1e9:.1f} GFLOP/s wall, "
-        f"{res['matmul_peak_flop_s_cpu_time']['median'] / 1e9:.1f} GFLOP/CPU-s"),
-        (f"  fraction of peak  MAE fwd+bwd {pct(res['frac_of_peak_mae_model_fwd_bwd'])} "
-        f"(CPU time {pct(res['frac_of_peak_cpu_time_mae_model_fwd_bwd'])}), "
-        f"MAE iteration {pct(res['frac_of_peak_mae_iteration'])} ({pct(res['frac_of_peak_cpu_time_mae_iteration'])}), "
-        f"{label} iteration {pct(res[f'frac_of_peak_{m}_iteration'])} "
-        f"({pct(res[f'frac_of_peak_cpu_time_{m}_iteration'])})"),
     ]
-    if res.get(f"flops_{m}_masker_step"):  # a strategy with a step of its own (CL-MAE's masking module)
-        lines.insert(4, f"    masking step    {s[f'{m}_masker_step']['median']:.3f} s  (per iteration)")
+    for m in methods:
+        label = method_label(m)
+        lines += [
+            f"  {label + ' iteration':<18}{s[f'{m}_iteration']['median']:.3f} s  ({res[f'img_per_s_{m}']:.1f} img/s)",
+            (f"    MAE step        {s[f'{m}_mae_step']['median']:.3f} s  (of which choosing the masks "
+             f"{s[f'{m}_masker_scores_in_mae_step']['median']:.3f} s)"),
+        ]
+        if res.get(f"flops_{m}_masker_step"):  # a strategy with a step of its own (CL-MAE's masking module)
+            lines.append(f"    masking step    {s[f'{m}_masker_step']['median']:.3f} s  (per iteration)")
+        lines.append(f"  {'ratio ' + label + '/MAE':<18}{res[f'ratio_{m}_to_mae']:.2f} wall "
+                     f"(reps {res[f'ratio_{m}_to_mae_spread']['min']:.2f}-"
+                     f"{res[f'ratio_{m}_to_mae_spread']['max']:.2f}), {res[f'ratio_{m}_to_mae_cpu_time']:.2f} CPU "
+                     f"time, {res[f'ratio_flops_{m}_to_mae']:.2f} FLOPs, {pct(res[f'data_fraction_{m}'])} data, "
+                     f"{pct(res[f'frac_of_peak_{m}_iteration'])} of matmul peak")
+        if res["peak_mem_mae_bytes"] and res.get(f"peak_mem_{m}_bytes"):
+            lines.append(f"    peak memory     {res[f'peak_mem_{m}_bytes'] / gib:.2f} GiB "
+                         f"(x{res[f'peak_mem_ratio_{m}']:.2f} MAE's); above setup "
+                         f"{res[f'peak_mem_{m}_increment_bytes'] / gib:.2f} GiB "
+                         f"(x{res[f'peak_mem_increment_ratio_{m}']:.2f})")
+    lines += [
+        f"  data time         {pct(res['data_fraction_mae'])} of the MAE iteration",
+        (f"  matmul peak       {res['matmul_peak_flop_s']['median'] / 1e9:.1f} GFLOP/s wall, "
+         f"{res['matmul_peak_flop_s_cpu_time']['median'] / 1e9:.1f} GFLOP/CPU-s"),
+        (f"  fraction of peak  MAE fwd+bwd {pct(res['frac_of_peak_mae_model_fwd_bwd'])} "
+         f"(CPU time {pct(res['frac_of_peak_cpu_time_mae_model_fwd_bwd'])}), "
+         f"MAE iteration {pct(res['frac_of_peak_mae_iteration'])} ({pct(res['frac_of_peak_cpu_time_mae_iteration'])})"),
+    ]
     if res["peak_mem_mae_bytes"]:
-        lines.append(f"  peak memory       MAE {res['peak_mem_mae_bytes'] / gib:.2f} GiB, {label} "
-                     f"{res[f'peak_mem_{m}_bytes'] / gib:.2f} GiB (x{res['peak_mem_ratio']:.2f}); above setup: "
-                     f"{res['peak_mem_mae_increment_bytes'] / gib:.2f} vs "
-                     f"{res[f'peak_mem_{m}_increment_bytes'] / gib:.2f} GiB "
-                     f"(x{res['peak_mem_increment_ratio']:.2f})")
+        lines.append(f"  peak memory       MAE {res['peak_mem_mae_bytes'] / gib:.2f} GiB; above setup "
+                     f"{res['peak_mem_mae_increment_bytes'] / gib:.2f} GiB")
     print("\n".join(lines))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="clmae", choices=[n for n in METHODS if n != "mae"],
-                   help="the masking strategy timed against MAE")
+    p.add_argument("--method", nargs="+", default=["clmae"], choices=[n for n in METHODS if n != "mae"],
+                   help="the masking strategies timed against MAE, all interleaved in one run")
     p.add_argument("--model", default="vit_tiny_patch4_32")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
@@ -620,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_only:
         out = Path(args.output)
         res = json.loads(out.read_text())
-        res.update(memory_fields({v: measure_memory(args, v) for v in ("mae", args.method)}, args.method))
+        res.update(memory_fields({v: measure_memory(args, v) for v in ("mae", *args.method)}, args.method))
         res["memory_measured_separately"] = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), **git_commit()}
         out.write_text(json.dumps(res, indent=2, default=str) + "\n")
         print_summary(res)

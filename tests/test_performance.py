@@ -369,20 +369,20 @@ def test_throughput_benchmark_writes_the_promised_numbers(tmp_path):
     assert 0 < res["data_fraction_mae"] < 1
 
 
-@pytest.mark.parametrize("method", ["block", "hpm"])
-def test_throughput_benchmark_times_any_strategy_against_mae(tmp_path, method):
-    out = tmp_path / f"{method}.json"
-    assert throughput.main(["--method", method, "--model", "vit_micro_patch2_8", "--batch-size", "8", "--reps", "1",
-                            "--warmup", "0", "--no-memory", "--matmul-size", "256", "--output", str(out)]) == 0
+def test_throughput_benchmark_times_several_strategies_against_mae_in_one_run(tmp_path):
+    out = tmp_path / "strategies.json"
+    assert throughput.main(["--method", "block", "hpm", "--model", "vit_micro_patch2_8", "--batch-size", "8",
+                            "--reps", "2", "--warmup", "0", "--no-memory", "--matmul-size", "256",
+                            "--output", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert res["method"] == method and res["img_per_s_method"] == res[f"img_per_s_{method}"] > 0
-    assert res["ratio_method_to_mae"] == res[f"ratio_{method}_to_mae"] > 0
-    assert res["seconds"][f"{method}_masker_scores_in_mae_step"]["median"] > 0  # the masks' choice is timed
-    assert res[f"flops_{method}_masker_step"] == 0  # neither has a step of its own
-    if method == "block":  # masks from rectangles: no model work beyond the MAE's
-        assert res["ratio_flops_method_to_mae"] == 1.0
-    else:  # HPM: the loss predictor in the MAE step and the EMA model's forward on whole images
-        assert res["ratio_flops_method_to_mae"] > 1.5
+    assert res["methods"] == ["block", "hpm"] and set(res["per_method"]) == {"block", "hpm"}
+    assert all({"mae", "block", "hpm"} <= set(rep) for rep in res["raw_reps"])  # interleaved in the same reps
+    for method in ("block", "hpm"):
+        row = res["per_method"][method]
+        assert row["img_per_s"] == res[f"img_per_s_{method}"] > 0 and row["ratio_to_mae"] > 0
+        assert row["masks_seconds"] > 0 and row["own_step_seconds"] == 0  # the masks' choice is timed; no own step
+    assert res["per_method"]["block"]["ratio_flops_to_mae"] == 1.0  # masks from rectangles: no model work
+    assert res["per_method"]["hpm"]["ratio_flops_to_mae"] > 1.5  # the loss predictor and the EMA model's forward
 
 
 def test_memory_probe_reports_a_high_water_mark(tmp_path):
