@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from clmae.maskers import METHODS
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import Runner, build_trainer, sync
 
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="vit_tiny_patch4_32")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--method", default="clmae", choices=["clmae", "mae"])
+    p.add_argument("--method", default="clmae", choices=list(METHODS))
     p.add_argument("--masker-every", type=int, default=1)
     p.add_argument("--masker-batch-fraction", type=float, default=1.0)
     p.add_argument("--data", default="synthetic")
@@ -174,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         imgs = next(runner.batches)
 
         lab = Labeller()
-        if trainer.masker.learnable:
+        if not trainer.masker.uniform:
             lab.wrap(trainer.masker, "keep_indices", "masker_scores")
-            lab.wrap(trainer, "masker_forward", "masker_forward")
+        if trainer.masker.has_own_step:
+            lab.wrap(trainer.masker, "forward", "masker_forward")
             lab.wrap(trainer, "soft_forward", "soft_forward")
             lab.wrap(trainer.opt_masker, "step", "optimizer")
             lab.wrap_masking_step(trainer)
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 imgs = next(runner.batches)
                 sync(trainer.device)
             with record_function("iteration"):
-                trainer.train_step(imgs, 1.0, trainer.lr)
+                trainer.train_step(imgs, trainer.lr)
                 sync(trainer.device)
         trainer.iteration += 1
 

@@ -1,13 +1,17 @@
-"""Throughput of one CL-MAE iteration against one plain-MAE iteration, measured through the trainer.
+"""Throughput of one iteration of a masking strategy against one plain-MAE iteration, measured through the trainer.
 
-What is timed is exactly what ``clmae pretrain`` runs: two :class:`clmae.trainer.Trainer` objects
-(``method="clmae"`` and ``method="mae"``) are built with the same model and batch, and each
-iteration is ``next(batches)`` + ``trainer.train_step(imgs, lam, lr)``. The variants are timed
-interleaved in one process (rep 1: MAE, CL-MAE, matmul; rep 2: ...), so a noisy shared machine
-hits all of them alike; ratios are medians of per-rep ratios.
+What is timed is exactly what ``clmae pretrain`` runs: :class:`clmae.trainer.Trainer` objects
+(``method="mae"`` and one per ``--method``, CL-MAE by default) are built with the same model and
+batch, and each iteration is ``next(batches)`` + ``trainer.train_step(imgs, lr)``, at the middle
+of a 100-epoch run (where schedules such as HPM's hard share are half-way). The variants are
+timed interleaved in one process (rep 1: MAE, each strategy, matmul; rep 2: ...), so a noisy
+shared machine hits all of them alike; ratios are medians of per-rep ratios. JSON keys carry the
+method's name (``img_per_s_hpm``, ``ratio_hpm_to_mae``), ``per_method`` gathers the headline
+numbers, and a single-method run also has them as ``*_method*``.
 
 Reported per variant: median and spread of seconds per iteration, images/s, the split of the
-CL-MAE iteration into its MAE step and masking-module step, data time vs compute time, FLOPs per
+strategy's iteration into its MAE step (and in it the masks' choice) and its own step (CL-MAE's
+masking-module step), data time vs compute time, FLOPs per
 iteration (counted with ``torch.utils.flop_counter.FlopCounterMode`` on one eager iteration:
 matmuls, convolutions and attention, forward and backward; element-wise ops and the optimiser
 are not counted), achieved FLOP/s and its fraction of a dense matmul measured in the same reps.
@@ -16,6 +20,8 @@ Peak memory is measured in a fresh subprocess per variant: the RSS high-water ma
 
     python benchmarks/throughput.py --model vit_tiny_patch4_32 --batch-size 128 \
         --output benchmarks/results/throughput_tiny_b128.json
+    python benchmarks/throughput.py --method clmae block hpm attmask --model vit_mini_patch4_32 \
+        --batch-size 128 --threads 2 --output benchmarks/results/throughput_strategies_mini_b128.json
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from torch.utils.flop_counter import (
 )
 
 from clmae.config import PretrainConfig
+from clmae.maskers import METHODS
 from clmae.model import model_config
 from clmae.trainer import Trainer
 
@@ -165,15 +172,17 @@ def build_trainer(method: str, args: argparse.Namespace, workdir: Path) -> Train
         masker_every=args.masker_every, masker_batch_fraction=args.masker_batch_fraction, compile=args.compile,
         epochs=100, warmup_epochs=0, output_dir=str(workdir / f"run-{method}"), progress=False,
     )
-    return Trainer(cfg)
+    trainer = Trainer(cfg)
+    trainer.epoch = cfg.epochs // 2  # mid-run: schedules (HPM's hard share, EMA momenta) half-way
+    return trainer
 
 
 class Runner:
     """Drives one trainer like ``Trainer.fit`` does and times each iteration and its parts.
 
-    The masking-module step and the masker's scoring in the MAE step are wrapped with timers on
-    the instance (the wrapped functions are called unchanged), so the CL-MAE iteration can be
-    split into its two steps without touching the trainer's code.
+    The strategy's own step (CL-MAE's masking-module step) and its choice of masks in the MAE
+    step are wrapped with timers on the instance (the wrapped functions are called unchanged), so
+    the iteration can be split into its parts without touching the trainer's code.
     """
 
     def __init__(self, trainer: Trainer, lam: float = 1.0):
@@ -184,8 +193,9 @@ class Runner:
         self.epoch = 0
         self.batches = self._batches()
         self.parts: dict[str, float] = {}
-        if trainer.masker.learnable:
+        if trainer.masker.has_own_step:
             self._wrap(trainer, "_masker_step", "masker_step")
+        if not trainer.masker.uniform:
             self._wrap(trainer.masker, "keep_indices", "masker_scores")
 
     def _wrap(self, obj: Any, name: str, label: str) -> None:
@@ -217,7 +227,7 @@ class Runner:
             imgs = next(self.batches)
             sync(self.device)
             t1 = time.perf_counter()
-            self.trainer.train_step(imgs, self.lam, self.lr)
+            self.trainer.train_step(imgs, self.lr)
             self.trainer.iteration += 1
             sync(self.device)
             t2 = time.perf_counter()
@@ -231,11 +241,11 @@ class Runner:
     def count_flops(self, count: int) -> dict[str, float]:
         """FLOPs per iteration (and of the masking-module step) over ``count`` eager iterations."""
         t = self.trainer
-        compiled = (t.mae_forward, t.soft_forward, t.masker_forward)
+        compiled = (t.mae_forward, t.soft_forward, getattr(t.masker, "_compiled_call_impl", None))
         if t.cfg.compile:  # count on the eager modules: same maths, and the counter sees every op
             t.mae_forward = getattr(t, "mae_ddp", t.mae)
             t.soft_forward = t.mae.forward_soft
-            t.masker_forward = getattr(t, "masker_ddp", t.masker)
+            t.masker._compiled_call_impl = None  # what nn.Module.compile() set
         masker_flops = [0]
         original = t._masker_step
 
@@ -245,15 +255,17 @@ class Runner:
             masker_flops[0] += inner.get_total_flops()
             return result
 
-        if t.masker.learnable:
+        if t.masker.has_own_step:
             t._masker_step = counted
         try:
             with flop_counter() as fc:
                 for _ in range(count):
-                    t.train_step(next(self.batches), self.lam, self.lr)
+                    t.train_step(next(self.batches), self.lr)
                     t.iteration += 1
         finally:
-            t.mae_forward, t.soft_forward, t.masker_forward = compiled
+            t.mae_forward, t.soft_forward = compiled[:2]
+            if t.cfg.compile:
+                t.masker._compiled_call_impl = compiled[2]
             t._masker_step = original
         total = fc.get_total_flops()
         return {"iteration": total / count, "masker_step": masker_flops[0] / count,
@@ -358,9 +370,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     started = time.time()
     k = args.masker_every
+    methods = args.method
     with tempfile.TemporaryDirectory(prefix="clmae-bench-") as tmp:
         mae_runner = Runner(build_trainer("mae", args, Path(tmp)))
-        clmae_runner = Runner(build_trainer("clmae", args, Path(tmp)))
+        runners = {m: Runner(build_trainer(m, args, Path(tmp))) for m in methods}
         device = mae_runner.device
         imgs = next(mae_runner.batches)
         fwd_bwd = model_fwd_bwd(mae_runner.trainer, imgs)
@@ -368,56 +381,96 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
         # The first pass counts FLOPs (eager) and doubles as warm-up for the eager parts.
         log(f"counting FLOPs: {k} iteration(s) per variant")
-        flops = {"mae": mae_runner.count_flops(k), "clmae": clmae_runner.count_flops(k)}
+        flops = {"mae": mae_runner.count_flops(k), **{m: r.count_flops(k) for m, r in runners.items()}}
         with flop_counter() as fc:
             fwd_bwd()
         flops["mae_fwd_bwd"] = fc.get_total_flops()
         log(f"warm-up: {args.warmup} x {k} iteration(s) per variant")
         for _ in range(args.warmup):
             mae_runner.iterate(k)
-            clmae_runner.iterate(k)
+            for runner in runners.values():
+                runner.iterate(k)
             fwd_bwd()
             peak_fn()
 
         reps: list[dict[str, Any]] = []
         for r in range(args.reps):
-            rec = {"mae": mae_runner.iterate(k), "clmae": clmae_runner.iterate(k),
+            rec = {"mae": mae_runner.iterate(k), **{m: runner.iterate(k) for m, runner in runners.items()},
                    "mae_fwd_bwd": timed(fwd_bwd, device), "matmul": timed(peak_fn, device)}
             reps.append(rec)
-            log(f"rep {r + 1}/{args.reps}: MAE {rec['mae']['iteration']:.3f}s  "
-                f"CL-MAE {rec['clmae']['iteration']:.3f}s  "
-                f"ratio {rec['clmae']['iteration'] / rec['mae']['iteration']:.2f} "
-                f"(CPU time {rec['clmae']['cpu'] / rec['mae']['cpu']:.2f})  "
+            mae_it, mae_cpu = rec["mae"]["iteration"], rec["mae"]["cpu"]
+            parts = "  ".join(f"{method_label(m)} {rec[m]['iteration']:.3f}s (x{rec[m]['iteration'] / mae_it:.2f}, "
+                              f"CPU time x{rec[m]['cpu'] / mae_cpu:.2f})" for m in methods)
+            log(f"rep {r + 1}/{args.reps}: MAE {rec['mae']['iteration']:.3f}s  {parts}  "
                 f"matmul {peak_flops / rec['matmul']['wall'] / 1e9:.1f} GFLOP/s")
         model_cfg = dataclasses.asdict(mae_runner.trainer.model_config)
 
     memory = {}
     if not args.no_memory:
-        for variant in ("mae", "clmae"):
+        for variant in ("mae", *methods):
             log(f"peak memory: {variant} (separate process)")
             memory[variant] = measure_memory(args, variant)
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     extra = {"load_avg_before": load_before, "load_avg_after": load_after, "wall_s": round(time.time() - started, 1),
              "model_config": model_cfg}
-    return summarise(args, reps, flops, peak_flops, memory, device, extra)
+    return summarise_all(args, reps, flops, peak_flops, memory, device, extra)
 
 
-def memory_fields(memory: dict[str, Any]) -> dict[str, Any]:
-    mem = {v: memory.get(v, {}) for v in ("mae", "clmae")}
-    both = bool(mem["mae"]) and bool(mem["clmae"])
-    return {
-        "peak_mem_mae_bytes": mem["mae"].get("peak_bytes"),
-        "peak_mem_clmae_bytes": mem["clmae"].get("peak_bytes"),
-        "peak_mem_ratio": mem["clmae"]["peak_bytes"] / mem["mae"]["peak_bytes"] if both else None,
-        "peak_mem_mae_increment_bytes": mem["mae"].get("increment_bytes"),
-        "peak_mem_clmae_increment_bytes": mem["clmae"].get("increment_bytes"),
-        "peak_mem_increment_ratio": mem["clmae"]["increment_bytes"] / mem["mae"]["increment_bytes"] if both else None,
-        "memory": memory,
-    }
+def method_label(method: str) -> str:
+    return {"clmae": "CL-MAE", "mae": "MAE", "hpm": "HPM", "attmask": "AttMask", "block": "block"}.get(method, method)
 
 
-def summarise(args, reps, flops, peak_flops, memory, device, extra) -> dict[str, Any]:
-    """Medians over reps; ratios are medians of per-rep ratios (paired, so shared noise cancels)."""
+def memory_fields(memory: dict[str, Any], methods: list[str]) -> dict[str, Any]:
+    """Peak memory per variant and its ratio to MAE's (``peak_mem_ratio_M``; unsuffixed for one method)."""
+    out: dict[str, Any] = {"peak_mem_mae_bytes": memory.get("mae", {}).get("peak_bytes"),
+                           "peak_mem_mae_increment_bytes": memory.get("mae", {}).get("increment_bytes")}
+    for m in methods:
+        mem = {v: memory.get(v, {}) for v in ("mae", m)}
+        both = bool(mem["mae"]) and bool(mem[m])
+        fields = {
+            f"peak_mem_{m}_bytes": mem[m].get("peak_bytes"),
+            f"peak_mem_ratio_{m}": mem[m]["peak_bytes"] / mem["mae"]["peak_bytes"] if both else None,
+            f"peak_mem_{m}_increment_bytes": mem[m].get("increment_bytes"),
+            f"peak_mem_increment_ratio_{m}": (mem[m]["increment_bytes"] / mem["mae"]["increment_bytes"] if both
+                                              else None),
+        }
+        out.update(fields)
+        if len(methods) == 1:
+            out.update(peak_mem_ratio=fields[f"peak_mem_ratio_{m}"],
+                       peak_mem_method_bytes=fields[f"peak_mem_{m}_bytes"],
+                       peak_mem_increment_ratio=fields[f"peak_mem_increment_ratio_{m}"])
+    out["memory"] = memory
+    return out
+
+
+def summarise_all(args, reps, flops, peak_flops, memory, device, extra) -> dict[str, Any]:
+    """:func:`summarise` for each method of the run, merged (the MAE's and the machine's fields are shared)."""
+    methods = args.method
+    res: dict[str, Any] = {}
+    for m in methods:
+        part = summarise(args, reps, flops, peak_flops, memory, device, extra, m)
+        seconds = {**res.get("seconds", {}), **part["seconds"]}
+        res.update(part)
+        res["seconds"] = seconds
+    res.update(memory_fields(memory, methods))
+    res["methods"] = methods
+    if len(methods) > 1:  # the unsuffixed *_method* fields belong to single-method runs
+        for key in [k for k in res if "_method" in k and k != "methods"]:
+            del res[key]
+        res["method"] = None
+    res["per_method"] = {m: {
+        "img_per_s": res[f"img_per_s_{m}"], "ratio_to_mae": res[f"ratio_{m}_to_mae"],
+        "ratio_to_mae_spread": res[f"ratio_{m}_to_mae_spread"],
+        "ratio_to_mae_cpu_time": res[f"ratio_{m}_to_mae_cpu_time"],
+        "ratio_flops_to_mae": res[f"ratio_flops_{m}_to_mae"], "peak_mem_ratio": res.get(f"peak_mem_ratio_{m}"),
+        "masks_seconds": res["seconds"][f"{m}_masker_scores_in_mae_step"]["median"],
+        "own_step_seconds": res["seconds"][f"{m}_masker_step"]["median"],
+    } for m in methods}
+    return res
+
+
+def summarise(args, reps, flops, peak_flops, memory, device, extra, m: str) -> dict[str, Any]:
+    """Medians over reps for method ``m``; ratios are medians of per-rep ratios (paired, so shared noise cancels)."""
     b = args.batch_size
     med = statistics.median
 
@@ -427,9 +480,9 @@ def summarise(args, reps, flops, peak_flops, memory, device, extra) -> dict[str,
     def paired(a: list[float], c: list[float]) -> list[float]:
         return [x / y for x, y in zip(a, c)]
 
-    mae_it, cl_it = col("mae", "iteration"), col("clmae", "iteration")
-    mae_cpu, cl_cpu = col("mae", "cpu"), col("clmae", "cpu")
-    masker_step = col("clmae", "masker_step") if "masker_step" in reps[0]["clmae"] else [0.0] * len(reps)
+    mae_it, cl_it = col("mae", "iteration"), col(m, "iteration")
+    mae_cpu, cl_cpu = col("mae", "cpu"), col(m, "cpu")
+    masker_step = col(m, "masker_step") if "masker_step" in reps[0][m] else [0.0] * len(reps)
     mm_wall, mm_cpu = col("matmul", "wall"), col("matmul", "cpu")
     fb_wall, fb_cpu = col("mae_fwd_bwd", "wall"), col("mae_fwd_bwd", "cpu")
     peak = [peak_flops / t for t in mm_wall]
@@ -438,9 +491,10 @@ def summarise(args, reps, flops, peak_flops, memory, device, extra) -> dict[str,
     def frac(work: float, times: list[float], peaks: list[float]) -> float:
         return med([work / t / p for t, p in zip(times, peaks)])
 
-    f_mae, f_cl, f_fb = flops["mae"]["iteration"], flops["clmae"]["iteration"], flops["mae_fwd_bwd"]
+    f_mae, f_cl, f_fb = flops["mae"]["iteration"], flops[m]["iteration"], flops["mae_fwd_bwd"]
     return {
         "benchmark": "throughput",
+        "method": m,
         "model": args.model,
         "batch_size": b,
         "masker_every": args.masker_every,
@@ -460,52 +514,58 @@ def summarise(args, reps, flops, peak_flops, memory, device, extra) -> dict[str,
         "iterations_per_rep": args.masker_every,
         # headline numbers; an iteration is next(batch) + train_step, as in Trainer.fit
         "img_per_s_mae": b / med(mae_it),
-        "img_per_s_clmae": b / med(cl_it),
-        "ratio_clmae_to_mae": med(paired(cl_it, mae_it)),
-        "ratio_clmae_to_mae_spread": spread(paired(cl_it, mae_it)),
-        "ratio_clmae_to_mae_cpu_time": med(paired(cl_cpu, mae_cpu)),
-        "ratio_clmae_to_mae_cpu_time_spread": spread(paired(cl_cpu, mae_cpu)),
-        "ratio_flops_clmae_to_mae": f_cl / f_mae,
-        **memory_fields(memory),
+        f"img_per_s_{m}": b / med(cl_it),
+        f"ratio_{m}_to_mae": med(paired(cl_it, mae_it)),
+        f"ratio_{m}_to_mae_spread": spread(paired(cl_it, mae_it)),
+        f"ratio_{m}_to_mae_cpu_time": med(paired(cl_cpu, mae_cpu)),
+        f"ratio_{m}_to_mae_cpu_time_spread": spread(paired(cl_cpu, mae_cpu)),
+        f"ratio_flops_{m}_to_mae": f_cl / f_mae,
+        # the same headline numbers under method-independent names, for tables over strategies
+        "img_per_s_method": b / med(cl_it),
+        "ratio_method_to_mae": med(paired(cl_it, mae_it)),
+        "ratio_method_to_mae_cpu_time": med(paired(cl_cpu, mae_cpu)),
+        "ratio_flops_method_to_mae": f_cl / f_mae,
+
         "peak_mem_note": ("CPU: RSS high-water mark (VmHWM) of a fresh process per variant over two iterations, "
                           "reset after building the trainer; increment = peak minus RSS after building the trainer. "
                           "CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats"),
         # seconds per iteration (wall clock unless named cpu)
         "seconds": {
             "mae_iteration": spread(mae_it),
-            "clmae_iteration": spread(cl_it),
+            f"{m}_iteration": spread(cl_it),
             "mae_iteration_cpu": spread(mae_cpu),
-            "clmae_iteration_cpu": spread(cl_cpu),
-            "clmae_mae_step": spread([s - m for s, m in zip(col("clmae", "step"), masker_step)]),
-            "clmae_masker_scores_in_mae_step": spread(col("clmae", "masker_scores")),
-            "clmae_masker_step": spread(masker_step),
+            f"{m}_iteration_cpu": spread(cl_cpu),
+            f"{m}_mae_step": spread([s - own for s, own in zip(col(m, "step"), masker_step)]),
+            f"{m}_masker_scores_in_mae_step": spread(col(m, "masker_scores") if "masker_scores" in reps[0][m]
+                                                     else [0.0] * len(reps)),
+            f"{m}_masker_step": spread(masker_step),
             "mae_data": spread(col("mae", "data")),
-            "clmae_data": spread(col("clmae", "data")),
+            f"{m}_data": spread(col(m, "data")),
             "mae_model_fwd_bwd": spread(fb_wall),
             "matmul_call": spread(mm_wall),
         },
         "data_fraction_mae": med(paired(col("mae", "data"), mae_it)),
-        "data_fraction_clmae": med(paired(col("clmae", "data"), cl_it)),
+        f"data_fraction_{m}": med(paired(col(m, "data"), cl_it)),
         # work and efficiency
         "flops_note": ("torch.utils.flop_counter.FlopCounterMode over one eager pass of the same iterations: "
                        "matmul, convolution and attention FLOPs, forward and backward (CPU flash attention "
                        "added with torch's SDPA formulas); element-wise ops and the optimiser are not counted"),
         "flops_per_iteration_mae": f_mae,
-        "flops_per_iteration_clmae": f_cl,
-        "flops_clmae_mae_step": flops["clmae"]["mae_step"],
-        "flops_clmae_masker_step": flops["clmae"]["masker_step"],
+        f"flops_per_iteration_{m}": f_cl,
+        f"flops_{m}_mae_step": flops[m]["mae_step"],
+        f"flops_{m}_masker_step": flops[m]["masker_step"],
         "flops_mae_model_fwd_bwd": f_fb,
         "matmul_size": args.matmul_size or (8192 if device.type == "cuda" else 2048),
         "matmul_peak_flop_s": spread(peak),
         "matmul_peak_flop_s_cpu_time": spread(peak_cpu),
         "flop_s_mae_iteration": f_mae / med(mae_it),
-        "flop_s_clmae_iteration": f_cl / med(cl_it),
+        f"flop_s_{m}_iteration": f_cl / med(cl_it),
         "flop_s_mae_model_fwd_bwd": f_fb / med(fb_wall),
         "frac_of_peak_mae_iteration": frac(f_mae, mae_it, peak),
-        "frac_of_peak_clmae_iteration": frac(f_cl, cl_it, peak),
+        f"frac_of_peak_{m}_iteration": frac(f_cl, cl_it, peak),
         "frac_of_peak_mae_model_fwd_bwd": frac(f_fb, fb_wall, peak),
         "frac_of_peak_cpu_time_mae_iteration": frac(f_mae, mae_cpu, peak_cpu),
-        "frac_of_peak_cpu_time_clmae_iteration": frac(f_cl, cl_cpu, peak_cpu),
+        f"frac_of_peak_cpu_time_{m}_iteration": frac(f_cl, cl_cpu, peak_cpu),
         "frac_of_peak_cpu_time_mae_model_fwd_bwd": frac(f_fb, fb_cpu, peak_cpu),
         "frac_note": ("FLOP/s of the work divided by the FLOP/s of a dense square matmul timed in the same rep; "
                       "median over reps. *_cpu_time uses process CPU seconds for both, which is robust to the "
@@ -518,6 +578,7 @@ def summarise(args, reps, flops, peak_flops, memory, device, extra) -> dict[str,
 
 def print_summary(res: dict[str, Any]) -> None:
     s = res["seconds"]
+    methods = res.get("methods") or [res.get("method") or "clmae"]
     gib = 2**30
     pct = lambda x: f"{100 * x:.0f}%"
     lines = [
@@ -526,36 +587,45 @@ def print_summary(res: dict[str, Any]) -> None:
          f"{res['precision']}), masker_every={res['masker_every']}, "
          f"masker_batch_fraction={res['masker_batch_fraction']}"),
         f"  MAE iteration     {s['mae_iteration']['median']:.3f} s  ({res['img_per_s_mae']:.1f} img/s)",
-        f"  CL-MAE iteration  {s['clmae_iteration']['median']:.3f} s  ({res['img_per_s_clmae']:.1f} img/s)",
-        (f"    MAE step        {s['clmae_mae_step']['median']:.3f} s  (of which masker scoring "
-        f"{s['clmae_masker_scores_in_mae_step']['median']:.3f} s)"),
-        f"    masking step    {s['clmae_masker_step']['median']:.3f} s  (per iteration)",
-        (f"  ratio CL-MAE/MAE  {res['ratio_clmae_to_mae']:.2f} wall "
-         f"(reps {res['ratio_clmae_to_mae_spread']['min']:.2f}-"
-        f"{res['ratio_clmae_to_mae_spread']['max']:.2f}), {res['ratio_clmae_to_mae_cpu_time']:.2f} CPU time, "
-        f"{res['ratio_flops_clmae_to_mae']:.2f} FLOPs"),
-        (f"  data time         {pct(res['data_fraction_mae'])} of the MAE iteration, "
-        f"{pct(res['data_fraction_clmae'])} of the CL-MAE iteration"),
+    ]
+    for m in methods:
+        label = method_label(m)
+        lines += [
+            f"  {label + ' iteration':<18}{s[f'{m}_iteration']['median']:.3f} s  ({res[f'img_per_s_{m}']:.1f} img/s)",
+            (f"    MAE step        {s[f'{m}_mae_step']['median']:.3f} s  (of which choosing the masks "
+             f"{s[f'{m}_masker_scores_in_mae_step']['median']:.3f} s)"),
+        ]
+        if res.get(f"flops_{m}_masker_step"):  # a strategy with a step of its own (CL-MAE's masking module)
+            lines.append(f"    masking step    {s[f'{m}_masker_step']['median']:.3f} s  (per iteration)")
+        lines.append(f"  {'ratio ' + label + '/MAE':<18}{res[f'ratio_{m}_to_mae']:.2f} wall "
+                     f"(reps {res[f'ratio_{m}_to_mae_spread']['min']:.2f}-"
+                     f"{res[f'ratio_{m}_to_mae_spread']['max']:.2f}), {res[f'ratio_{m}_to_mae_cpu_time']:.2f} CPU "
+                     f"time, {res[f'ratio_flops_{m}_to_mae']:.2f} FLOPs, {pct(res[f'data_fraction_{m}'])} data, "
+                     f"{pct(res[f'frac_of_peak_{m}_iteration'])} of matmul peak")
+        if res["peak_mem_mae_bytes"] and res.get(f"peak_mem_{m}_bytes"):
+            lines.append(f"    peak memory     {res[f'peak_mem_{m}_bytes'] / gib:.2f} GiB "
+                         f"(x{res[f'peak_mem_ratio_{m}']:.2f} MAE's); above setup "
+                         f"{res[f'peak_mem_{m}_increment_bytes'] / gib:.2f} GiB "
+                         f"(x{res[f'peak_mem_increment_ratio_{m}']:.2f})")
+    lines += [
+        f"  data time         {pct(res['data_fraction_mae'])} of the MAE iteration",
         (f"  matmul peak       {res['matmul_peak_flop_s']['median'] / 1e9:.1f} GFLOP/s wall, "
-        f"{res['matmul_peak_flop_s_cpu_time']['median'] / 1e9:.1f} GFLOP/CPU-s"),
+         f"{res['matmul_peak_flop_s_cpu_time']['median'] / 1e9:.1f} GFLOP/CPU-s"),
         (f"  fraction of peak  MAE fwd+bwd {pct(res['frac_of_peak_mae_model_fwd_bwd'])} "
-        f"(CPU time {pct(res['frac_of_peak_cpu_time_mae_model_fwd_bwd'])}), "
-        f"MAE iteration {pct(res['frac_of_peak_mae_iteration'])} ({pct(res['frac_of_peak_cpu_time_mae_iteration'])}), "
-        f"CL-MAE iteration {pct(res['frac_of_peak_clmae_iteration'])} "
-        f"({pct(res['frac_of_peak_cpu_time_clmae_iteration'])})"),
+         f"(CPU time {pct(res['frac_of_peak_cpu_time_mae_model_fwd_bwd'])}), "
+         f"MAE iteration {pct(res['frac_of_peak_mae_iteration'])} ({pct(res['frac_of_peak_cpu_time_mae_iteration'])})"),
     ]
     if res["peak_mem_mae_bytes"]:
-        lines.append(f"  peak memory       MAE {res['peak_mem_mae_bytes'] / gib:.2f} GiB, CL-MAE "
-                     f"{res['peak_mem_clmae_bytes'] / gib:.2f} GiB (x{res['peak_mem_ratio']:.2f}); above setup: "
-                     f"{res['peak_mem_mae_increment_bytes'] / gib:.2f} vs "
-                     f"{res['peak_mem_clmae_increment_bytes'] / gib:.2f} GiB "
-                     f"(x{res['peak_mem_increment_ratio']:.2f})")
+        lines.append(f"  peak memory       MAE {res['peak_mem_mae_bytes'] / gib:.2f} GiB; above setup "
+                     f"{res['peak_mem_mae_increment_bytes'] / gib:.2f} GiB")
     print("\n".join(lines))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", nargs="+", default=["clmae"], choices=[n for n in METHODS if n != "mae"],
+                   help="the masking strategies timed against MAE, all interleaved in one run")
     p.add_argument("--model", default="vit_tiny_patch4_32")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
@@ -576,7 +646,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="only (re)measure peak memory and update the memory fields of an existing --output JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True, help="JSON file to write (e.g. benchmarks/results/throughput_NAME.json)")
-    p.add_argument("--memory-probe", choices=["mae", "clmae"], help=argparse.SUPPRESS)
+    p.add_argument("--memory-probe", choices=list(METHODS), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -590,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_only:
         out = Path(args.output)
         res = json.loads(out.read_text())
-        res.update(memory_fields({v: measure_memory(args, v) for v in ("mae", "clmae")}))
+        res.update(memory_fields({v: measure_memory(args, v) for v in ("mae", *args.method)}, args.method))
         res["memory_measured_separately"] = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), **git_commit()}
         out.write_text(json.dumps(res, indent=2, default=str) + "\n")
         print_summary(res)

@@ -113,15 +113,24 @@ def single(options: dict, out: Path, groups: int = 1) -> Path:
 
 
 MASKER_KEYS = ("loss_mae", "loss_masker", "loss_rec", "loss_gauss", "loss_kl", "loss_div", "score_mean")
+STRATEGIES = ("block", "hpm", "attmask")
+# Schedules that move within 2 epochs: HPM hides predicted-hard patches from the first epoch and its EMA
+# follows closely; AttMask's teacher too. So the EMA copies, the masks and the predictor all matter.
+STRATEGY_OPTIONS = {"hpm_ema_decay": 0.5, "hpm_ema_decay_end": 0.9, "hpm_ema_ramp_epochs": 2.0,
+                    "attmask_momentum": 0.5}
+STRATEGY_KEYS = {"block": ("loss_mae", "grad_norm"), "attmask": ("loss_mae", "grad_norm"),
+                 "hpm": ("loss_mae", "loss_hpm", "grad_norm", "masker_grad_norm")}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ddp")
-    out = {name: root / name for name in ("mae2", "clmae2")}
+    out = {name: root / name for name in ("mae2", "clmae2", *(f"{m}2" for m in STRATEGIES))}
     run_two_ranks([
         {**TINY, "method": "mae", "batch_size": LOCAL_BATCH, "output_dir": str(out["mae2"])},
         {**TINY, "method": "clmae", "batch_size": LOCAL_BATCH, "output_dir": str(out["clmae2"])},
+        *({**TINY, **STRATEGY_OPTIONS, "method": m, "batch_size": LOCAL_BATCH, "output_dir": str(out[f"{m}2"])}
+          for m in STRATEGIES),
     ])
     return out
 
@@ -144,6 +153,16 @@ def test_two_ranks_equal_one_process_clmae_per_device_losses(runs, tmp_path):
     differ = [k for k, v in weights(whole).items() if k.startswith("masker.")
               and not torch.allclose(v, weights(one)[k], rtol=1e-4, atol=1e-5)]
     assert differ
+
+
+@pytest.mark.parametrize("method", STRATEGIES)
+def test_two_ranks_equal_one_process_for_every_strategy(runs, tmp_path, method):
+    # Masks drawn for the global batch, EMA copies updated from the averaged weights, HPM's predictor
+    # gradients averaged over the ranks and its ranking loss per rank (as DDP's per-GPU loss).
+    one = single({**TINY, **STRATEGY_OPTIONS, "method": method}, tmp_path / method, groups=WORLD)
+    assert_same_run(runs[f"{method}2"], one, STRATEGY_KEYS[method])
+    saved = weights(runs[f"{method}2"])
+    assert any(k.startswith("masker.") for k in saved) == (method != "block")  # EMA copies / predictor saved
 
 
 def test_resume_with_other_world_size(runs, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from clmae.errors import ConfigError
-from clmae.maskers import LearnedMasker, RandomMasker, create_masker, mask_from_keep, topk_keep_indices
+from clmae.maskers import LearnedMasker, MaskingBatch, RandomMasker, create_masker, mask_from_keep, topk_keep_indices
 from clmae.model import (
     MODEL_CONFIGS,
     create_model,
@@ -69,8 +69,8 @@ def test_topk_keeps_exactly_the_highest_scores():
 def test_random_masker_keeps_distinct_patches_and_varies():
     tokens = torch.zeros(4, 16, 8)
     g = torch.Generator().manual_seed(0)
-    a = RandomMasker().keep_indices(tokens, 4, g)
-    b = RandomMasker().keep_indices(tokens, 4, g)
+    a = RandomMasker().keep_indices(MaskingBatch(torch.zeros(4, 1, 8, 8), tokens, 4, g))
+    b = RandomMasker().keep_indices(MaskingBatch(torch.zeros(4, 1, 8, 8), tokens, 4, g))
     assert a.shape == (4, 4)
     assert all(len(set(r)) == 4 for r in a.tolist())
     assert not torch.equal(a, b)
@@ -80,7 +80,8 @@ def test_mae_loss_is_mse_over_hidden_patches():
     torch.manual_seed(0)
     model = create_model("vit_micro_patch2_8").eval()
     x = torch.randn(3, 1, 8, 8)
-    ids = RandomMasker().keep_indices(model.embed(x), model.num_keep(0.75), torch.Generator().manual_seed(1))
+    ids = RandomMasker().keep_indices(MaskingBatch(x, model.embed(x), model.num_keep(0.75),
+                                                   torch.Generator().manual_seed(1)))
     out = model(x, ids)
     assert model.num_keep(0.75) == 4 and out["mask"].sum(1).tolist() == [12, 12, 12]
     per_patch = ((out["pred"] - patchify(x, 2)) ** 2).mean(-1)

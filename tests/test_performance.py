@@ -164,21 +164,21 @@ def test_mae_forward_equals_argsort_shuffle_reference():
 
 def test_masking_step_equals_authors_recipe(tmp_path):
     """Same loss and the same masking-module gradients as the frozen-backbone, full-backward recipe."""
-    trainer = make_trainer(tmp_path)
+    trainer = make_trainer(tmp_path, curriculum="constant", curriculum_value=0.7)  # λ = 0.7
     imgs = first_batch(trainer)
     seen = {}
     original_step, original_opt = trainer._masker_step, trainer.opt_masker.step
 
-    def spy_step(batch, lam, lr, boundary):
-        seen["ref_loss"], seen["ref_grads"], _ = reference_masking_step(trainer, batch, lam)
-        return original_step(batch, lam, lr, boundary)
+    def spy_step(batch, lr, boundary):
+        seen["ref_loss"], seen["ref_grads"], _ = reference_masking_step(trainer, batch.imgs, 0.7)
+        return original_step(batch, lr, boundary)
 
     def spy_opt(*a, **kw):
         seen["grads"] = [p.grad.clone() for p in trainer.masker.parameters()]
         return original_opt(*a, **kw)
 
     trainer._masker_step, trainer.opt_masker.step = spy_step, spy_opt
-    out = trainer.train_step(imgs, lam=0.7, lr=1e-3)
+    out = trainer.train_step(imgs, lr=1e-3)
 
     assert out["loss_masker"] == pytest.approx(seen["ref_loss"].item(), rel=1e-5)
     names = [n for n, _ in trainer.masker.named_parameters()]
@@ -196,13 +196,13 @@ def test_masking_step_computes_no_mae_weight_gradients(tmp_path):
     counted = {}
     original = trainer._masker_step
 
-    def count(batch, lam, lr, boundary):
+    def count(batch, lr, boundary):
         with throughput.flop_counter() as fc:
-            result = original(batch, lam, lr, boundary)
+            result = original(batch, lr, boundary)
         counted["fast"] = fc.get_total_flops()
         for freeze, key in ((True, "frozen"), (False, "full")):
             with throughput.flop_counter() as fc:
-                _, _, mae = reference_masking_step(trainer, batch, lam, freeze=freeze)
+                _, _, mae = reference_masking_step(trainer, batch.imgs, 1.0, freeze=freeze)
             counted[key] = fc.get_total_flops()
             if not freeze:  # the naive path did fill every MAE weight gradient
                 assert all(p.grad is not None for n, p in mae.named_parameters() if n.endswith("weight")
@@ -210,7 +210,7 @@ def test_masking_step_computes_no_mae_weight_gradients(tmp_path):
         return result
 
     trainer._masker_step = count
-    trainer.train_step(imgs, lam=1.0, lr=1e-3)
+    trainer.train_step(imgs, lr=1e-3)
 
     rows = imgs.shape[0] * (trainer.mae.num_patches + 1)  # every MAE linear sees CLS + all patches
     weight_grad_flops = sum(2 * rows * m.in_features * m.out_features
@@ -223,7 +223,7 @@ def test_masking_step_computes_no_mae_weight_gradients(tmp_path):
 def test_mae_step_scores_patches_without_building_a_graph(tmp_path):
     trainer = make_trainer(tmp_path, masker_every=2)
     batches = trainer.batches.epoch(0, trainer.generator)
-    trainer.train_step(next(batches), 1.0, 1e-3)  # iteration 0: both steps
+    trainer.train_step(next(batches), lr=1e-3)  # iteration 0: both steps
     trainer.iteration += 1
     saved = []
     original = trainer.masker.keep_indices
@@ -235,7 +235,7 @@ def test_mae_step_scores_patches_without_building_a_graph(tmp_path):
         return ids
 
     trainer.masker.keep_indices = spy
-    out = trainer.train_step(next(batches), 1.0, 1e-3)  # iteration 1: MAE step only
+    out = trainer.train_step(next(batches), lr=1e-3)  # iteration 1: MAE step only
     assert "loss_masker" not in out
     assert saved == []  # the masking module's forward saved nothing for a backward
     assert all(p.grad is None for p in trainer.masker.parameters())
@@ -257,7 +257,7 @@ def test_attention_is_fused_everywhere(tmp_path):
             return func(*args, **(kwargs or {}))
 
     with CountSDPA():
-        trainer.train_step(first_batch(trainer), 1.0, 1e-3)
+        trainer.train_step(first_batch(trainer), lr=1e-3)
     # MAE step: masker scoring + encoder + decoder; masking step: masker + encoder + decoder.
     assert CountSDPA.calls == 2 * (mc.masker_depth + mc.depth + mc.decoder_depth)
 
@@ -273,7 +273,7 @@ def test_masker_every_updates_the_masker_every_k_iterations(tmp_path):
     for _ in range(7):
         before = [p.detach().clone() for p in trainer.masker.parameters()]
         mae_before = trainer.mae.decoder_pred.weight.detach().clone()
-        out = trainer.train_step(next(batches), 1.0, 1e-3)
+        out = trainer.train_step(next(batches), lr=1e-3)
         trainer.iteration += 1
         changed = any(not torch.equal(b, p) for b, p in zip(before, trainer.masker.parameters()))
         updated.append(changed)
@@ -295,7 +295,7 @@ def test_masker_batch_fraction_runs_the_masking_step_on_a_sub_batch(tmp_path):
         return original_soft(x, scores, tokens)
 
     trainer.soft_forward = spy_soft
-    trainer.train_step(imgs, 1.0, 1e-3)
+    trainer.train_step(imgs, lr=1e-3)
     assert masker_batches == [16, 4]  # scoring for the MAE step on the batch, then the masking step on 1/4
     (sub,) = soft_imgs
     assert sub.shape[0] == 4
@@ -317,7 +317,7 @@ def test_compile_gives_the_same_losses_as_eager(tmp_path):
         batches = trainer.batches.epoch(0, trainer.generator)
         outs = []
         for _ in range(2):
-            outs.append(trainer.train_step(next(batches), 1.0, 1e-3))
+            outs.append(trainer.train_step(next(batches), lr=1e-3))
             trainer.iteration += 1
         results[compiled] = outs
     for eager, comp in zip(results[False], results[True]):
@@ -330,7 +330,7 @@ def matmuls_in_masking_step(trainer: Trainer, imgs: torch.Tensor) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        trainer._masker_step(imgs, 1.0, 1e-3, True)
+        trainer._masker_step(trainer.masking_batch(imgs, trainer.progress()), 1e-3, True)
     return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
 
 
@@ -342,7 +342,7 @@ def test_compiled_masking_step_runs_no_more_matmuls_than_eager(tmp_path):
     for compiled in (False, True):
         trainer = make_trainer(tmp_path / str(compiled), compile=compiled)
         batches = trainer.batches.epoch(0, trainer.generator)
-        trainer.train_step(next(batches), 1.0, 1e-3)  # compiles
+        trainer.train_step(next(batches), lr=1e-3)  # compiles
         trainer.iteration += 1
         counts[compiled] = matmuls_in_masking_step(trainer, next(batches))
     assert counts[True] == counts[False]
@@ -367,6 +367,22 @@ def test_throughput_benchmark_writes_the_promised_numbers(tmp_path):
     assert res["flops_clmae_masker_step"] > 0
     assert res["seconds"]["clmae_masker_step"]["median"] > 0
     assert 0 < res["data_fraction_mae"] < 1
+
+
+def test_throughput_benchmark_times_several_strategies_against_mae_in_one_run(tmp_path):
+    out = tmp_path / "strategies.json"
+    assert throughput.main(["--method", "block", "hpm", "--model", "vit_micro_patch2_8", "--batch-size", "8",
+                            "--reps", "2", "--warmup", "0", "--no-memory", "--matmul-size", "256",
+                            "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["methods"] == ["block", "hpm"] and set(res["per_method"]) == {"block", "hpm"}
+    assert all({"mae", "block", "hpm"} <= set(rep) for rep in res["raw_reps"])  # interleaved in the same reps
+    for method in ("block", "hpm"):
+        row = res["per_method"][method]
+        assert row["img_per_s"] == res[f"img_per_s_{method}"] > 0 and row["ratio_to_mae"] > 0
+        assert row["masks_seconds"] > 0 and row["own_step_seconds"] == 0  # the masks' choice is timed; no own step
+    assert res["per_method"]["block"]["ratio_flops_to_mae"] == 1.0  # masks from rectangles: no model work
+    assert res["per_method"]["hpm"]["ratio_flops_to_mae"] > 1.5  # the loss predictor and the EMA model's forward
 
 
 def test_memory_probe_reports_a_high_water_mark(tmp_path):

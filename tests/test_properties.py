@@ -20,6 +20,7 @@ from clmae.checkpoint import (
 from clmae.errors import CheckpointError
 from clmae.maskers import (
     LearnedMasker,
+    MaskingBatch,
     keep_from_mask,
     mask_from_keep,
     random_keep_indices,
@@ -159,7 +160,7 @@ def test_learned_masker_keeps_k_distinct_patches_across_ratios():
     with torch.no_grad():
         scores = masker(tokens)
     for k in sorted({1, cfg.num_patches // 4, cfg.num_patches // 2, cfg.num_patches - 1, cfg.num_patches}):
-        ids = masker.keep_indices(tokens, k)
+        ids = masker.keep_indices(MaskingBatch(torch.zeros(5, 1, 8, 8), tokens, k))
         assert ids.shape == (5, k)
         assert all(len(set(r.tolist())) == k for r in ids)
         assert torch.equal(ids, topk_keep_indices(scores, k))

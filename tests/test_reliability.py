@@ -762,7 +762,7 @@ def test_nonfinite_gradient_skips_the_step(tmp_path, monkeypatch):
 
 def test_nonfinite_masker_loss_skips_the_masker_update(tmp_path, monkeypatch):
     """The MAE step came first with a finite loss and stays; the masking module's update is dropped."""
-    import clmae.trainer as trainer_module
+    import clmae.maskers.learned as trainer_module  # where the masking module's loss terms are assembled
 
     trainer = Trainer(tiny_config(tmp_path / "run", epochs=1))
     rec = Recorder(trainer)
@@ -803,7 +803,7 @@ def test_repeated_bad_batches_stop_the_run_with_the_last_good_state_saved(tmp_pa
 
 def test_repeated_masker_faults_also_stop_the_run(tmp_path, monkeypatch):
     """A masking module that keeps producing non-finite losses must not be trained around forever."""
-    import clmae.trainer as trainer_module
+    import clmae.maskers.learned as trainer_module  # where the masking module's loss terms are assembled
 
     trainer = Trainer(tiny_config(tmp_path / "run", epochs=2, max_nonfinite=3))
     rec = Recorder(trainer)
@@ -831,7 +831,8 @@ def test_repeated_masker_faults_also_stop_the_run(tmp_path, monkeypatch):
 
 BAD_VALUES = [
     ("data", 3, "a value of type str"), ("data_dir", 3, "a value of type str"), ("subset", 0, ">= 1"),
-    ("img_size", 0, "a positive integer"), ("num_workers", -1, ">= 0"), ("method", "bert", "'clmae' or 'mae'"),
+    ("img_size", 0, "a positive integer"), ("num_workers", -1, ">= 0"),
+    ("method", "bert", "'clmae', 'mae', 'block', 'hpm' or 'attmask'"),
     ("model", "vit_nope", "one of vit_base_patch16_224"), ("patch_size", 0, "a positive integer"),
     ("norm_pix_loss", "yes", "type bool"), ("mask_ratio", 0.0, "strictly between 0 and 1"),
     ("mask_ratio", 1.0, "strictly between 0 and 1"), ("mask_ratio", float("nan"), "strictly between 0 and 1"),
@@ -840,6 +841,12 @@ BAD_VALUES = [
     ("lambda_kl", float("nan"), "a finite number >= 0"), ("lambda_div", float("inf"), "a finite number >= 0"),
     ("kl_reduction", "max", "'sum' or 'mean'"), ("masker_every", 0, ">= 1"),
     ("masker_batch_fraction", 0.0, "in (0, 1]"), ("masker_batch_fraction", 1.5, "in (0, 1]"),
+    ("block_min_patches", 0, "an integer >= 1"), ("block_max_patches", 0, ">= --block-min-patches"),
+    ("block_min_aspect", 0.0, "in (0, 1]"), ("block_min_aspect", 3.0, "in (0, 1]"), ("hpm_hard_max", 1.5, "in [0, 1]"),
+    ("hpm_loss_weight", -1.0, "a finite number >= 0"), ("hpm_ema_decay", 1.5, "in [0, 1]"),
+    ("hpm_ema_decay_end", float("nan"), "in [0, 1]"), ("hpm_ema_ramp_epochs", -1.0, "a finite number >= 0"),
+    ("attmask_prob", 2.0, "in [0, 1]"), ("attmask_momentum", -0.1, "in [0, 1]"),
+    ("attmask_variant", "hint", "'high' or 'low'"),
     ("epochs", 0, ">= 1"), ("epochs", 2.5, "type int"), ("epochs", True, "type int"),
     ("epochs", float("inf"), "type int"),
     ("batch_size", 0, ">= 1"), ("accum_iter", 0, ">= 1"), ("base_lr", 0.0, "a finite positive number"),

@@ -44,7 +44,7 @@ def test_each_step_updates_only_its_own_part(tmp_path):
 
     trainer._masker_step = spy
     mae0, masker0 = params(trainer.mae), params(trainer.masker)
-    trainer.train_step(imgs, lam=1.0, lr=1e-3)
+    trainer.train_step(imgs, lr=1e-3)
     # MAE step: the MAE moved, the masking module did not.
     assert not same(mae0, seen["mae_at_masker_step"])
     assert same(masker0, seen["masker_at_masker_step"])

@@ -197,8 +197,6 @@ def test_grid_layout_and_size(tmp_path, method, norm_pix):
 class RandomScoreMasker(Masker):
     """A 'masking module' whose scores are noise: its masks are random masks."""
 
-    learnable = True
-
     def __init__(self, seed: int):
         super().__init__()
         self.g = torch.Generator().manual_seed(seed)
@@ -206,24 +204,25 @@ class RandomScoreMasker(Masker):
     def forward(self, tokens):
         return torch.rand(tokens.shape[:2], generator=self.g)
 
-    def keep_indices(self, tokens, num_keep, generator=None):
-        return topk_keep_indices(self(tokens), num_keep)
+    def scores(self, batch):
+        return self(batch.tokens)
+
+    def keep_indices(self, batch):
+        return topk_keep_indices(self(batch.tokens), batch.num_keep)
 
 
 class EnergyMasker(Masker):
     """Keeps the patches whose reconstruction target has the most (or least) energy."""
 
-    learnable = True
-
     def __init__(self, target, keep_high: bool):
         super().__init__()
         self.score = target.pow(2).mean(-1) * (1 if keep_high else -1)
 
-    def forward(self, tokens):
+    def scores(self, batch):
         return torch.sigmoid(self.score)
 
-    def keep_indices(self, tokens, num_keep, generator=None):
-        return topk_keep_indices(self.score, num_keep)
+    def keep_indices(self, batch):
+        return topk_keep_indices(self.score, batch.num_keep)
 
 
 class ZeroMAE(torch.nn.Module):

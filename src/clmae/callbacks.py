@@ -110,10 +110,6 @@ class RunView:
         """The run's mixed-precision context (bf16 on CUDA)."""
         return self._trainer.autocast_context()
 
-    def curriculum_factor(self, epoch: float) -> float:
-        """λ of the run's schedule at a (fractional, for ``linear``) epoch."""
-        return self._trainer.curriculum_factor(epoch)
-
     # logging
     def log(self, record: dict[str, Any]) -> None:
         """Append a record to ``metrics.jsonl`` (and TensorBoard) at the current iteration."""

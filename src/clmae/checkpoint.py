@@ -41,8 +41,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .config import config_from_record
 from .errors import CheckpointError
-from .maskers import create_masker
+from .maskers import METHODS, create_masker
 from .model import MaskedAutoencoderViT, ModelConfig, default_model
 from .options import check_option
 
@@ -464,6 +465,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", img_si
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu", img_size: int | None = None):
     """Rebuild the trained model from a checkpoint: ``(mae, masker or None, run_config dict)``.
 
+    The masker is the run's masking strategy with its saved state (CL-MAE's masking module, EMA
+    copies); None for uniformly random masks (MAE) and for a method not registered in this process.
     Accepts a run folder, ``*.safetensors`` or ``*.pt`` (see :func:`weights_file`); ``img_size``
     rebuilds the encoder for another input size (see :func:`load_checkpoint`). Never runs code
     from the file; a truncated, foreign, mismatching or non-finite file raises :class:`CheckpointError`.
@@ -503,12 +506,22 @@ def _load_file(path: Path) -> tuple[MaskedAutoencoderViT, torch.nn.Module | None
     masker = None
     run_cfg = dict(meta.get("run_config") or {})
     masker_state = split_prefix(flat, "masker")
-    if masker_state:
+    method = run_cfg.get("method") or ("clmae" if masker_state else "mae")
+    if method == "clmae" and masker_state:
         problems = masker_config_mismatch(model_cfg, masker_state)
         if problems:
             raise CheckpointError(f"{source}: its model configuration does not match its masking-module weights "
                                   f"({'; '.join(problems)})")
-        masker = create_masker("clmae", model_cfg)
-        load_state_checked(masker, masker_state, "masking module", source)
+    if method in METHODS:
+        masker = create_masker(method, model_cfg, config_from_record(run_cfg))
+        masker.attach(mae)
+        if masker.has_state:
+            load_state_checked(masker, masker_state, "masking module" if method == "clmae" else f"{method} masker",
+                               source)
+        elif masker_state:
+            raise CheckpointError(f"{source}: it holds masker weights but method {method!r} has no state; "
+                                  "the file was edited or is not a clmae checkpoint")
+        if masker.uniform:
+            masker = None
     run_cfg["data_info"] = meta.get("data", {}) or {}
     return mae.eval(), (None if masker is None else masker.eval()), run_cfg, meta

@@ -19,7 +19,7 @@ import yaml
 
 from .curriculum import SCHEDULES
 from .errors import ConfigError
-from .maskers import METHODS
+from .maskers import ATTMASK_VARIANTS, METHODS
 from .model import MODEL_CONFIGS
 from .options import check_option, flag, one_of, opt
 
@@ -38,7 +38,8 @@ class PretrainConfig:
                                      "given alone, the model and patch size follow it")
     num_workers: int = opt(2, "DataLoader workers for image folders")
     # method and model
-    method: str = opt("clmae", "masking strategy: clmae (learned curriculum masking) or mae (random masking)")
+    method: str = opt("clmae", "masking strategy: clmae (learned curriculum masking), mae (random), block (BEiT), "
+                               "hpm (hard patches mining) or attmask (attention-guided); see `clmae methods`")
     model: str | None = opt(None, "named configuration, see `clmae models` (default: chosen from the data's image "
                                   "size)")
     patch_size: int | None = opt(None, "patch size in px (default: the model's); given alone, the image size is the "
@@ -57,6 +58,24 @@ class PretrainConfig:
     kl_reduction: str = opt("sum", "sum (authors') or mean of the KL loss over the batch")
     masker_every: int = opt(1, "update the masking module every K iterations (1 = authors')")
     masker_batch_fraction: float = opt(1.0, "masking-module step on this random fraction of the batch (1 = authors')")
+    # block masking (BEiT), --method block
+    block_min_patches: int | None = opt(None, "smallest block, in patches (default (grid//3)², BEiT's 16 on 14x14)")
+    block_max_patches: int | None = opt(None, "largest block, in patches (default: no limit, BEiT's)")
+    block_min_aspect: float = opt(0.3, "blocks' aspect ratios lie between this and its inverse (BEiT's 0.3)")
+    # HPM, --method hpm
+    hpm_hard_max: float = opt(0.5, "share of the hidden patches chosen by predicted loss in the last epoch; it grows "
+                                   "linearly from 0 (HPM's 0.5)")
+    hpm_loss_weight: float = opt(1.0, "weight of the loss predictor's ranking loss in the MAE step (HPM's 1)")
+    hpm_ema_decay: float = opt(0.999, "EMA decay of the model that chooses the masks, at the start (HPM's 0.999)")
+    hpm_ema_decay_end: float = opt(0.9999, "EMA decay reached after --hpm-ema-ramp-epochs (HPM's 0.9999)")
+    hpm_ema_ramp_epochs: float = opt(100.0, "epochs over which the EMA decay rises (HPM's 100, however long the run; "
+                                            "set it to --epochs to scale it to the run, 0: the end value throughout)")
+    # AttMask, --method attmask
+    attmask_prob: float = opt(0.5, "share of the images masked by the teacher's attention; the others get random "
+                                   "masks (AttMask's 0.5)")
+    attmask_momentum: float = opt(0.996, "teacher (EMA encoder) momentum at the start, rising to 1 on a cosine "
+                                         "(AttMask's 0.996)")
+    attmask_variant: str = opt("high", "high: hide the most attended patches (AttMask's); low: the least attended")
     # optimisation
     epochs: int = opt(30, "training epochs")
     batch_size: int = opt(64, "images per iteration (per device)")
@@ -117,6 +136,19 @@ class PretrainConfig:
         need(self.kl_reduction in KL_REDUCTIONS, "kl_reduction", "'sum' or 'mean'")
         need(self.masker_every >= 1, "masker_every", "an integer >= 1")
         need(0.0 < self.masker_batch_fraction <= 1.0, "masker_batch_fraction", "a number in (0, 1]")
+        need(self.block_min_patches is None or self.block_min_patches >= 1, "block_min_patches", "an integer >= 1")
+        need(self.block_max_patches is None or self.block_max_patches >= (self.block_min_patches or 1),
+             "block_max_patches", "an integer >= --block-min-patches (and >= 1)")
+        need(0.0 < self.block_min_aspect <= 1.0, "block_min_aspect", "a number in (0, 1]")
+        need(0.0 <= self.hpm_hard_max <= 1.0, "hpm_hard_max", "a number in [0, 1]")
+        need(math.isfinite(self.hpm_loss_weight) and self.hpm_loss_weight >= 0, "hpm_loss_weight",
+             "a finite number >= 0")
+        for name in ("hpm_ema_decay", "hpm_ema_decay_end", "attmask_momentum"):
+            need(0.0 <= getattr(self, name) <= 1.0, name, "a number in [0, 1]")
+        need(math.isfinite(self.hpm_ema_ramp_epochs) and self.hpm_ema_ramp_epochs >= 0, "hpm_ema_ramp_epochs",
+             "a finite number >= 0")
+        need(0.0 <= self.attmask_prob <= 1.0, "attmask_prob", "a number in [0, 1]")
+        need(self.attmask_variant in ATTMASK_VARIANTS, "attmask_variant", one_of(ATTMASK_VARIANTS))
         need(self.epochs >= 1, "epochs", "an integer >= 1")
         need(self.batch_size >= 1, "batch_size", "an integer >= 1")
         need(self.accum_iter >= 1, "accum_iter", "an integer >= 1")
@@ -142,7 +174,17 @@ class PretrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
-CHOICES = {"method": list(METHODS), "curriculum": list(SCHEDULES), "kl_reduction": list(KL_REDUCTIONS)}
+CHOICES = {"method": list(METHODS), "curriculum": list(SCHEDULES), "kl_reduction": list(KL_REDUCTIONS),
+           "attmask_variant": list(ATTMASK_VARIANTS)}
+
+
+def config_from_record(values: dict[str, Any]) -> PretrainConfig:
+    """The configuration a checkpoint or ``config.json`` recorded, as it ran (not validated again).
+
+    Options it lacks (an older version) take their defaults; options this version does not know
+    are dropped.
+    """
+    return PretrainConfig(**{k: v for k, v in values.items() if k in FIELDS})
 
 
 def preset_names() -> list[str]:

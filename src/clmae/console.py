@@ -159,12 +159,13 @@ class Console:
         loss = _number(epoch.get("loss_mae"))
         if loss is not None:
             parts.append(f"loss_mae {loss:.4f}")
-        if run.masker.learnable:
-            finished = run.epoch if run.cfg.curriculum == "linear" else run.epoch - 1
-            parts.append(f"λ {run.curriculum_factor(finished):+.2f}")
-            masker_loss = _number(epoch.get("loss_masker"))
-            if masker_loss is not None:
-                parts.append(f"loss_masker {masker_loss:.4f}")
+        # The strategy's schedules as they stood at the end of the epoch (λ for CL-MAE, HPM's hard share, ...).
+        for key, value in run.masker.schedule(run.epoch - 1e-9).items():
+            if _number(value) is not None:
+                parts.append(f"λ {value:+.2f}" if key == "curriculum_factor" else f"{key} {value:.4g}")
+        masker_loss = _number(epoch.get("loss_masker"))
+        if masker_loss is not None:
+            parts.append(f"loss_masker {masker_loss:.4f}")
         probe = records.get("probe", {})
         difficulty = _number(probe.get("mask_difficulty"))
         if difficulty is not None and int(probe.get("step", -1)) > self.line_step:

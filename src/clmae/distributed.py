@@ -11,10 +11,12 @@ Design, so that N ranks with batch B train exactly like one process with batch N
   its slice, so a rank's images and masks are the rows ``rank·B … (rank+1)·B`` of the global
   batch a single process would see. The epoch order is one permutation from ``seed + epoch``;
   global step ``s`` covers ``order[s·N·B : (s+1)·N·B]`` and each rank takes its block.
-* The MAE and the masking module are wrapped in DDP separately. The MAE step runs through the
-  wrapped MAE; the masking step runs the *unwrapped* MAE (``forward_soft``) with the wrapped
-  masker and ``backward(inputs=masker parameters)``, so the MAE's DDP hooks never fire there and
-  neither ``find_unused_parameters`` nor toggling ``requires_grad`` is needed.
+* The MAE is wrapped in DDP; the MAE step runs through the wrapped MAE. A masking strategy's
+  trainable parameters (CL-MAE's masking module, HPM's loss predictor) are not wrapped: their
+  gradients are averaged over the ranks by :func:`average_gradients` once per accumulation window,
+  which is what DDP would do. CL-MAE's masking step runs the *unwrapped* MAE (``forward_soft``)
+  with ``backward(inputs=masker parameters)``, so the MAE's DDP hooks never fire there and neither
+  ``find_unused_parameters`` nor toggling ``requires_grad`` is needed.
 * Decisions that change control flow (skip a non-finite step, stop on a signal, end an epoch
   early) are agreed by all ranks, so no rank ever waits alone in a collective.
 """
@@ -195,6 +197,34 @@ def wrap(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
 
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DDP(module, device_ids=device_ids, broadcast_buffers=False)
+
+
+def average_over_ranks(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The mean of ``value`` over all ranks (``value`` itself for one process)."""
+    if not ctx.enabled:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total / ctx.world_size
+
+
+def average_gradients(params: list[torch.nn.Parameter], ctx: DistContext) -> None:
+    """Replace each parameter's gradient by its mean over the ranks, as DDP does (one all-reduce).
+
+    For modules that are not DDP-wrapped (a masking strategy's parameters): called once per
+    accumulation window, before the optimiser step. A missing gradient counts as zero.
+    """
+    if not ctx.enabled or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= ctx.world_size
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
 
 
 def no_sync(module: torch.nn.Module, skip_sync: bool):

@@ -472,8 +472,7 @@ class MaskedAutoencoderViT(nn.Module):
     def reset_parameters(self) -> None:
         self.apply(_init_weights)
         w = self.patch_embed.proj.weight.data  # initialise the patch projection like a linear layer
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the bias keeps Conv2d's default, as in MAE/CL-MAE/HPM
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
 
@@ -501,7 +500,11 @@ class MaskedAutoencoderViT(nn.Module):
         return self.norm(x)
 
     def decode(self, latent: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Predict every patch's pixels: ``(N, 1 + K, D) → (N, L, p·p·C)``.
+        """Predict every patch's pixels: ``(N, 1 + K, D) → (N, L, p·p·C)``."""
+        return self.decode_tokens(self.decoder_tokens(latent, ids_keep))
+
+    def decoder_tokens(self, latent: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's input ``(N, 1 + L, D_dec)``, CLS first, position embeddings added.
 
         With ``ids_keep`` the latent holds the visible patches in that order, and every other
         position gets the mask token. Without it the latent already covers all ``L`` patches.
@@ -513,7 +516,10 @@ class MaskedAutoencoderViT(nn.Module):
             full = self.mask_token.to(x.dtype).expand(n, length, d).clone()
             full = full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, d), visible)
             visible = full
-        x = torch.cat([cls, visible], dim=1) + self.decoder_pos_embed.to(x.dtype)
+        return torch.cat([cls, visible], dim=1) + self.decoder_pos_embed.to(x.dtype)
+
+    def decode_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoder's blocks and pixel head on :meth:`decoder_tokens`: ``(N, L, p·p·C)``."""
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
@@ -530,13 +536,18 @@ class MaskedAutoencoderViT(nn.Module):
     # -- the two steps ---------------------------------------------------------------------
 
     def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> dict[str, torch.Tensor]:
-        """MAE step: keep ``ids_keep`` ``(N, K)``, reconstruct, loss over the hidden patches."""
+        """MAE step: keep ``ids_keep`` ``(N, K)``, reconstruct, loss over the hidden patches.
+
+        Also returns the prediction, the mask (1 = hidden) and the decoder's input, which masking
+        strategies may read (HPM's loss predictor runs on it).
+        """
         tokens = gather_tokens(self.embed(imgs), ids_keep)
-        pred = self.decode(self.encode_tokens(tokens), ids_keep)
+        decoder_tokens = self.decoder_tokens(self.encode_tokens(tokens), ids_keep)
+        pred = self.decode_tokens(decoder_tokens)
         mask = torch.ones(pred.shape[:2], device=pred.device, dtype=torch.float32)
         mask.scatter_(1, ids_keep, 0.0)  # 1 = hidden, 0 = visible
         loss = reconstruction_loss(pred, self.target(imgs), mask)
-        return {"loss": loss, "pred": pred, "mask": mask}
+        return {"loss": loss, "pred": pred, "mask": mask, "decoder_tokens": decoder_tokens}
 
     def forward_soft(self, imgs: torch.Tensor, scores: torch.Tensor,
                      tokens: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,12 +1,13 @@
-"""Watching the curriculum: how hard are the learned masks, measured on a fixed batch during training.
+"""Watching the masks: how hard are the strategy's masks, measured on a fixed batch during training.
 
-CL-MAE's masking module is trained to make reconstruction easier (λ > 0) or harder (λ < 0). The
-probe checks that it does, on a few fixed training images seen through the deterministic
-evaluation view:
+CL-MAE's masking module is trained to make reconstruction easier (λ > 0) or harder (λ < 0); HPM
+hides the patches it predicts to be hard, AttMask the most attended ones, block masking whole
+blocks. The probe measures what each strategy's masks do, on a few fixed training images seen
+through the deterministic evaluation view (every strategy whose masks are not uniformly random):
 
-* ``mask_difficulty`` = MAE loss under the learned masks ÷ MAE loss under random masks of the same
-  ratio (averaged over a few fixed random draws). Below 1 the learned masks are easier than
-  random ones, above 1 harder; under the official schedule it should rise through 1 as λ crosses 0.
+* ``mask_difficulty`` = MAE loss under the strategy's masks ÷ MAE loss under random masks of the
+  same ratio (averaged over a few fixed random draws). Below 1 the strategy's masks are easier than
+  random ones, above 1 harder; under CL-MAE's official schedule it should rise through 1 as λ crosses 0.
 * ``mask_difficulty_shuffled`` = the same numerator ÷ the loss when each image gets the learned mask
   of another probe image. The MAE is trained on learned masks only, so it may simply be better at
   masks *like* them than at random ones; this ratio keeps the mask distribution and asks whether
@@ -14,7 +15,9 @@ evaluation view:
 * ``mask_overlap`` — fraction of kept patches shared with the previous probe (how fast masks move;
   random masks would share ``K/L``). ``mask_pairwise_overlap`` — the same between different images
   of the batch (high = every image gets the same mask).
-* ``score_entropy`` — mean binary entropy of the scores in bits (1 = undecided 0.5, 0 = binary).
+* ``score_entropy`` — mean binary entropy of the scores in bits (1 = undecided 0.5, 0 = binary),
+  for strategies whose scores are keep probabilities (CL-MAE).
+* the strategy's schedule values at that iteration (λ for CL-MAE, the hard share for HPM, ...).
 
 Snapshots (``OUTPUT/probe/epoch-EEEE.safetensors``: scores, kept indices, masks; the images once in
 ``probe/images.safetensors``) let :mod:`clmae.report` draw the masks' evolution after the run.
@@ -35,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import atomic_write
 from .images import normalize
 from .losses import per_patch_error
-from .maskers import mask_from_keep, random_keep_indices
+from .maskers import MaskingBatch, mask_from_keep, random_keep_indices
 from .runtime import eval_mode
 from .splits import choose_indices, eval_images
 from .visualize import probe_mosaic
@@ -136,7 +139,7 @@ class CurriculumProbe:
         cfg = run.cfg
         self.every = cfg.probe_every
         self.snapshot_every = run.snapshot_every
-        self.learnable = bool(run.masker.learnable)
+        self.informed = not run.masker.uniform  # masks that depend on the image or on the run
         self.length = run.model_config.num_patches
         self.num_keep = run.mae.num_keep(cfg.mask_ratio)
         self.indices, images = probe_batch(run.dataset, cfg.probe_images, run.model_config.img_size, seed)
@@ -148,7 +151,7 @@ class CurriculumProbe:
         self.previous_keep: torch.Tensor | None = None
         self.last: dict[str, Any] = {}
         self.folder = Path(run.output_dir) / PROBE_DIR
-        if self.snapshot_every and self.learnable:
+        if self.snapshot_every and self.informed:
             self._save_images(run)
             if run.epoch == 0 and run.step_in_epoch == 0:
                 self.snapshot(run)
@@ -162,7 +165,7 @@ class CurriculumProbe:
             self.measure(run)
 
     def on_epoch_end(self, run) -> None:
-        if not self.learnable:
+        if not self.informed:
             return
         due = self.snapshot_every and (run.epoch % self.snapshot_every == 0 or run.epoch == run.cfg.epochs)
         if due:
@@ -172,28 +175,30 @@ class CurriculumProbe:
 
     # -- measurements ------------------------------------------------------------------------
 
-    def _lambda(self, run, finished_epoch: bool = False) -> float | None:
-        """λ of the iteration just done (or of the epoch just finished)."""
-        if not self.learnable:
-            return None
-        cfg = run.cfg
-        if finished_epoch:  # per-epoch schedules: that epoch's λ; linear: the λ reached at its end
-            epoch = run.epoch if cfg.curriculum == "linear" else run.epoch - 1
-        elif cfg.curriculum == "linear":
-            steps = max(run.steps_per_epoch, 1)
-            epoch = run.epoch + max(run.step_in_epoch - 1, 0) / steps
+    @staticmethod
+    def _progress(run) -> float:
+        """The fractional epoch of the iteration just done."""
+        return run.epoch + max(run.step_in_epoch - 1, 0) / max(run.steps_per_epoch, 1)
+
+    def _schedule(self, run, finished_epoch: bool = False) -> dict[str, float]:
+        """The strategy's schedule values (λ, ...) of the iteration just done (or of the epoch just finished)."""
+        if not self.informed:
+            return {}
+        if finished_epoch:  # per-epoch schedules: that epoch's value; CL-MAE's linear λ: the one reached at its end
+            progress = run.epoch if run.cfg.curriculum == "linear" else run.epoch - 1
         else:
-            epoch = run.epoch
-        return run.curriculum_factor(epoch)
+            progress = self._progress(run)
+        return dict(run.masker.schedule(progress))
 
     @torch.no_grad()
-    def masks(self, run) -> tuple[torch.Tensor, torch.Tensor]:
-        """The masking module's scores ``(N, L)`` and kept indices ``(N, K)`` on the probe batch."""
+    def masks(self, run) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The strategy's scores ``(N, L)`` (None if it has none) and kept indices ``(N, K)`` on the probe batch."""
         with eval_mode(run.mae, run.masker), run.autocast():
-            tokens = run.mae.embed(self.x)
-            scores = run.masker(tokens).float()
-            keep = run.masker.keep_indices(tokens, self.num_keep, self.generator)
-        return scores, keep
+            batch = MaskingBatch(self.x, run.mae.embed(self.x), self.num_keep, self.generator, run.mae,
+                                 self._progress(run), run.epochs)
+            scores = run.masker.scores(batch)
+            keep = run.masker.keep_indices(batch)
+        return (None if scores is None else scores.float()), keep
 
     @torch.no_grad()
     def measure(self, run) -> dict[str, Any]:
@@ -203,7 +208,7 @@ class CurriculumProbe:
         with eval_mode(mae, run.masker), run.autocast():
             loss_random = float(random_mask_loss(mae, self.x, self.random_keeps).mean())
         record["probe_loss_random"] = loss_random
-        if self.learnable:
+        if self.informed:
             scores, keep = self.masks(run)
             with eval_mode(mae, run.masker), run.autocast():
                 loss_learned = float(per_image_loss(mae, self.x, keep).mean())
@@ -213,10 +218,11 @@ class CurriculumProbe:
                 probe_loss_shuffled=loss_shuffled,
                 mask_difficulty=loss_learned / loss_random if loss_random > 0 else float("nan"),
                 mask_difficulty_shuffled=loss_learned / loss_shuffled if loss_shuffled > 0 else float("nan"),
-                score_entropy=score_entropy(scores),
-                mask_pairwise_overlap=pairwise_overlap(keep, self.length),
-                curriculum_factor=self._lambda(run),
             )
+            if scores is not None and run.masker.score_range == (0.0, 1.0):
+                record["score_entropy"] = score_entropy(scores)
+            record["mask_pairwise_overlap"] = pairwise_overlap(keep, self.length)
+            record.update(self._schedule(run))
             if self.previous_keep is not None:
                 record["mask_overlap"] = keep_overlap(self.previous_keep, keep, self.length)
             self.previous_keep = keep
@@ -232,22 +238,23 @@ class CurriculumProbe:
             "indices": self.indices, "mean": list(run.dataset.mean), "std": list(run.dataset.std),
             "patch_size": run.model_config.patch_size, "img_size": run.model_config.img_size,
             "num_keep": self.num_keep, "num_patches": self.length, "data": run.dataset.name,
-            "mask_ratio": run.cfg.mask_ratio,
+            "mask_ratio": run.cfg.mask_ratio, "method": run.cfg.method, "mask_label": run.masker.mask_label,
+            "score_label": run.masker.score_label, "score_range": run.masker.score_range,
         }
         tensors = {"images": self.images_uint8.contiguous()}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()}))
 
     def snapshot(self, run) -> Path:
-        """Save the probe batch's scores and masks after ``run.epoch`` epochs."""
+        """Save the probe batch's scores (if the strategy has them) and masks after ``run.epoch`` epochs."""
         scores, keep = self.masks(run)
         epoch = run.epoch
         tensors = {
-            "scores": scores.cpu().contiguous(),
             "keep": keep.cpu().contiguous(),
             "mask": mask_from_keep(keep, self.length).to(torch.uint8).cpu().contiguous(),
         }
-        meta = {"epoch": epoch, "iteration": run.iteration,
-                "curriculum_factor": self._lambda(run, finished_epoch=epoch > 0)}
+        if scores is not None:
+            tensors["scores"] = scores.cpu().contiguous()
+        meta = {"epoch": epoch, "iteration": run.iteration, **self._schedule(run, finished_epoch=epoch > 0)}
         if "mask_difficulty" in self.last:
             meta["mask_difficulty"] = self.last["mask_difficulty"]
             meta["difficulty_step"] = self.last["step"]
@@ -258,8 +265,9 @@ class CurriculumProbe:
     def _tensorboard_images(self, run) -> None:
         scores, keep = self.masks(run)
         n = TENSORBOARD_IMAGES
-        mosaic = probe_mosaic(self.images_uint8[:n].float() / 255, scores[:n].cpu(),
-                              mask_from_keep(keep[:n], self.length).cpu(), run.model_config.patch_size)
+        mosaic = probe_mosaic(self.images_uint8[:n].float() / 255, None if scores is None else scores[:n].cpu(),
+                              mask_from_keep(keep[:n], self.length).cpu(), run.model_config.patch_size,
+                              run.masker.score_range)
         run.tensorboard.add_image("probe/masks", mosaic, run.iteration, dataformats="HWC")
 
 

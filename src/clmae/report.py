@@ -5,8 +5,9 @@ the probe snapshots (``probe/``) and any ``eval*.json`` — and writes ``RUN_DIR
 every figure embedded as a base64 PNG (the page needs no other file and no network), plus the same
 figures as ``report-*.png`` beside it:
 
-* curriculum — λ and ``mask_difficulty`` over training, the probe losses, how much masks move;
-* masks / scores — the learned masks and scores of the probe images at each snapshot epoch;
+* curriculum — λ and ``mask_difficulty`` over training, the probe losses, how much masks move
+  (for every strategy whose masks are not uniformly random; λ for CL-MAE);
+* masks / scores — the strategy's masks and score maps of the probe images at each snapshot epoch;
 * losses — every loss term over training;
 * evaluation — k-NN and other evaluation results over training, when present.
 """
@@ -34,6 +35,12 @@ CURRICULUM_INTRO = (
     "random masks of the same ratio (red). The MAE only ever trains on learned masks, so it may be better at masks "
     "like them than at random ones; the orange curve divides instead by the loss under the learned masks of other "
     "probe images, which keeps the mask distribution and asks whether each mask is easy or hard for its own image."
+)
+STRATEGY_INTRO = (
+    "mask_difficulty is measured on a fixed batch of training images: the MAE's loss under the {method} strategy's "
+    "masks divided by its loss under random masks of the same ratio (red); above 1 the strategy's masks are harder "
+    "than random ones. The orange curve divides instead by the loss under the masks chosen for other probe images, "
+    "which keeps the mask distribution and asks whether each mask is hard for its own image."
 )
 MAX_SNAPSHOT_COLUMNS = 11
 REPORT_CELL = 1.0  # inches per panel in the mask-evolution grids
@@ -149,6 +156,7 @@ def figure_curriculum(run: RunRecords):
     if not probe:
         return None
     learned = any("mask_difficulty" in r for r in probe)
+    has_lambda = any("curriculum_factor" in r for r in probe)
     crossing = lambda_crossing(run.records)
     panels = 3 if learned else 1
     fig = _new_figure(8, 2.4 * panels)
@@ -167,18 +175,22 @@ def figure_curriculum(run: RunRecords):
         spread = max(float(np.abs(y - 1).max()) if len(y) else 0.0, 0.02) * 1.15
         ax.set_ylim(1 - spread, 1 + spread)  # difficulty 1 and λ 0 share the middle line
         ax.set_ylabel("mask_difficulty\n(loss ratio)")
-        twin = ax.twinx()
-        lx, ly = series([r for r in run.records if r.get("kind") in ("train", "probe")], "curriculum_factor")
-        order = np.argsort(lx, kind="stable")
-        twin.plot(lx[order], ly[order], color="C0", linewidth=LINE_WIDTH, drawstyle="steps-post", label="λ")
-        twin.set_ylabel("λ (curriculum factor)", color="C0")
-        twin.set_ylim(-1.1, 1.1)
-        ax.set_title("Learned masks easier (< 1) or harder (> 1) than random ones?  λ > 0 asks for easier; "
-                     "dashed: difficulty 1 = λ 0", fontsize=9)
+        if has_lambda:
+            twin = ax.twinx()
+            lx, ly = series([r for r in run.records if r.get("kind") in ("train", "probe")], "curriculum_factor")
+            order = np.argsort(lx, kind="stable")
+            twin.plot(lx[order], ly[order], color="C0", linewidth=LINE_WIDTH, drawstyle="steps-post", label="λ")
+            twin.set_ylabel("λ (curriculum factor)", color="C0")
+            twin.set_ylim(-1.1, 1.1)
+            ax.set_title("Learned masks easier (< 1) or harder (> 1) than random ones?  λ > 0 asks for easier; "
+                         "dashed: difficulty 1 = λ 0", fontsize=9)
+        else:
+            ax.set_title(f"{run.method} masks easier (< 1) or harder (> 1) than random ones?", fontsize=9)
         _mark_crossing(ax, crossing)
     ax = axes[1] if learned else axes[0]
-    for key, label, color in (("probe_loss_learned", "learned masks", "C3"),
-                              ("probe_loss_shuffled", "other images' learned masks", "C1"),
+    name = "learned" if run.method == "clmae" else run.method
+    for key, label, color in (("probe_loss_learned", f"{name} masks", "C3"),
+                              ("probe_loss_shuffled", f"other images' {name} masks", "C1"),
                               ("probe_loss_random", "random masks", "0.3")):
         x, y = series(probe, key)
         if len(x):
@@ -255,12 +267,17 @@ def _snapshot_title(s: dict[str, Any]) -> str:
 
 
 def figure_mask_evolution(run: RunRecords, max_images: int = 6, what: str = "masks"):
-    """Rows: probe images; columns: the image, then its learned mask (or scores) at each snapshot."""
-    from .visualize import Panel, draw_grid, mask_overlay, score_map, to_hwc
+    """Rows: probe images; columns: the image, then its mask (or score map) at each snapshot."""
+    from .visualize import Panel, draw_grid, mask_overlay, scaled_scores, score_map, to_hwc
 
     if run.probe_images is None or not run.snapshots:
         return None
+    if what != "masks" and not all("scores" in s for s in run.snapshots):
+        return None  # a strategy without a score map (block masking)
     info = run.probe_images
+    mask_label = info.get("mask_label", "learned mask")
+    score_label = info.get("score_label") or "scores"
+    score_range = info.get("score_range", (0.0, 1.0)) if "mask_label" in info else (0.0, 1.0)
     images = info["images"][:max_images].float() / 255
     snaps = _snapshot_columns(run.snapshots)
     originals = to_hwc(images)
@@ -269,7 +286,7 @@ def figure_mask_evolution(run: RunRecords, max_images: int = 6, what: str = "mas
         if what == "masks":
             cells.append((to_hwc(mask_overlay(images, s["mask"][: len(images)].float(), info["patch_size"])), None))
         else:
-            cells.append((score_map(s["scores"][: len(images)]).numpy(), "viridis"))
+            cells.append((score_map(scaled_scores(s["scores"][: len(images)], score_range)).numpy(), "viridis"))
     rows = []
     for i in range(len(images)):
         row = [Panel(originals[i])]
@@ -277,12 +294,18 @@ def figure_mask_evolution(run: RunRecords, max_images: int = 6, what: str = "mas
             row.append(Panel(arr[i], cmap=cmap))
         rows.append(row)
     columns = ["image"] + [_snapshot_title(s) for s in snaps]
-    if what == "masks":
+    if what == "masks" and mask_label == "learned mask":
         caption = ("Learned masks on the fixed probe images (training set, evaluation view) before training and "
                    "after N epochs, with the λ of that epoch: hidden patches under grey stripes.")
-    else:
+    elif what == "masks":
+        caption = (f"The {run.method} strategy's masks ({mask_label}) on the fixed probe images (training set, "
+                   "evaluation view) before training and after N epochs: hidden patches under grey stripes.")
+    elif score_label == "scores":
         caption = ("Masking-module scores on the probe images before training and after N epochs "
                    "(bright = kept visible, 0 to 1).")
+    else:
+        caption = (f"The {run.method} strategy's {score_label} on the probe images before training and after N "
+                   "epochs, each image scaled to its own range (bright = high).")
     return draw_grid(rows, columns, caption, cell=REPORT_CELL)
 
 
@@ -352,7 +375,8 @@ def _summary(run: RunRecords) -> list[tuple[str, Any]]:
         ("method", run.method), ("model", run.config.get("model_name", rc.get("model"))),
         ("data", f"{data.get('name', rc.get('data'))} ({data.get('num_train', '?')} training images)"),
         ("epochs done", f"{epochs_done} of {rc.get('epochs', '?')}"),
-        ("curriculum", rc.get("curriculum") if run.method == "clmae" else "— (random masks)"),
+        ("curriculum", rc.get("curriculum") if run.method == "clmae" else
+         "— (random masks)" if run.method == "mae" else f"— ({run.method} masks)"),
     ]
     last_epoch = run.kind("epoch")[-1] if run.kind("epoch") else {}
     if "loss_mae" in last_epoch:
@@ -385,22 +409,24 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, max_imag
     out = Path(output) if output else run.run_dir / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     stem = out.stem
-    curriculum_intro = CURRICULUM_INTRO if run.method != "mae" else (
+    curriculum_intro = CURRICULUM_INTRO if run.method == "clmae" else (
         "An MAE run: masks are random, so the probe shows the reconstruction loss of a fixed batch of training "
-        "images under fixed random masks.")
+        "images under fixed random masks.") if run.method == "mae" else STRATEGY_INTRO.format(method=run.method)
     sections: list[tuple[str, str, list[tuple[str, str, Any]]]] = [
         ("Curriculum", curriculum_intro,
          [("curriculum", "λ and mask_difficulty over training; probe losses; mask overlap and score entropy."
            if run.method != "mae" else "Probe loss under random masks over training.",
            figure_curriculum(run))]),
         ("Masks over training", "", [
-            ("masks", "Learned masks of the probe images at each snapshot.", figure_mask_evolution(run, max_images)),
-            ("scores", "Masking-module scores of the probe images at each snapshot.",
+            ("masks", "The strategy's masks of the probe images at each snapshot.",
+             figure_mask_evolution(run, max_images)),
+            ("scores", "The strategy's per-patch scores of the probe images at each snapshot.",
              figure_mask_evolution(run, max_images, what="scores")),
         ]),
         ("Losses", ("Every loss term as logged during training: loss_mae is the MAE's; loss_rec is the masking "
                     "module's soft reconstruction term before λ; loss_gauss, loss_kl and loss_div include their "
-                    "weights; loss_masker is the total the masking module minimises."),
+                    "weights; loss_masker is the total the masking module minimises; loss_hpm is HPM's weighted "
+                    "ranking loss, added to the MAE's."),
          [("losses", "Loss terms over training.", figure_losses(run))]),
         ("Evaluation", "", [("eval", "Evaluation results over training.", figure_eval(run))]),
     ]

@@ -1,15 +1,19 @@
-"""The pretraining loop: MAE step, then masking-module step, on the same batch, every iteration.
+"""The pretraining loop: the MAE step with the strategy's masks, then the strategy's own step, if it has one.
 
 Read :meth:`Trainer.fit` top to bottom for the whole run and :meth:`Trainer.train_step` for one
-CL-MAE iteration. Plain MAE (``method="mae"``) is the same loop with a random masker and no
-masking-module step.
+iteration. Every masking strategy (``--method``, see :mod:`clmae.maskers`) runs through the same
+loop and the same hooks: the strategy chooses the masks, may add loss terms to the MAE step (HPM),
+may run a step of its own after it (CL-MAE's masking module) and may update state after each
+optimiser step (EMA copies). Plain MAE is the loop with a random masker and nothing else.
 
-Two optimisers, one per part, share the schedule, so the part that is frozen in a step is never
-touched by weight decay or momentum. In the masking-module step the MAE's parameters get no
-gradient at all: ``backward(inputs=masker parameters)`` asks autograd only for what it needs.
+Two optimisers, one per part (the MAE; the strategy's trainable parameters), share the schedule,
+so the part that is frozen in a step is never touched by weight decay or momentum. In CL-MAE's
+masking-module step the MAE's parameters get no gradient at all: ``backward(inputs=masker
+parameters)`` asks autograd only for what it needs.
 
-Launched by ``torchrun`` the same loop is data-parallel (see :mod:`clmae.distributed`): the MAE
-and the masker are DDP-wrapped separately, ``batch_size`` is per rank, and only rank 0 writes.
+Launched by ``torchrun`` the same loop is data-parallel (see :mod:`clmae.distributed`): the MAE is
+DDP-wrapped, the strategy's gradients are averaged over the ranks once per accumulation window,
+``batch_size`` is per rank, and only rank 0 writes.
 
 What lives elsewhere: the run folder, resume rules and checkpoint payload in :mod:`clmae.run_folder`,
 signal handling in :mod:`clmae.signals`, the callback interface in :mod:`clmae.callbacks`, batches
@@ -36,28 +40,26 @@ from .callbacks import Callback, RunView
 from .checkpoint import checkpoint_pair_complete
 from .config import PretrainConfig, make_config
 from .console import Console, summary_lines
-from .curriculum import curriculum_factor
 from .data import FolderData, load_dataset, scan_data
 from .distributed import (
     SINGLE,
     DistContext,
     all_true,
     any_true,
+    average_gradients,
     barrier,
     broadcast_object,
     mean_metrics,
     no_sync,
     on_main,
-    split_mean,
     teardown,
     wrap,
 )
 from .distributed import setup as setup_distributed
 from .errors import ClmaeError, TrainingDiverged
 from .evaluation import quick_knn
-from .losses import binarization_loss, diversity_loss, mask_ratio_kl_loss, soft_reconstruction_loss
 from .mae_import import load_mae_checkpoint
-from .maskers import Masker, create_masker, global_random_keep
+from .maskers import Masker, MaskingBatch, create_masker
 from .metrics import MetricsLogger, MetricWindow
 from .model import MaskedAutoencoderViT, model_config, resolve_model
 from .optim import lr_at, make_optimizer, set_lr
@@ -77,16 +79,6 @@ from .runtime import autocast, frozen, resolve_device
 from .shards import ShardData
 from .signals import GracefulStop
 from .version import __version__
-
-
-def masker_loss_terms(pred, target, scores, cfg: PretrainConfig, keep_ratio: float) -> dict[str, torch.Tensor]:
-    """The weighted terms of the masking module's loss (without λ on the reconstruction)."""
-    return {
-        "loss_rec": soft_reconstruction_loss(pred, target, scores),
-        "loss_gauss": cfg.lambda_gauss * binarization_loss(scores),
-        "loss_kl": cfg.lambda_kl * mask_ratio_kl_loss(scores, keep_ratio, cfg.kl_reduction),
-        "loss_div": cfg.lambda_div * diversity_loss(scores),
-    }
 
 
 @dataclass
@@ -171,15 +163,16 @@ class Trainer:
             report = load_mae_checkpoint(cfg.init_from, self.mae)
             if self.dist.is_main:
                 print(f"clmae: initialised from {cfg.init_from}: {report.summary()}", file=sys.stderr)
-        self.masker: Masker = create_masker(cfg.method, self.model_config).to(self.device)
+        self.masker: Masker = create_masker(cfg.method, self.model_config, cfg).to(self.device)
+        self.masker.attach(self.mae)  # EMA strategies copy the starting weights (a resume then restores theirs)
         # Augmentation, random masks, sub-batches. The same on every rank: global draws, sliced per rank.
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.lr = cfg.absolute_lr(self.dist.world_size)
         self.opt_mae = make_optimizer(self.mae, self.lr, cfg.weight_decay, self.device)
         self.opt_masker = (make_optimizer(self.masker, self.lr, cfg.weight_decay, self.device)
                            if self.masker.learnable else None)
-        # >1: the masking-module loss is the mean of this many per-group losses, as DDP over that
-        # many ranks computes it; lets one process reproduce an N-rank run (per-device semantics).
+        # >1: the strategy's losses are the mean of this many per-group losses, as DDP over that
+        # many ranks computes them; lets one process reproduce an N-rank run (per-device semantics).
         self.masker_loss_groups = 1
 
         # Position in the run; restored by resume.
@@ -191,13 +184,12 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.stop_requested = False
         # DDP after every weight is in place: the MAE step runs through mae_ddp, the masking step
-        # through the plain MAE and masker_ddp (see module docstring of clmae.distributed).
+        # through the plain MAE (see module docstring of clmae.distributed).
         self.mae_ddp = wrap(self.mae, self.dist)
-        self.masker_ddp = wrap(self.masker, self.dist) if self.masker.learnable else self.masker
         self.mae_forward = torch.compile(self.mae_ddp) if cfg.compile else self.mae_ddp
         self.soft_forward = torch.compile(self.mae.forward_soft) if cfg.compile else self.mae.forward_soft
-        self.masker_forward = (torch.compile(self.masker_ddp) if cfg.compile and self.masker.learnable
-                               else self.masker_ddp)
+        if cfg.compile and self.masker.learnable:
+            self.masker.compile()  # the strategy's forward (CL-MAE's scores, HPM's loss predictor)
         self.logger = MetricsLogger(self.output_dir, enabled=self.dist.is_main)
         # Observers of the run (rank 0 only), see clmae.callbacks.
         self.view = RunView(self)
@@ -224,9 +216,16 @@ class Trainer:
     def autocast_context(self):
         return autocast(self.device)
 
-    def curriculum_factor(self, epoch: float) -> float:
-        cfg = self.cfg
-        return curriculum_factor(epoch, cfg.epochs, cfg.curriculum, cfg.curriculum_value)
+    def progress(self) -> float:
+        """The fractional epoch of the next iteration: ``epoch + step_in_epoch / steps_per_epoch``."""
+        return self.epoch + self.step_in_epoch / max(len(self.batches), 1)
+
+    def masking_batch(self, imgs: torch.Tensor, progress: float) -> MaskingBatch:
+        """What the strategy sees of this step (tokens computed here, without gradient)."""
+        with torch.no_grad():
+            tokens = self.mae.embed(imgs)
+        return MaskingBatch(imgs, tokens, self.mae.num_keep(self.cfg.mask_ratio), self.generator, self.mae,
+                            progress, self.cfg.epochs, self.dist, self.masker_loss_groups)
 
     def _make_batches(self):
         """This rank's training batches: tar shards stream, everything else by global permutation."""
@@ -236,7 +235,7 @@ class Trainer:
         return RankBatches(self.dataset, cfg.batch_size, size, self.device, cfg.seed, cfg.num_workers, self.dist)
 
     def _load_resume_state(self) -> Position:
-        modules = {"mae": self.mae, "masker": self.masker if self.masker.learnable else None}
+        modules = {"mae": self.mae, "masker": self.masker if self.masker.has_state else None}
         optimizers = {"opt_mae": self.opt_mae, "opt_masker": self.opt_masker}
         position, state = load_run_checkpoint(self.resume_path, modules, optimizers, self.generator)
         # The state is rank-independent; a changed global batch (world size or --batch-size) keeps
@@ -259,78 +258,91 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # one iteration
 
-    def train_step(self, imgs: torch.Tensor, lam: float, lr: float) -> dict[str, float]:
-        """One CL-MAE iteration on ``imgs``: the MAE step, then (if due) the masking-module step."""
+    def train_step(self, imgs: torch.Tensor, lr: float | None = None) -> dict[str, float]:
+        """One iteration on ``imgs`` at the run's position: the MAE step, then (if due) the strategy's own step.
+
+        ``lr``: the learning rate of both optimisers (default: the schedule's at this position).
+        """
         cfg = self.cfg
         accum = cfg.accum_iter
         window = self.iteration // accum
         boundary = (self.iteration + 1) % accum == 0
-        num_keep = self.mae.num_keep(cfg.mask_ratio)
+        progress = self.progress()
+        if lr is None:
+            lr = lr_at(progress, self.lr, cfg.min_lr, self.run.warmup_epochs, cfg.epochs)
         out: dict[str, float] = {}
 
-        # 1) MAE step: masks from the (frozen) masker, no gradient through it. Random masks are
-        #    drawn for the global batch so N ranks see what one process with N·B images would.
+        # 1) MAE step: masks from the strategy, no gradient through them, plus any loss terms it
+        #    adds. Random draws are made for the global batch so N ranks see what one process would.
         with no_sync(self.mae_ddp, not boundary):
             with self.autocast_context():
+                batch = self.masking_batch(imgs, progress)
                 with torch.no_grad():
-                    tokens = self.mae.embed(imgs)
-                    if self.masker.learnable:
-                        ids_keep = self.masker.keep_indices(tokens, num_keep, self.generator)
-                    else:
-                        ids_keep = global_random_keep(self.masker, tokens, num_keep, self.generator, self.dist)
-                loss_mae = self.mae_forward(imgs, ids_keep)["loss"]
-            loss_mae_value = loss_mae.item()
-            if not all_true(math.isfinite(loss_mae_value), self.dist):
-                return self._skip_step("loss_mae", loss_mae_value)
-            (loss_mae / accum).backward()
+                    ids_keep = self.masker.keep_indices(batch)
+                result = self.mae_forward(imgs, ids_keep)
+                terms = self.masker.mae_step_terms(batch, result)
+                loss = result["loss"] + sum(terms.values()) if terms else result["loss"]
+            loss_value = loss.item()
+            if not all_true(math.isfinite(loss_value), self.dist):
+                return self._skip_step("loss_mae", loss_value)
+            (loss / accum).backward()
         if boundary:
             out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.mae.parameters(), float("inf")))
             if not math.isfinite(out["grad_norm"]):
                 return self._skip_step("grad_norm", out["grad_norm"])
+            if self.masker.trains_in_mae_step:
+                params = self.masker.trainable_parameters()
+                average_gradients(params, self.dist)
+                out["masker_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+                if not all_true(math.isfinite(out["masker_grad_norm"]), self.dist):
+                    return self._skip_step("masker_grad_norm", out["masker_grad_norm"])
             set_lr(self.opt_mae, lr)
             self.opt_mae.step()
             self.opt_mae.zero_grad(set_to_none=True)
-        out["loss_mae"] = loss_mae_value
+            if self.masker.trains_in_mae_step:
+                set_lr(self.opt_masker, lr)
+                self.opt_masker.step()
+                self.opt_masker.zero_grad(set_to_none=True)
+                self.masker_updates += 1
+            self.masker.after_optimizer_step(batch)
+        if terms:
+            values = torch.stack([result["loss"].detach().float(), *(t.detach().float() for t in terms.values())])
+            out.update(zip(["loss_mae", *terms], values.tolist()))
+        else:
+            out["loss_mae"] = loss_value
 
-        # 2) Masking-module step: MAE frozen (no parameter gradients), scores scale the tokens.
-        if self.masker.learnable and window % cfg.masker_every == 0:
-            out.update(self._masker_step(imgs, lam, lr, boundary))
+        # 2) The strategy's own step (CL-MAE's masking module): MAE frozen, its parameters only.
+        if self.masker.has_own_step and window % cfg.masker_every == 0:
+            out.update(self._masker_step(batch, lr, boundary))
         if "skipped" not in out:  # a skipped masking-module step counts towards --max-nonfinite too
             self.nonfinite_in_a_row = 0
         return out
 
-    def _masker_step(self, imgs: torch.Tensor, lam: float, lr: float, boundary: bool) -> dict[str, float]:
+    def _masker_step(self, batch: MaskingBatch, lr: float, boundary: bool) -> dict[str, float]:
         cfg = self.cfg
+        imgs = batch.imgs
         if cfg.masker_batch_fraction < 1.0:
             n = max(2, int(round(imgs.shape[0] * cfg.masker_batch_fraction)))
             idx = torch.randperm(imgs.shape[0], generator=self.generator)[:n].to(imgs.device)
             imgs = imgs.index_select(0, idx)
-        params = [p for p in self.masker.parameters() if p.requires_grad]
-        keep_ratio = 1.0 - cfg.mask_ratio
-        # Per-device semantics: the KL and diversity terms see this rank's batch only (the authors').
-        with no_sync(self.masker_ddp, not boundary):
-            with self.autocast_context(), frozen(self.mae):
-                with torch.no_grad():
-                    tokens = self.mae.embed(imgs)
-                scores = self.masker_forward(tokens)
-                pred = self.soft_forward(imgs, scores, tokens)
-                terms = split_mean(lambda p, t, sc: masker_loss_terms(p, t, sc, cfg, keep_ratio),
-                                   self.masker_loss_groups, pred, self.mae.target(imgs), scores)
-            loss = lam * terms["loss_rec"] + terms["loss_gauss"] + terms["loss_kl"] + terms["loss_div"]
-            value = loss.item()
-            if not all_true(math.isfinite(value), self.dist):
-                self.opt_masker.zero_grad(set_to_none=True)
-                return self._skip_step("loss_masker", value, masker_only=True)
-            (loss / cfg.accum_iter).backward(inputs=params)
+        params = self.masker.trainable_parameters()
+        with self.autocast_context(), frozen(self.mae):
+            with torch.no_grad():
+                tokens = self.mae.embed(imgs)
+            loss, logs = self.masker.own_step_terms(dataclasses.replace(batch, imgs=imgs, tokens=tokens),
+                                                    self.soft_forward)
+        value = loss.item()
+        if not all_true(math.isfinite(value), self.dist):
+            self.opt_masker.zero_grad(set_to_none=True)
+            return self._skip_step("loss_masker", value, masker_only=True)
+        (loss / cfg.accum_iter).backward(inputs=params)
         if boundary:
+            average_gradients(params, self.dist)  # what DDP would do, once per accumulation window
             set_lr(self.opt_masker, lr)
             self.opt_masker.step()
             self.opt_masker.zero_grad(set_to_none=True)
             self.masker_updates += 1
-        s = scores.detach().float()
-        stats = {**{k: v.detach().float() for k, v in terms.items()}, "score_mean": s.mean(),
-                 "score_low_frac": (s < 0.1).float().mean(), "score_high_frac": (s > 0.9).float().mean()}
-        out = dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one device sync, not seven
+        out = dict(zip(logs, torch.stack(list(logs.values())).tolist()))  # one device sync, not seven
         out["loss_masker"] = value
         return out
 
@@ -380,10 +392,10 @@ class Trainer:
             while self.epoch < cfg.epochs and not self.stop_requested:
                 epoch_window = MetricWindow()
                 for imgs in self.batches.epoch(self.epoch, self.generator, self.step_in_epoch):
-                    progress = self.epoch + self.step_in_epoch / steps_per_epoch
-                    lam = self.curriculum_factor(progress if cfg.curriculum == "linear" else self.epoch)
+                    progress = self.progress()
+                    schedule = self.masker.schedule(progress)
                     lr = lr_at(progress, self.lr, cfg.min_lr, self.run.warmup_epochs, cfg.epochs)
-                    metrics = self.train_step(imgs, lam, lr)
+                    metrics = self.train_step(imgs, lr)
                     self.iteration += 1
                     self.step_in_epoch += 1
                     images_since_log += imgs.shape[0]
@@ -399,8 +411,8 @@ class Trainer:
                         record = mean_metrics(window.means(), self.dist)
                         record.update(kind="train", epoch=self.epoch, step=self.iteration, lr=lr,
                                       img_per_s=images_since_log * self.dist.world_size / max(now - last_log, 1e-9))
+                        record.update(schedule)
                         if self.masker.learnable:
-                            record["curriculum_factor"] = lam
                             record["masker_updates"] = self.masker_updates
                         self.logger.log(record, step=self.iteration)
                         window.reset()
@@ -441,9 +453,10 @@ class Trainer:
     def _end_of_epoch(self, epoch_means: dict[str, float]) -> None:
         cfg = self.cfg
         record = {"kind": "epoch", "epoch": self.epoch - 1, "step": self.iteration, **epoch_means}
-        if self.masker.learnable:
-            record["curriculum_factor"] = (self.curriculum_factor(self.epoch - 1) if cfg.curriculum != "linear"
-                                           else None)
+        schedule = self.masker.schedule(self.epoch - 1)  # the values of the epoch just finished
+        if "curriculum_factor" in schedule and cfg.curriculum == "linear":
+            schedule["curriculum_factor"] = None  # λ moved during the epoch
+        record.update(schedule)
         self.logger.log(record, step=self.iteration)
         self.save_checkpoint()
         if cfg.save_every and self.epoch % cfg.save_every == 0:
@@ -505,7 +518,7 @@ class Trainer:
             return self.output_dir / f"{stem}.pt"
         position = Position(self.epoch, self.step_in_epoch, self.iteration, self.masker_updates, self.skipped_steps)
         extra = {"world_size": self.dist.world_size, "global_batch": self.cfg.batch_size * self.dist.world_size}
-        modules = {"mae": self.mae, "masker": self.masker if self.masker.learnable else None}
+        modules = {"mae": self.mae, "masker": self.masker if self.masker.has_state else None}
         optimizers = {"opt_mae": self.opt_mae, "opt_masker": self.opt_masker}
         return save_run_checkpoint(self.output_dir, stem, self.run_info(), position, modules, optimizers,
                                    self.generator, extra)

@@ -1,8 +1,9 @@
-"""Pictures of a trained model: which patches the masking module hides, and what the MAE makes of them.
+"""Pictures of a trained model: which patches its masking strategy hides, and what the MAE makes of them.
 
-``clmae visualize --checkpoint RUN`` draws one row per image: the original, the masking module's
-scores, the learned mask, the MAE's reconstruction under it, a random mask of the same ratio and
-the reconstruction under that. MAE checkpoints (no masking module) get the random columns only.
+``clmae visualize --checkpoint RUN`` draws one row per image: the original, the strategy's score
+map when it has one (CL-MAE's scores, HPM's predicted loss, AttMask's CLS attention), the
+strategy's mask, the MAE's reconstruction under it, a random mask of the same ratio and the
+reconstruction under that. MAE checkpoints (random masks) get the random columns only.
 
 Images are shown in pixel space: the dataset normalisation stored in the checkpoint is undone.
 For ``norm_pix_loss`` models the MAE predicts each patch normalised by its own mean and std,
@@ -30,7 +31,7 @@ from .data import load_dataset
 from .errors import ConfigError, DataError
 from .images import denormalize, normalize
 from .losses import per_patch_error
-from .maskers import mask_from_keep, random_keep_indices
+from .maskers import MaskingBatch, mask_from_keep, random_keep_indices
 from .model import patchify, unpatchify
 from .runtime import eval_mode, resolve_device
 from .splits import choose_indices, eval_images
@@ -146,23 +147,36 @@ def score_map(scores: torch.Tensor) -> torch.Tensor:
     return scores.float().view(-1, g, g)
 
 
+def scaled_scores(scores: torch.Tensor, score_range: Sequence[float] | None) -> torch.Tensor:
+    """Scores mapped to [0, 1] for colour: by the fixed ``score_range``, else by each image's own min and max."""
+    s = scores.float()
+    if score_range is not None:
+        lo, hi = float(score_range[0]), float(score_range[1])
+        return ((s - lo) / (hi - lo)).clamp(0, 1)
+    lo, hi = s.amin(dim=1, keepdim=True), s.amax(dim=1, keepdim=True)
+    return (s - lo) / (hi - lo).clamp_min(1e-12)
+
+
 def to_hwc(images: torch.Tensor) -> np.ndarray:
     """``(N, C, H, W)`` in [0, 1] → ``(N, H, W)`` (grey) or ``(N, H, W, 3)`` numpy."""
     arr = images.detach().float().cpu().clamp(0, 1).numpy()
     return arr[:, 0] if arr.shape[1] == 1 else arr.transpose(0, 2, 3, 1)
 
 
-def probe_mosaic(images: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, patch_size: int) -> np.ndarray:
-    """One RGB ``uint8`` picture (H, W, 3) for TensorBoard: images, learned masks, scores, one column each."""
+def probe_mosaic(images: torch.Tensor, scores: torch.Tensor | None, mask: torch.Tensor, patch_size: int,
+                 score_range: Sequence[float] | None = (0.0, 1.0)) -> np.ndarray:
+    """One RGB ``uint8`` picture (H, W, 3) for TensorBoard: images, masks and (if any) scores, one row each."""
     from matplotlib import colormaps
 
     factor = overlay_factor(images.shape[-1])
     rgb = upscale(images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images, factor)
     masked = mask_overlay(images, mask, patch_size)
     cell = patch_size * factor
-    heat = score_map(scores).repeat_interleave(cell, 1).repeat_interleave(cell, 2)
-    heat = torch.from_numpy(colormaps["viridis"](heat.clamp(0, 1).numpy())[..., :3]).permute(0, 3, 1, 2).float()
-    rows = [torch.cat(list(t), dim=2) for t in (rgb.float(), masked.float(), heat)]  # each (3, H, N·W)
+    parts = [rgb.float(), masked.float()]
+    if scores is not None:
+        heat = score_map(scaled_scores(scores, score_range)).repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+        parts.append(torch.from_numpy(colormaps["viridis"](heat.numpy())[..., :3]).permute(0, 3, 1, 2).float())
+    rows = [torch.cat(list(t), dim=2) for t in parts]  # each (3, H, N·W)
     mosaic = torch.cat(rows, dim=1)
     return (mosaic.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
@@ -254,6 +268,13 @@ CLMAE_COLUMNS = ["original", "scores", "learned mask", "reconstruction\n(learned
 MAE_COLUMNS = ["original", "random mask", "reconstruction\n(random mask)"]
 
 
+def strategy_columns(masker) -> list[str]:
+    """The columns for a strategy: its score map (if it has one), its mask and the reconstruction under it."""
+    label = masker.mask_label
+    scores = [masker.score_label] if masker.score_label else []
+    return ["original", *scores, label, f"reconstruction\n({label})", *MAE_COLUMNS[1:]]
+
+
 @torch.no_grad()
 def reconstruct(mae, x: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MAE prediction, mask (1 = hidden) and per-image loss (over hidden patches) for ``ids_keep``."""
@@ -264,9 +285,21 @@ def reconstruct(mae, x: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Ten
 
 
 @torch.no_grad()
+def strategy_masks(mae, masker, x: torch.Tensor, num_keep: int, generator: torch.Generator, progress: float,
+                   epochs: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A strategy's scores (or None) and kept indices on the normalised images ``x``, at a point of its run."""
+    batch = MaskingBatch(x, mae.embed(x), num_keep, generator, mae, progress, epochs)
+    scores = masker.scores(batch)
+    return (None if scores is None else scores.float()), masker.keep_indices(batch)
+
+
+@torch.no_grad()
 def model_panels(mae, masker, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                 mask_ratio: float = 0.75, seed: int = 0) -> tuple[list[list[Panel]], list[str]]:
-    """The panels of :func:`visualize_model`: rows of panels and the column titles."""
+                 mask_ratio: float = 0.75, seed: int = 0, epochs: int = 1) -> tuple[list[list[Panel]], list[str]]:
+    """The panels of :func:`visualize_model`: rows of panels and the column titles.
+
+    The strategy's masks are those at the end of a run of ``epochs`` epochs (its schedules' last values).
+    """
     device = next(mae.parameters()).device
     cfg = mae.config
     p = cfg.patch_size
@@ -284,32 +317,44 @@ def model_panels(mae, masker, images: torch.Tensor, mean: Sequence[float], std: 
             rows.append([Panel(originals[i]), Panel(random_masked[i]),
                          Panel(recon_r[i], note=f"loss {loss_r[i]:.3f}")])
         return rows, MAE_COLUMNS
-    tokens = mae.embed(x)
-    scores = masker(tokens).float()
-    keep = masker.keep_indices(tokens, num_keep, g)
+    scores, keep = strategy_masks(mae, masker, x, num_keep, g, float(epochs), epochs)
     pred_l, mask_l, loss_l = reconstruct(mae, x, keep)
     learned_masked = to_hwc(mask_overlay(images.cpu(), mask_l.cpu(), p))
     recon_l = to_hwc(prediction_to_pixels(pred_l, x, mask_l, p, cfg.norm_pix_loss, mean, std).cpu())
-    heat = score_map(scores).cpu().numpy()
+    heat = None if scores is None else score_map(scaled_scores(scores, masker.score_range)).cpu().numpy()
+    raw = None if scores is None else score_map(scores).cpu().numpy()
     for i in range(x.shape[0]):
         ratio = float(loss_l[i] / loss_r[i]) if loss_r[i] > 0 else float("nan")
+        score_panel = [] if heat is None else [Panel(heat[i], note=f"mean {raw[i].mean():.3g}", cmap="viridis")]
         rows.append([
             Panel(originals[i]),
-            Panel(heat[i], note=f"mean {heat[i].mean():.2f}", cmap="viridis"),
+            *score_panel,
             Panel(learned_masked[i], note=f"{ratio:.2f}× random loss"),
             Panel(recon_l[i], note=f"loss {loss_l[i]:.3f}"),
             Panel(random_masked[i]),
             Panel(recon_r[i], note=f"loss {loss_r[i]:.3f}"),
         ])
-    return rows, CLMAE_COLUMNS
+    return rows, strategy_columns(masker)
 
 
-def figure_caption(norm_pix: bool, learned: bool, mask_ratio: float, seed: int, source: str = "") -> str:
+SCORE_CAPTIONS = {
+    "scores": "Scores: the masking module's output per patch (bright = kept visible, 0 to 1).",
+    "predicted loss": ("Predicted loss: HPM's loss predictor (EMA copy) per patch, each image scaled to its own "
+                       "range (bright = predicted hard; the hardest are hidden)."),
+    "CLS attention": ("CLS attention: the EMA encoder's last-block attention from the CLS token, each image scaled "
+                      "to its own range (bright = most attended; AttMask-High hides those)."),
+}
+
+
+def figure_caption(norm_pix: bool, learned: bool | str | None, mask_ratio: float, seed: int, source: str = "") -> str:
+    """The caption under the grid; ``learned``: the strategy's score label (True: CL-MAE's scores), or falsy."""
     parts = []
     if source:
         parts.append(source + ".")
-    if learned:
-        parts.append("Scores: the masking module's output per patch (bright = kept visible, 0 to 1).")
+    label = "scores" if learned is True else learned
+    if label:
+        parts.append(SCORE_CAPTIONS.get(label, f"{label}: the strategy's per-patch map, each image scaled to its "
+                                               "own range."))
     parts.append(f"Masks hide {mask_ratio:.0%} of the patches (hidden patches under grey stripes); "
                  f"random masks use seed {seed}.")
     parts.append("Reconstructions show the MAE's prediction for hidden patches with the visible patches pasted "
@@ -321,11 +366,12 @@ def figure_caption(norm_pix: bool, learned: bool, mask_ratio: float, seed: int, 
 
 
 def visualize_model(mae, masker, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                    mask_ratio: float = 0.75, seed: int = 0, title: str = "", source: str = ""):
+                    mask_ratio: float = 0.75, seed: int = 0, title: str = "", source: str = "", epochs: int = 1):
     """A grid figure for ``images`` (floats in [0, 1], ``(N, C, H, W)``) — see the module docstring."""
     with eval_mode(mae, masker):
-        rows, columns = model_panels(mae, masker, images, mean, std, mask_ratio, seed)
-    caption = figure_caption(mae.config.norm_pix_loss, masker is not None, mask_ratio, seed, source)
+        rows, columns = model_panels(mae, masker, images, mean, std, mask_ratio, seed, epochs)
+    caption = figure_caption(mae.config.norm_pix_loss, masker.score_label if masker is not None else None,
+                             mask_ratio, seed, source)
     return draw_grid(rows, columns, caption, title)
 
 
@@ -365,7 +411,8 @@ def visualize_checkpoint(checkpoint: str | Path, data: str | None = None, data_d
     mask_ratio = float(run.get("mask_ratio", 0.75))
     name = Path(checkpoint).name
     source = f"{len(images)} {split} images of {dataset.name}, checkpoint {name}"
-    fig = visualize_model(mae, masker, images, info["mean"], info["std"], mask_ratio, seed, source=source)
+    fig = visualize_model(mae, masker, images, info["mean"], info["std"], mask_ratio, seed, source=source,
+                          epochs=int(run.get("epochs", 1)))
     return save_figure(fig, Path(output) if output else default_output(checkpoint))
 
 

@@ -1,14 +1,20 @@
 """Masking strategies: which patches the MAE gets to see.
 
-Every masker answers one question, :meth:`Masker.keep_indices`: given the patch tokens of a batch
-``(N, L, D)`` and how many to keep ``K``, return the indices ``(N, K)`` of the visible patches.
+Every strategy is a :class:`Masker` (see :mod:`clmae.maskers.base` for the hooks) answering one
+question, :meth:`Masker.keep_indices`: given a :class:`MaskingBatch` (images, patch tokens, how many
+to keep ``K``, the shared random generator, the position in the run), return the indices ``(N, K)``
+of the visible patches.
 
 * ``mae`` → :class:`RandomMasker`: a uniformly random subset per image.
 * ``clmae`` → :class:`LearnedMasker`: a small transformer scores every patch; the top-``K`` stay.
+* ``block`` → :class:`BlockMasker`: BEiT's blockwise masking at the MAE's ratio.
+* ``hpm`` → :class:`HardPatchesMasker`: HPM, predicted-hard patches plus random ones.
+* ``attmask`` → :class:`AttentionMasker`: AttMask-High, the most attended patches (EMA teacher).
 
 :data:`METHODS` is the one list of pretraining methods: config validation, the CLI's choices,
-:func:`create_masker`, the study and the docs all read it. The index helpers in
-:mod:`clmae.maskers.indices` are pure functions, easy to test and to reuse in new maskers.
+:func:`create_masker`, the study and the docs all read it; :func:`register_method` adds one from
+outside the package. The index helpers in :mod:`clmae.maskers.indices` are pure functions, easy to
+test and to reuse in new maskers.
 """
 
 from __future__ import annotations
@@ -18,37 +24,79 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..options import check_option, one_of
-from .base import Masker
+from .attmask import VARIANTS as ATTMASK_VARIANTS
+from .attmask import AttentionMasker
+from .base import Masker, MaskingBatch
+from .block import BlockMasker
+from .hpm import HardPatchesMasker
 from .indices import keep_from_mask, mask_from_keep, random_keep_indices, topk_keep_indices
-from .learned import LearnedMasker, MaskingModule
-from .random import RandomMasker, global_random_keep
+from .learned import CurriculumObjective, LearnedMasker, MaskingModule
+from .random import RandomMasker
 
 
 @dataclass(frozen=True)
 class Method:
-    """A pretraining method: its ``--method`` name, a one-line summary and how to build its masker."""
+    """A pretraining method: its ``--method`` name, a one-line summary and how to build its masker.
+
+    ``build(run_config, model_config)``: the run's :class:`~clmae.config.PretrainConfig` (None when
+    the caller has none: use the strategy's defaults) and the model's
+    :class:`~clmae.model.ModelConfig`.
+    """
 
     name: str
     summary: str
-    build: Callable[[Any], Masker]  # model configuration → masker
+    build: Callable[[Any, Any], Masker]
 
 
-def _learned(c) -> LearnedMasker:
-    return LearnedMasker(c.num_patches, c.embed_dim, c.masker_dim, c.masker_depth, c.masker_num_heads)
+def _options(run, prefix: str, **defaults) -> dict[str, Any]:
+    """The strategy's options from the run configuration (``{prefix}_{name}`` fields), else the defaults."""
+    return {name: getattr(run, f"{prefix}_{name}", default) for name, default in defaults.items()}
+
+
+def _learned(run, c) -> LearnedMasker:
+    return LearnedMasker(c.num_patches, c.embed_dim, c.masker_dim, c.masker_depth, c.masker_num_heads,
+                         CurriculumObjective.from_config(run))
+
+
+def _block(run, c) -> BlockMasker:
+    return BlockMasker(c.grid_size, **_options(run, "block", min_patches=None, max_patches=None, min_aspect=0.3))
+
+
+def _hpm(run, c) -> HardPatchesMasker:
+    return HardPatchesMasker(c, epochs=getattr(run, "epochs", 200), **_options(
+        run, "hpm", hard_max=0.5, loss_weight=1.0, ema_decay=0.999, ema_decay_end=0.9999, ema_ramp_epochs=100.0))
+
+
+def _attmask(run, c) -> AttentionMasker:
+    return AttentionMasker(epochs=getattr(run, "epochs", 100),
+                           **_options(run, "attmask", prob=0.5, momentum=0.996, variant="high"))
 
 
 METHODS: dict[str, Method] = {
     "clmae": Method("clmae", "CL-MAE: a masking module learns the masks, easy to hard (curriculum)", _learned),
-    "mae": Method("mae", "MAE: uniformly random masks", lambda c: RandomMasker()),
+    "mae": Method("mae", "MAE: uniformly random masks", lambda run, c: RandomMasker()),
+    "block": Method("block", "BEiT block masking: rectangles of patches, at the MAE's mask ratio", _block),
+    "hpm": Method("hpm", "HPM: a loss predictor learns which patches are hard; hide those plus random ones", _hpm),
+    "attmask": Method("attmask", "AttMask-High: hide the patches an EMA teacher's CLS attends to most", _attmask),
 }
 
 
-def create_masker(method: str, model_config) -> Masker:
-    """The masker a pretraining method uses (see :data:`METHODS`)."""
+def register_method(name: str, summary: str, build: Callable[[Any, Any], Masker]) -> Method:
+    """Make a strategy available as ``method=name`` (Python API; the CLI lists the built-in ones)."""
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"method name {name!r}: use letters, digits, '-' and '_'")
+    METHODS[name] = Method(name, summary, build)
+    return METHODS[name]
+
+
+def create_masker(method: str, model_config, run_config=None) -> Masker:
+    """The masker a pretraining method uses (see :data:`METHODS`); ``run_config`` holds its options."""
     if method not in METHODS:
         check_option(False, "method", method, one_of(METHODS))
-    return METHODS[method].build(model_config)
+    return METHODS[method].build(run_config, model_config)
 
 
-__all__ = ["METHODS", "Method", "Masker", "RandomMasker", "LearnedMasker", "MaskingModule", "create_masker",
-           "global_random_keep", "keep_from_mask", "mask_from_keep", "random_keep_indices", "topk_keep_indices"]
+__all__ = ["METHODS", "Method", "Masker", "MaskingBatch", "RandomMasker", "LearnedMasker", "MaskingModule",
+           "CurriculumObjective", "BlockMasker", "HardPatchesMasker", "AttentionMasker", "ATTMASK_VARIANTS",
+           "create_masker", "register_method", "keep_from_mask", "mask_from_keep", "random_keep_indices",
+           "topk_keep_indices"]
