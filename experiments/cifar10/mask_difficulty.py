@@ -70,19 +70,19 @@ def test_images(data: str, data_dir: str | None, channels: int):
 def run_masks(mae, masker, run_cfg: dict[str, Any], x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """The visible patches ``(N, K)`` this run's masking strategy picks for the normalised images ``x``.
 
-    The one function that knows the Masker interface (``keep_indices(tokens, num_keep, generator)``).
-    ``masker`` is what :func:`clmae.checkpoint.load_pretrained` returned: the trained masking module, or
-    None for a strategy without weights, which is then built from the registry by the run's method.
+    ``masker`` is what :func:`clmae.checkpoint.load_pretrained` returned (the strategy with its saved state);
+    it chooses as it would in its last epoch (schedules such as HPM's hard share at their last value).
     """
-    from clmae.maskers import create_masker
+    from clmae.visualize import strategy_masks
 
     if masker is None:
-        masker = create_masker(run_cfg["method"], mae.config)
-        if masker.learnable:
-            raise SystemExit(f"mask_difficulty: the {run_cfg['method']} checkpoint has no masking-module weights")
+        raise SystemExit(f"mask_difficulty: the {run_cfg['method']} checkpoint gave no masker to measure")
     masker.eval()
+    epochs = int(run_cfg["epochs"])
     num_keep = mae.num_keep(run_cfg["mask_ratio"])
-    return masker.keep_indices(mae.embed(x), num_keep, torch.Generator().manual_seed(seed))
+    last_epoch = float(epochs - 1)
+    _, keep = strategy_masks(mae, masker, x, num_keep, torch.Generator().manual_seed(seed), last_epoch, epochs)
+    return keep
 
 
 def random_masks(run_cfg: dict[str, Any]) -> bool:
