@@ -213,7 +213,7 @@ class Runner:
 
     def _batches(self):
         while True:
-            yield from self.trainer.batches.epoch(self.epoch, self.trainer.generator)
+            yield from self.trainer.batches.epoch(self.epoch)
             self.epoch += 1
 
     def iterate(self, count: int) -> dict[str, float]:

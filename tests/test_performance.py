@@ -47,7 +47,7 @@ def make_trainer(tmp_path, **options) -> Trainer:
 
 
 def first_batch(trainer: Trainer) -> torch.Tensor:
-    return next(iter(trainer.batches.epoch(0, trainer.generator)))
+    return next(iter(trainer.batches.epoch(0)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def test_masking_step_computes_no_mae_weight_gradients(tmp_path):
 
 def test_mae_step_scores_patches_without_building_a_graph(tmp_path):
     trainer = make_trainer(tmp_path, masker_every=2)
-    batches = trainer.batches.epoch(0, trainer.generator)
+    batches = trainer.batches.epoch(0)
     trainer.train_step(next(batches), lr=1e-3)  # iteration 0: both steps
     trainer.iteration += 1
     saved = []
@@ -268,7 +268,7 @@ def test_attention_is_fused_everywhere(tmp_path):
 
 def test_masker_every_updates_the_masker_every_k_iterations(tmp_path):
     trainer = make_trainer(tmp_path, masker_every=3, subset=128)
-    batches = trainer.batches.epoch(0, trainer.generator)
+    batches = trainer.batches.epoch(0)
     updated = []
     for _ in range(7):
         before = [p.detach().clone() for p in trainer.masker.parameters()]
@@ -314,7 +314,7 @@ def test_compile_gives_the_same_losses_as_eager(tmp_path):
     results = {}
     for compiled in (False, True):
         trainer = make_trainer(tmp_path / str(compiled), compile=compiled)
-        batches = trainer.batches.epoch(0, trainer.generator)
+        batches = trainer.batches.epoch(0)
         outs = []
         for _ in range(2):
             outs.append(trainer.train_step(next(batches), lr=1e-3))
@@ -341,7 +341,7 @@ def test_compiled_masking_step_runs_no_more_matmuls_than_eager(tmp_path):
     counts = {}
     for compiled in (False, True):
         trainer = make_trainer(tmp_path / str(compiled), compile=compiled)
-        batches = trainer.batches.epoch(0, trainer.generator)
+        batches = trainer.batches.epoch(0)
         trainer.train_step(next(batches), lr=1e-3)  # compiles
         trainer.iteration += 1
         counts[compiled] = matmuls_in_masking_step(trainer, next(batches))

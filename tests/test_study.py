@@ -189,29 +189,6 @@ def test_stopped_run_is_not_evaluated_and_resumes_with_its_time(tmp_path, monkey
     assert redone["results"]["pretrained"]["knn_majority_top1"] >= 0
 
 
-def test_arms_of_a_seed_share_crops_and_a_resumed_epoch_sees_the_same_batches(tmp_path):
-    import torch
-
-    from clmae.config import make_config
-    from clmae.trainer import Trainer
-
-    study = load_study()
-    cfg = study.load_config("quick")
-    base = {**cfg["pretrain"], "data": str(labeled_npz(tmp_path / "mine.npz", train=256, test=40))}
-    batches = {}
-    for arm, draws in (("mae", 3), ("clmae_cheap", 0)):
-        values = study.study_values({**base, **study.arm_overrides(cfg["arms"][arm])}, 0, tmp_path / arm, None, "cpu")
-        trainer = Trainer(make_config(values))
-        study.share_crops(trainer)
-        torch.rand(draws, generator=trainer.generator)  # the arms' masking has used the shared generator differently
-        batches[arm] = list(trainer.batches.epoch(1, trainer.generator))
-        resumed = list(trainer.batches.epoch(1, trainer.generator, start_step=2))
-        assert all(torch.equal(a, b) for a, b in zip(batches[arm][2:], resumed, strict=True))
-    assert len(batches["mae"]) == 4
-    assert all(torch.equal(a, b) for a, b in zip(batches["mae"], batches["clmae_cheap"], strict=True))
-    assert not torch.equal(batches["mae"][0], batches["mae"][1])
-
-
 def test_equal_compute_plan_scales_epochs_warmup_and_knn_points():
     study = load_study()
     cfg = study.load_config("cpu")

@@ -31,7 +31,7 @@ def same(a, b):
 
 def test_each_step_updates_only_its_own_part(tmp_path):
     trainer = tiny_trainer(tmp_path)
-    imgs = next(iter(trainer.batches.epoch(0, trainer.generator)))
+    imgs = next(iter(trainer.batches.epoch(0)))
     seen = {}
     original = trainer._masker_step
 
@@ -58,7 +58,7 @@ def test_masker_gradient_flows_only_through_the_scores(tmp_path):
     """d loss/d θ equals (d loss/d s)·(d s/d θ): the scores are the only path into the masking module."""
     trainer = tiny_trainer(tmp_path)
     mae, masker, cfg = trainer.mae, trainer.masker, trainer.cfg
-    imgs = next(iter(trainer.batches.epoch(0, trainer.generator)))
+    imgs = next(iter(trainer.batches.epoch(0)))
     theta = list(masker.parameters())
     with torch.no_grad():
         tokens = mae.embed(imgs)
@@ -149,3 +149,20 @@ def test_image_folder_run_completes(tmp_path):
     assert data_records and data_records[0]["skipped_files"] >= 1
     state = torch.load(result.checkpoint, weights_only=True)
     assert state["model_config"]["in_chans"] == 3 and state["model_config"]["img_size"] == 16
+
+
+def test_every_strategy_of_a_seed_sees_the_same_crops_and_a_resumed_epoch_the_same_batches(tmp_path):
+    """Augmentation has its own random stream per (seed, epoch, step): the masking never shifts it."""
+    batches = {}
+    for method, draws in (("mae", 3), ("clmae", 0), ("block", 7)):
+        trainer = tiny_trainer(tmp_path / method, method=method, subset=128)
+        torch.rand(draws, generator=trainer.generator)  # the strategies have used the trainer's generator differently
+        batches[method] = list(trainer.batches.epoch(1))
+        resumed = list(trainer.batches.epoch(1, start_step=2))
+        assert all(torch.equal(a, b) for a, b in zip(batches[method][2:], resumed, strict=True))
+    assert len(batches["mae"]) == 4
+    for method in ("clmae", "block"):
+        assert all(torch.equal(a, b) for a, b in zip(batches["mae"], batches[method], strict=True))
+    assert not torch.equal(batches["mae"][0], batches["mae"][1])
+    other_seed = tiny_trainer(tmp_path / "seed1", method="mae", subset=128, seed=1)
+    assert not torch.equal(next(iter(other_seed.batches.epoch(1))), batches["mae"][0])

@@ -54,7 +54,7 @@ PROFILES = ("cpu", "quick", "gpu")
 DEFAULT_OUTPUT = {"cpu": "results", "quick": "quick", "gpu": "results-gpu"}
 # Keys of an arm in config.yaml that are the study's, not PretrainConfig fields.
 STUDY_KEYS = ("equal_compute_with",)
-# Run folders written by this edition of the study (shared crops per seed): older ones are not resumed.
+# Run folders written by this edition of the study (crops shared by the arms of a seed): older ones are not resumed.
 EDITION = 2
 # Settings that do not change the FLOPs of one training iteration (left out of the FLOP cache key).
 NOT_FLOPS = ("seed", "epochs", "warmup_epochs", "eval_every", "probe_every", "progress", "output_dir", "data_dir",
@@ -184,7 +184,8 @@ def count_flops_per_iteration(values: dict[str, Any], iterations: int, device: s
                "data_dir": data_dir}
         trainer = Trainer(make_config(run))
         trainer.callbacks.append(StopAfter(iterations))
-        with contextlib.redirect_stderr(io.StringIO()), counter:  # the stop message is not news
+        # A 4-iteration run's lines and stop message are not news.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), counter:
             trainer.fit()
         if trainer.iteration != iterations:
             raise RuntimeError(f"FLOP count ran {trainer.iteration} iterations, expected {iterations}")
@@ -333,28 +334,6 @@ class TimingFile:
         return timing
 
 
-def share_crops(trainer) -> None:
-    """Make every arm of a seed see the same crops: step ``s`` of epoch ``e`` draws its crop boxes and flips
-    from a generator seeded by (seed, e, s) alone.
-
-    In the library the augmentation shares one generator with the random masks and the masking-module
-    sub-batches, so MAE and CL-MAE runs of one seed drift apart after their first batch. With this, the
-    arms of a seed differ only in their masking (and the equal-compute arm in its length). A resumed run
-    is exact too: the generator of a step does not depend on the steps before it. Needs in-memory data.
-    """
-    import torch
-
-    batches, seed = trainer.batches, trainer.cfg.seed
-    draw = batches.epoch
-
-    def epoch(e: int, generator, start_step: int = 0):
-        for step in range(start_step, len(batches)):
-            crops = torch.Generator().manual_seed((seed * 1_000_003 + e) * 1_000_033 + step)
-            yield next(iter(draw(e, crops, step)))
-
-    batches.epoch = epoch
-
-
 def study_values(plan_values: dict[str, Any], seed: int, run_dir: Path, data_dir: str | None,
                  device: str) -> dict[str, Any]:
     return {**plan_values, "seed": seed, "data_dir": data_dir, "output_dir": str(run_dir), "device": device}
@@ -387,7 +366,6 @@ def train_arm(arm: str, seed: int, values: dict[str, Any], run_dir: Path) -> dic
         spent = 0.0
     trainer = Trainer(make_config(values), overrides=values if "resume" in values else None)
     marker.write_text(json.dumps(mine))
-    share_crops(trainer)
     clock = TimingFile(timing_file, spent)
     trainer.callbacks.append(clock)
     trainer.fit()

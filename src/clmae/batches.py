@@ -16,6 +16,7 @@ reason. :func:`make_loader` is the one place DataLoaders are configured.
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import sys
 from collections import Counter
@@ -76,6 +77,17 @@ def make_loader(dataset, batch_size: int, device: torch.device, num_workers: int
 
 # ---------------------------------------------------------------------------------------------
 # Batches
+
+
+def augmentation_seed(seed: int, epoch: int, step: int = -1) -> int:
+    """The seed of one step's crops and flips (``step=-1``: of an epoch's DataLoader workers).
+
+    A function of the run's seed, the epoch and the step alone: augmentation shares no random stream
+    with the masking strategy, so every strategy run with one seed sees the same crops, and a run
+    resumed in the middle of an epoch the same as an uninterrupted one.
+    """
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # below 2**63: a valid torch seed
 
 
 class BatchSource:
@@ -156,24 +168,24 @@ class TrainBatches(BatchSource):
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(len(self.dataset), generator=g)
 
-    def epoch(self, epoch: int, generator: torch.Generator, start_step: int = 0) -> Iterator[torch.Tensor]:
-        """Batches of ``epoch`` from ``start_step`` on; ``generator`` drives the augmentation."""
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        """Batches of ``epoch`` from ``start_step`` on; crops and flips come from :func:`augmentation_seed`."""
         order = self._order(epoch)[: len(self) * self.batch_size]
         if isinstance(self.dataset, InMemoryImages):
             for step in range(start_step, len(self)):
                 idx = order[step * self.batch_size : (step + 1) * self.batch_size].to(self.device)
-                x = random_resized_crop_flip(self._images.index_select(0, idx), self.img_size, generator)
+                crops = torch.Generator().manual_seed(augmentation_seed(self.seed, epoch, step))
+                x = random_resized_crop_flip(self._images.index_select(0, idx), self.img_size, crops)
                 yield (x - self._mean) / self._std
         else:
-            yield from self._folder_epoch(order[start_step * self.batch_size :], generator)
+            yield from self._folder_epoch(order[start_step * self.batch_size :], augmentation_seed(self.seed, epoch))
 
-    def _folder_epoch(self, order: torch.Tensor, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    def _folder_epoch(self, order: torch.Tensor, seed: int) -> Iterator[torch.Tensor]:
         files = self.dataset.files
         files.transform = train_transform(self.img_size)
         if files.min_side is None:
             # Random crops cover >= 20% of the area: 3x the input size keeps them sharp.
             files.min_side = 3 * self.img_size
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         loader = make_loader(files, self.batch_size, self.device, self.num_workers, sampler=order.tolist(), seed=seed)
         yielded = 0
         for batch in self.full_batches(loader):
@@ -224,33 +236,33 @@ class RankBatches(TrainBatches):
         order = self._order(epoch)[: len(self) * g].view(len(self), g)
         return order[start_step:, self.ctx.rows(b)].reshape(-1)
 
-    def epoch(self, epoch: int, generator: torch.Generator, start_step: int = 0) -> Iterator[torch.Tensor]:
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
         if not self.ctx.enabled and not isinstance(self.dataset, InMemoryImages):
-            yield from super().epoch(epoch, generator, start_step)
+            yield from super().epoch(epoch, start_step)
             return
         if isinstance(self.dataset, InMemoryImages):
-            yield from self._memory_epoch(epoch, generator, start_step)
+            yield from self._memory_epoch(epoch, start_step)
         else:
-            yield from self._rank_folder_epoch(epoch, generator, start_step)
+            yield from self._rank_folder_epoch(epoch, start_step)
 
-    def _memory_epoch(self, epoch: int, generator: torch.Generator, start_step: int) -> Iterator[torch.Tensor]:
+    def _memory_epoch(self, epoch: int, start_step: int) -> Iterator[torch.Tensor]:
         b, g = self.batch_size, self.global_batch
         rows = self.ctx.rows(b)
         _, _, height, width = self.dataset.images.shape
         idx_all = self.rank_indices(epoch, start_step).view(-1, b)
-        for idx in idx_all:
+        for step, idx in enumerate(idx_all, start=start_step):
             # Random numbers for the whole global batch, in TrainBatches' order; keep our rows.
-            boxes = sample_crop_boxes(g, height, width, generator)
-            flips = torch.rand(g, generator=generator) < 0.5
+            crops = torch.Generator().manual_seed(augmentation_seed(self.seed, epoch, step))
+            boxes = sample_crop_boxes(g, height, width, crops)
+            flips = torch.rand(g, generator=crops) < 0.5
             images = self._images.index_select(0, idx.to(self.device))
             x = crop_flip(images, boxes[rows], flips[rows], self.img_size)
             yield (x - self._mean) / self._std
 
-    def _rank_folder_epoch(self, epoch: int, generator: torch.Generator, start_step: int) -> Iterator[torch.Tensor]:
-        # One draw from the shared generator (all ranks stay in step), then a per-rank worker seed.
-        base = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        rank_gen = torch.Generator().manual_seed(base + 7919 * self.ctx.rank)
-        batches = self._folder_epoch(self.rank_indices(epoch, start_step), rank_gen)
+    def _rank_folder_epoch(self, epoch: int, start_step: int) -> Iterator[torch.Tensor]:
+        # The epoch's worker seed, offset per rank so that ranks decode with different random streams.
+        seed = augmentation_seed(self.seed, epoch) + 7919 * self.ctx.rank
+        batches = self._folder_epoch(self.rank_indices(epoch, start_step), seed)
         yield from in_step(batches, len(self) - start_step, self.ctx)
 
 
@@ -289,15 +301,15 @@ class ShardBatches(BatchSource):
     def __len__(self) -> int:
         return len(self.dataset) // (self.batch_size * self.ctx.world_size)
 
-    def epoch(self, epoch: int, generator: torch.Generator, start_step: int = 0) -> Iterator[torch.Tensor]:
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
         """The remaining batches of ``epoch``. A resumed epoch restarts the stream with a new shuffle."""
-        draw = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))  # keeps all ranks' generators in step
+        seed = augmentation_seed(self.seed, epoch, start_step)
         stream = ShardStream(self.dataset.shards, self.ctx.rank, self.ctx.world_size,
                              seed=(self.seed * 100_003 + epoch) * 1_000 + start_step,
                              transform=train_transform(self.img_size), channels=self.dataset.channels,
                              buffer=self.buffer)
         loader = make_loader(stream, self.batch_size, self.device, self.num_workers, prefetch=self.prefetch,
-                             seed=draw + 7919 * self.ctx.rank)
+                             seed=seed + 7919 * self.ctx.rank)
         yield from in_step(self.full_batches(loader), len(self) - start_step, self.ctx)
 
 

@@ -6,10 +6,11 @@ device. Without those variables everything here is a no-op and training is singl
 
 Design, so that N ranks with batch B train exactly like one process with batch N·B:
 
-* Every rank holds the same shared random generator (same seed, same draws). Each step's random
-  numbers (crop boxes, flips, random masks) are drawn for the *global* batch and each rank keeps
-  its slice, so a rank's images and masks are the rows ``rank·B … (rank+1)·B`` of the global
-  batch a single process would see. The epoch order is one permutation from ``seed + epoch``;
+* Each step's random numbers are drawn for the *global* batch and each rank keeps its slice, so a
+  rank's images and masks are the rows ``rank·B … (rank+1)·B`` of the global batch a single process
+  would see: crop boxes and flips from a generator seeded by (seed, epoch, step)
+  (:func:`clmae.batches.augmentation_seed`), random masks from the trainer's generator, the same on
+  every rank (same seed, same draws). The epoch order is one permutation from ``seed + epoch``;
   global step ``s`` covers ``order[s·N·B : (s+1)·N·B]`` and each rank takes its block.
 * The MAE is wrapped in DDP; the MAE step runs through the wrapped MAE. A masking strategy's
   trainable parameters (CL-MAE's masking module, HPM's loss predictor) are not wrapped: their

@@ -147,6 +147,7 @@ class Trainer:
             patch_size=self.model_choice.patch_size, norm_pix_loss=cfg.norm_pix_loss or None,
         )
         self.batches = self._make_batches()
+        self.held_out = None  # the labeled test split of --eval-every, loaded at its first use
         wanted = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
         self.output_folder = on_main(lambda: prepare_output_dir(wanted, resuming=self.resume_path is not None),
                                      self.dist)
@@ -391,7 +392,7 @@ class Trainer:
         with GracefulStop(announce=self.dist.is_main) as signals:
             while self.epoch < cfg.epochs and not self.stop_requested:
                 epoch_window = MetricWindow()
-                for imgs in self.batches.epoch(self.epoch, self.generator, self.step_in_epoch):
+                for imgs in self.batches.epoch(self.epoch, self.step_in_epoch):
                     progress = self.progress()
                     schedule = self.masker.schedule(progress)
                     lr = lr_at(progress, self.lr, cfg.min_lr, self.run.warmup_epochs, cfg.epochs)
@@ -475,7 +476,9 @@ class Trainer:
             return {}
         was_training = self.mae.training
         try:
-            test = load_dataset(self.cfg.data, self.cfg.data_dir, "test", channels=self.dataset.channels)
+            if self.held_out is None:  # loaded once per run: decoding a test split can take seconds
+                self.held_out = load_dataset(self.cfg.data, self.cfg.data_dir, "test", channels=self.dataset.channels)
+            test = self.held_out
             self.mae.eval()
             result = quick_knn(self.mae, self.dataset, test, self.model_config.img_size, self.device)
         except ClmaeError as exc:  # no held-out split or no labels: say so once, keep training
