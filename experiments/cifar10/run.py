@@ -182,11 +182,12 @@ def count_flops_per_iteration(values: dict[str, Any], iterations: int, device: s
         run = {**values, "seed": 0, "output_dir": tmp, "epochs": iterations, "warmup_epochs": 0, "eval_every": 0,
                "probe_every": 0, "snapshot_every": 0, "save_every": 0, "progress": False, "device": device,
                "data_dir": data_dir}
-        trainer = Trainer(make_config(run))
-        trainer.callbacks.append(StopAfter(iterations))
-        # A 4-iteration run's lines and stop message are not news.
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), counter:
-            trainer.fit()
+        # A 4-iteration run's lines and stop message are not news (its console is built with the trainer).
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            trainer = Trainer(make_config(run))
+            trainer.callbacks.append(StopAfter(iterations))
+            with counter:
+                trainer.fit()
         if trainer.iteration != iterations:
             raise RuntimeError(f"FLOP count ran {trainer.iteration} iterations, expected {iterations}")
     return counter.get_total_flops() / iterations
