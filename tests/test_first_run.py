@@ -279,6 +279,28 @@ def test_every_kind_of_validation_failure_leaves_no_folder(tmp_path, capsys):
         assert not top.exists(), f"{name}: the run folder (or its parents) was left behind"
 
 
+def test_a_failed_set_up_removes_only_its_own_folder_not_a_run_that_appeared_beside_it(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """Another run may write into a parent folder this run created: the clean-up keeps it."""
+    import clmae.trainer
+
+    parent = tmp_path / "runs"
+    real = clmae.trainer.load_mae_checkpoint
+
+    def meanwhile_another_run_starts(path, model):  # runs after this run created runs/ and runs/mine
+        (parent / "theirs").mkdir()
+        (parent / "theirs" / "metrics.jsonl").write_text("{}\n")
+        return real(path, model)
+
+    monkeypatch.setattr(clmae.trainer, "load_mae_checkpoint", meanwhile_another_run_starts)
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    rc = cli.main(["pretrain", "--epochs", "1", "--subset", "64", "--batch-size", "16", *QUIET,
+                   "--init-from", str(tmp_path / "notes.txt"), "--output-dir", str(parent / "mine")])
+    assert rc == 2 and "notes.txt" in capsys.readouterr().err
+    assert not (parent / "mine").exists()
+    assert (parent / "theirs" / "metrics.jsonl").read_text() == "{}\n"
+
+
 def test_a_run_killed_before_its_first_checkpoint_restarts_with_the_same_command(tmp_path, capsys):
     """SIGKILL in the first epoch; then the same command, with --resume and without, starts the run over there."""
     run = tmp_path / "run"

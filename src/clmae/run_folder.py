@@ -155,8 +155,14 @@ def discard_unsaved(folder: OutputFolder) -> bool:
     """
     if not folder.created or has_checkpoint(folder.path):
         return False
-    shutil.rmtree(folder.created[0], ignore_errors=True)
-    return not folder.created[0].exists()
+    shutil.rmtree(folder.path, ignore_errors=True)
+    # Parents it created go too, innermost first, but only while empty: another run may live there by now.
+    for parent in reversed(folder.created[:-1]):
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+    return not folder.path.exists()
 
 
 # ---------------------------------------------------------------------------------------------
