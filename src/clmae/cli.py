@@ -107,7 +107,7 @@ def _run_methods(args: argparse.Namespace) -> int:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from .model import MODEL_CONFIGS, SUITS, param_count
+    from .model_configs import MODEL_CONFIGS, SUITS, param_count
 
     def suits(name: str) -> str:
         lo, hi = SUITS.get(name, (None, None))

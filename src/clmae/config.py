@@ -20,7 +20,7 @@ import yaml
 from .curriculum import SCHEDULES
 from .errors import ConfigError
 from .maskers import ATTMASK_VARIANTS, METHODS
-from .model import MODEL_CONFIGS
+from .model_configs import MODEL_CONFIGS
 from .options import check_option, flag, one_of, opt
 
 KL_REDUCTIONS = ("sum", "mean")
