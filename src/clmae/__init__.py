@@ -18,13 +18,14 @@ from .version import __version__
 if TYPE_CHECKING:
     from .checkpoint import load_pretrained
     from .config import PretrainConfig
-    from .evaluation import EvalOptions, evaluate, evaluate_all
+    from .evaluation import evaluate, evaluate_all
     from .maskers import create_masker
     from .model import create_model, list_models
+    from .tool_options import EvalOptions
     from .trainer import Trainer, pretrain
 
 # The API's names and the module each is imported from on first use.
-_API = {"load_pretrained": "checkpoint", "PretrainConfig": "config", "EvalOptions": "evaluation",
+_API = {"load_pretrained": "checkpoint", "PretrainConfig": "config", "EvalOptions": "tool_options",
         "evaluate": "evaluation", "evaluate_all": "evaluation", "create_masker": "maskers", "create_model": "model",
         "list_models": "model", "Trainer": "trainer", "pretrain": "trainer"}
 
