@@ -9,6 +9,9 @@ commands interleaved rep after rep so a busy shared machine slows all of them al
 medians of the reps, ratios the medians of the per-rep ratios.
 
     python benchmarks/cli_startup.py --reps 7 --label before --output benchmarks/results/cli_startup_before.json
+
+What the answers may import is held by tests/test_cli_startup.py (no torch, timm or numpy); this
+script only times them. The before/after pair is benchmarks/results/cli_startup_{before,after}.json.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ COMMANDS: dict[str, list[str]] = {
     "clmae --help": ["-m", "clmae", "--help"],
     "clmae pretrain --help": ["-m", "clmae", "pretrain", "--help"],
     "usage error (clmae pretrain --epochs x)": ["-m", "clmae", "pretrain", "--epochs", "x"],
+    "clmae eval knn --help": ["-m", "clmae", "eval", "knn", "--help"],
+    "usage error (clmae eval knn, no --checkpoint)": ["-m", "clmae", "eval", "knn"],
+    "clmae models": ["-m", "clmae", "models"],
 }
 YARDSTICK = "import torch"
 

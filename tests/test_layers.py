@@ -18,8 +18,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "clmae"
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["errors", "version", "options"]),
     ("runtime and pure pieces", ["runtime", "distributed", "signals", "callbacks", "curriculum", "losses", "optim",
-                                 "metrics", "protocols"]),
-    ("images, model, masking", ["images", "augment", "model", "maskers"]),
+                                 "metrics", "tool_options", "protocols"]),
+    ("images, model, masking", ["images", "augment", "model_configs", "model", "maskers"]),
     ("files and settings", ["shards", "config", "checkpoint"]),
     ("datasets", ["data", "mae_import"]),
     ("batches and runs", ["batches", "run_folder"]),

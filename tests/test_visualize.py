@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -14,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clmae import cli
 from clmae import report as report_mod
 from clmae import visualize as vis
 from clmae.callbacks import RunView
@@ -386,20 +386,18 @@ def test_report_of_a_plain_run_says_what_is_missing(runs, tmp_path):
 # Command lines
 
 
-def _parse(module, argv):
-    parser = argparse.ArgumentParser()
-    module.add_cli(parser.add_subparsers())
-    return parser.parse_args(argv)
+def _parse(argv):
+    return cli.build_parser().parse_args(argv)
 
 
 def test_visualize_and_report_commands(runs, tmp_path):
     run = runs[0].output_dir
-    args = _parse(vis, ["visualize", "--checkpoint", str(run / "checkpoint-last.safetensors"), "--num-images", "2",
+    args = _parse(["visualize", "--checkpoint", str(run / "checkpoint-last.safetensors"), "--num-images", "2",
                         "--output", str(tmp_path / "v.png"), "--device", "cpu"])
     assert args.func(args) == 0
     width, height = Image.open(tmp_path / "v.png").size
     assert width == round(6 * vis.CELL * vis.DPI) and height > 2 * vis.CELL * vis.DPI
-    args = _parse(report_mod, ["report", str(run), "--output", str(tmp_path / "rep" / "r.html")])
+    args = _parse(["report", str(run), "--output", str(tmp_path / "rep" / "r.html")])
     assert args.func(args) == 0
     assert (tmp_path / "rep" / "r.html").is_file() and (tmp_path / "rep" / "r-curriculum.png").is_file()
 
@@ -408,10 +406,10 @@ def test_commands_reject_bad_input(runs, tmp_path):
     run = str(runs[0].output_dir)
     for argv in (["visualize", "--checkpoint", run, "--num-images", "0"],
                  ["visualize", "--checkpoint", str(tmp_path / "nothing")]):
-        args = _parse(vis, argv)
+        args = _parse(argv)
         with pytest.raises(ClmaeError):
             args.func(args)
     for target in (tmp_path / "missing", tmp_path):
-        args = _parse(report_mod, ["report", str(target)])
+        args = _parse(["report", str(target)])
         with pytest.raises(ClmaeError, match="RUN_DIR"):
             args.func(args)

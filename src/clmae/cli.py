@@ -1,5 +1,10 @@
 """The ``clmae`` command line. Each sub-command is a thin layer over the Python API.
 
+Every sub-command's parser is built here (``clmae eval``'s in :mod:`clmae.eval_cli`) from torch-free
+modules: the configuration, the registries and the option dataclasses. What a command runs is
+imported when it runs, so ``--help`` and usage errors answer at once, without importing torch
+(tests/test_cli_startup.py holds the parser to that).
+
 Errors a user can fix (:class:`clmae.errors.ClmaeError`) and usage errors print one line,
 ``clmae: error: ...``, and exit with code 2. A pretraining run stopped by a signal exits as a shell
 reports a process killed by it, 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), after
@@ -12,10 +17,13 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+from . import eval_cli
 from .config import CHOICES, FIELDS, load_config_file, make_config, preset_names
-from .errors import ClmaeError
-from .options import flag, help_of
+from .errors import ClmaeError, ConfigError
+from .options import DEVICE_CHOICES, flag, help_of
+from .tool_options import EXPORT_FORMATS, VISUALIZE_MAX_IMAGES
 from .version import __version__
 
 
@@ -107,7 +115,7 @@ def _run_methods(args: argparse.Namespace) -> int:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from .model import MODEL_CONFIGS, SUITS, param_count
+    from .model_configs import MODEL_CONFIGS, SUITS, param_count
 
     def suits(name: str) -> str:
         lo, hi = SUITS.get(name, (None, None))
@@ -126,18 +134,122 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # Sub-commands living next to the code they drive: each module has ``add_cli(subparsers)``.
-    from . import compare, eval_cli, export, report, visualize
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    """``clmae compare RUN_OR_JSON ...`` (:mod:`clmae.compare`)."""
+    c = sub.add_parser("compare", help="table and bar chart of several evaluation reports",
+                       description="Compare evaluation reports: JSON files or run folders (their eval-*.json). "
+                                   "Reports evaluated differently (dataset, split sizes, subset seeds, pooling, "
+                                   "image size, hyper-parameters) are refused unless --allow-mismatch.")
+    c.add_argument("inputs", nargs="+", metavar="RUN_OR_JSON")
+    c.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="where compare.md and compare.png go (default: beside the first report)")
+    c.add_argument("--markdown", default=None, metavar="FILE.md", help="markdown table (default OUTPUT_DIR/compare.md)")
+    c.add_argument("--plot", default=None, metavar="FILE.png", help="bar chart (default OUTPUT_DIR/compare.png)")
+    c.add_argument("--allow-mismatch", action="store_true",
+                   help="tabulate reports evaluated differently anyway, as separate rows, listing the differences")
+    c.set_defaults(func=_run_compare)
 
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from .compare import compare, comparison_table, default_output_dir, format_terminal
+
+    out = Path(args.output_dir) if args.output_dir else default_output_dir(args.inputs)
+    markdown = Path(args.markdown) if args.markdown else out / "compare.md"
+    plot = Path(args.plot) if args.plot else out / "compare.png"
+    table = comparison_table(args.inputs, args.allow_mismatch)  # refuse before writing anything
+    try:
+        compare(args.inputs, markdown, plot, args.allow_mismatch)
+    except OSError as exc:
+        raise ConfigError(f"--output-dir: cannot write {exc.filename or out}: {exc.strerror or exc}; choose "
+                          "another folder") from None
+    print(format_terminal(table))
+    print(f"markdown: {markdown}\nchart: {plot}", file=sys.stderr)
+    return 0
+
+
+def _add_visualize(sub: argparse._SubParsersAction) -> None:
+    """``clmae visualize --checkpoint RUN`` (:mod:`clmae.visualize`)."""
+    p = sub.add_parser("visualize", help="draw learned masks and reconstructions of a checkpoint as a PNG grid",
+                       description="One row per image: original, masking-module scores, learned mask, reconstruction "
+                                   "under it, random mask, reconstruction under it (MAE checkpoints: random only).")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="run folder, .safetensors or .pt")
+    p.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-dir", help="where cifar10 etc. are looked for")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="which split to draw images from")
+    p.add_argument("--num-images", type=int, default=8, help=f"rows of the grid (1 to {VISUALIZE_MAX_IMAGES})")
+    p.add_argument("--seed", type=int, default=0, help="which images and which random masks")
+    p.add_argument("--device", default="auto", help=DEVICE_CHOICES)
+    p.add_argument("--output", metavar="FILE.png", help="default: visualize.png in the run folder")
+    p.set_defaults(func=_run_visualize)
+
+
+def _run_visualize(args: argparse.Namespace) -> int:
+    from .visualize import visualize_checkpoint
+
+    path = visualize_checkpoint(args.checkpoint, args.data, args.data_dir, args.num_images, args.output, args.split,
+                                args.seed, args.device)
+    print(path)
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    """``clmae report RUN_DIR`` (:mod:`clmae.report`)."""
+    p = sub.add_parser("report", help="write an HTML report of a run (curves, masks over training, config, evaluation)",
+                       description="One self-contained HTML file (figures embedded) plus the figures as PNGs.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's output folder")
+    p.add_argument("--output", metavar="FILE.html", help="default: RUN_DIR/report.html")
+    p.add_argument("--max-images", type=int, default=6, help="probe images shown in the mask-evolution grids")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    if args.max_images < 1:
+        raise ConfigError(f"--max-images: got {args.max_images}, expected an integer >= 1")
+    print(build_report(args.run_dir, args.output, args.max_images))
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    """``clmae export --checkpoint RUN --format timm|hf`` (:mod:`clmae.export`)."""
+    p = sub.add_parser("export", help="export the encoder for timm or Hugging Face transformers",
+                       description="Write the trained encoder (no decoder, masking module or mask token) as "
+                                   "safetensors: --format timm for timm.create_model('local-dir:DIR', "
+                                   "pretrained=True), --format hf for transformers' ViTModel.from_pretrained(DIR).")
+    p.add_argument("--checkpoint", required=True, help="run folder, .safetensors or .pt checkpoint")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="fmt", help="timm or hf")
+    p.add_argument("--output", required=True, help="folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export in --output")
+    p.add_argument("--img-size", type=int, default=None, metavar="N",
+                   help="export the encoder for N x N inputs (position embeddings resampled bicubically, as timm "
+                        "does; default: the pretraining size)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip reloading the export and comparing features")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export import export_encoder
+
+    result = export_encoder(args.checkpoint, args.fmt, args.output, args.overwrite, args.verify, args.img_size)
+    print(result.summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``clmae`` parser; building it imports no torch (tests/test_cli_startup.py)."""
     parser = ArgumentParser(prog="clmae", description="Curriculum-Learned Masked Autoencoders for ViTs")
     parser.add_argument("--version", action="version", version=f"clmae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_pretrain(sub)
     _add_models(sub)
     _add_methods(sub)
-    for module in (eval_cli, compare, visualize, report, export):
-        module.add_cli(sub)
+    eval_cli.add_cli(sub)
+    _add_compare(sub)
+    _add_visualize(sub)
+    _add_report(sub)
+    _add_export(sub)
     return parser
 
 

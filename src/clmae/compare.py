@@ -10,9 +10,7 @@ provably used the same random encoder (same architecture and seed).
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,34 +267,3 @@ def default_output_dir(paths: list[str | Path]) -> Path:
     """Beside the first report: the first input's folder (a run folder is its own)."""
     first = Path(paths[0])
     return first if first.is_dir() else first.parent
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """``clmae compare RUN_OR_JSON ...``."""
-    c = sub.add_parser("compare", help="table and bar chart of several evaluation reports",
-                       description="Compare evaluation reports: JSON files or run folders (their eval-*.json). "
-                                   "Reports evaluated differently (dataset, split sizes, subset seeds, pooling, "
-                                   "image size, hyper-parameters) are refused unless --allow-mismatch.")
-    c.add_argument("inputs", nargs="+", metavar="RUN_OR_JSON")
-    c.add_argument("--output-dir", default=None, metavar="DIR",
-                   help="where compare.md and compare.png go (default: beside the first report)")
-    c.add_argument("--markdown", default=None, metavar="FILE.md", help="markdown table (default OUTPUT_DIR/compare.md)")
-    c.add_argument("--plot", default=None, metavar="FILE.png", help="bar chart (default OUTPUT_DIR/compare.png)")
-    c.add_argument("--allow-mismatch", action="store_true",
-                   help="tabulate reports evaluated differently anyway, as separate rows, listing the differences")
-    c.set_defaults(func=_run_compare)
-
-
-def _run_compare(args: argparse.Namespace) -> int:
-    out = Path(args.output_dir) if args.output_dir else default_output_dir(args.inputs)
-    markdown = Path(args.markdown) if args.markdown else out / "compare.md"
-    plot = Path(args.plot) if args.plot else out / "compare.png"
-    table = comparison_table(args.inputs, args.allow_mismatch)  # refuse before writing anything
-    try:
-        compare(args.inputs, markdown, plot, args.allow_mismatch)
-    except OSError as exc:
-        raise ConfigError(f"--output-dir: cannot write {exc.filename or out}: {exc.strerror or exc}; choose "
-                          "another folder") from None
-    print(format_terminal(table))
-    print(f"markdown: {markdown}\nchart: {plot}", file=sys.stderr)
-    return 0

@@ -20,8 +20,8 @@ import yaml
 from .curriculum import SCHEDULES
 from .errors import ConfigError
 from .maskers import ATTMASK_VARIANTS, METHODS
-from .model import MODEL_CONFIGS
-from .options import check_option, flag, one_of, opt
+from .model_configs import MODEL_CONFIGS
+from .options import DEVICE_CHOICES, check_option, flag, one_of, opt
 
 KL_REDUCTIONS = ("sum", "mean")
 
@@ -87,7 +87,7 @@ class PretrainConfig:
     weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, tokens)")
     # run
     seed: int = opt(0, "random seed")
-    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    device: str = opt("auto", DEVICE_CHOICES)
     output_dir: str | None = opt(None, "run folder (default: runs/<method>-<data>-<time>)")
     resume: str | None = opt(None, "continue a run: its folder or checkpoint (alone: the --output-dir's)")
     save_every: int = opt(0, "also keep checkpoint-EPOCH every N epochs")

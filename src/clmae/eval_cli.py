@@ -3,6 +3,10 @@
 ``clmae eval all --protocols knn,linear,fewshot`` runs several protocols on one checkpoint with one
 feature extraction per encoder; each protocol's hyper-parameters get its name as a prefix there
 (``--linear-lrs``, ``--fewshot-shots``), since several protocols share field names.
+
+The flags come from the torch-free option dataclasses (:mod:`clmae.tool_options`); the evaluation
+itself (:mod:`clmae.evaluation`, torch) is imported when a protocol runs, so ``--help`` and usage
+errors answer at once.
 """
 
 from __future__ import annotations
@@ -11,30 +15,14 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ClmaeError, ConfigError
-from .evaluation import (
-    FROZEN_PROTOCOLS,
-    POOLS,
-    PROTOCOLS,
-    EvalOptions,
-    EvalSetup,
-    config_class,
-    prepare,
-    protocol_config,
-    run_protocols,
-)
 from .options import check_option, help_of, one_of
-from .reports import (
-    default_output,
-    pretrain_position,
-    summary_lines,
-    summary_output,
-    summary_table,
-    write_report,
-    write_summary,
-)
+from .tool_options import FROZEN_PROTOCOLS, POOLS, PROTOCOLS, EvalOptions, config_class, protocol_config
+
+if TYPE_CHECKING:
+    from .evaluation import EvalSetup
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, dest_prefix: str, skip=(),
@@ -122,6 +110,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def _announce(setup: EvalSetup, what: str) -> None:
+    from .reports import pretrain_position
+
     print(f"clmae: {what} on {setup.data} ({len(setup.train)} train / {len(setup.test)} test, "
           f"{setup.num_classes} classes, {setup.img_size} px), {setup.model_name} from {setup.checkpoint_file}, "
           f"device {setup.device}", file=sys.stderr)
@@ -132,6 +122,9 @@ def _announce(setup: EvalSetup, what: str) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from .evaluation import prepare, run_protocols
+    from .reports import default_output, summary_lines, write_report
+
     options = EvalOptions(**_collect(args, "opt"))
     config = protocol_config(args.protocol, **_collect(args, "cfg"))
     setup = prepare(args.checkpoint, args.data, args.data_dir, options)
@@ -152,6 +145,9 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_all(args: argparse.Namespace) -> int:
+    from .evaluation import prepare, run_protocols
+    from .reports import default_output, summary_output, summary_table, write_report, write_summary
+
     names = args.protocols
     check_option(len(names) >= 1 and len(set(names)) == len(names), "protocols", ",".join(names),
                  "one or more distinct protocols")

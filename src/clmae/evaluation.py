@@ -66,26 +66,17 @@ from .checkpoint import load_checkpoint
 from .data import FolderData, load_dataset
 from .errors import CheckpointError, ConfigError, DataError
 from .features import FeatureCache, Features, extract_features
-from .finetune import FinetuneConfig, finetune_metrics
+from .finetune import finetune_metrics
 from .model import MaskedAutoencoderViT, ModelConfig
-from .options import check_option, one_of, opt
-from .protocols import (
-    FewShotConfig,
-    KnnConfig,
-    LinearConfig,
-    fewshot_metrics,
-    knn_metrics,
-    linear_probe_metrics,
-    sample_support,
-)
+from .options import check_option, one_of
+from .protocols import fewshot_metrics, knn_metrics, linear_probe_metrics, sample_support
 from .reports import assemble_report, default_output, summary_output, summary_table, write_report, write_summary
-from .runtime import DEVICE_CHOICES, autocast, resolve_device
+from .runtime import autocast, resolve_device
 from .splits import LabeledSplit, class_count, content_identity, data_identity, eval_batches, labeled_split
+from .tool_options import FROZEN_PROTOCOLS, PROTOCOLS, EvalOptions, KnnConfig, config_class, protocol_config
+from .tool_options import POOLS as POOLS  # re-exported, as the names above: clmae.evaluation.POOLS
 from .version import __version__
 
-PROTOCOLS = ("knn", "linear", "fewshot", "finetune")
-FROZEN_PROTOCOLS = ("knn", "linear", "fewshot")  # the ones that share extracted features
-POOLS = ("cls", "mean")
 QUICK_KNN_MAX_TRAIN = 10_000
 QUICK_KNN_MAX_TEST = 2_000
 LONG_RUN_SECONDS = 600  # evaluations estimated to take longer say so before they start
@@ -95,54 +86,7 @@ SLOWEST_FLOPS = 1e10
 
 
 # ---------------------------------------------------------------------------------------------
-# Options and protocol configurations
-
-
-@dataclass
-class EvalOptions:
-    """What every protocol shares: features, data caps, device, seed, reference run."""
-
-    pool: str = opt("cls", "encoder features: cls token or mean of patch tokens")
-    img_size: int | None = opt(None, "input size to evaluate at; another size than pretraining resamples the "
-                                     "position embeddings (default: the pretraining size)")
-    extract_batch_size: int = opt(256, "images per feature-extraction batch")
-    device: str = opt("auto", DEVICE_CHOICES)
-    seed: int = opt(0, "seed of data caps, validation split, support sets and classifier init")
-    max_train: int | None = opt(None, "use a random (seeded) subset of this many training images")
-    max_test: int | None = opt(None, "use a random (seeded) subset of this many test images")
-    num_workers: int = opt(2, "DataLoader workers for image folders")
-    progress: bool = opt(True, "show progress bars")
-    feature_cache: bool = opt(True, "keep extracted features on disk and reuse them when checkpoint, data, "
-                                    "subset, pooling and image size match")
-    cache_dir: str | None = opt(None, "folder of the feature cache (default: features/ in the run folder)")
-    random_reference: bool = opt(True, "also run the protocol on a randomly initialised encoder")
-
-    def validate(self) -> EvalOptions:
-        check_option(self.pool in POOLS, "pool", self.pool, "'cls' or 'mean'")
-        check_option(self.img_size is None or self.img_size >= 1, "img_size", self.img_size, "an integer >= 1")
-        check_option(self.extract_batch_size >= 1, "extract_batch_size", self.extract_batch_size, "an integer >= 1")
-        for name in ("max_train", "max_test"):
-            value = getattr(self, name)
-            check_option(value is None or value >= 1, name, value, "an integer >= 1")
-        check_option(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
-        return self
-
-
-def protocol_config(protocol: str, **values) -> Any:
-    """The default configuration of ``protocol`` with ``values`` applied and validated."""
-    cls = config_class(protocol)
-    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise ConfigError(f"{protocol}: unknown options {sorted(unknown)}")
-    return cls(**values).validate()
-
-
-def config_class(protocol: str) -> type:
-    """The hyper-parameter dataclass of ``protocol``."""
-    classes = {"knn": KnnConfig, "linear": LinearConfig, "fewshot": FewShotConfig, "finetune": FinetuneConfig}
-    if protocol not in classes:
-        raise ConfigError(f"protocol: unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    return classes[protocol]
+# Options (the dataclasses are torch-free in clmae.tool_options and re-exported here)
 
 
 def split_keywords(protocols: tuple[str, ...], values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

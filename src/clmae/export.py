@@ -17,7 +17,6 @@ into place: a failed export leaves nothing behind.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -34,8 +33,8 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import check_finite, load_checkpoint
 from .errors import CheckpointError, ConfigError
 from .images import default_stats
+from .tool_options import EXPORT_FORMATS as FORMATS
 
-FORMATS = ("timm", "hf")
 # timm architectures by (width, depth, heads); any other shape is described fully by model_args.
 TIMM_BY_SHAPE = {
     (192, 12, 3): "vit_tiny_patch16_224",
@@ -346,31 +345,4 @@ def export_encoder(checkpoint, fmt: str, output: str | Path, overwrite: bool = F
     raise ConfigError(f"--format: got {fmt!r}, expected one of {', '.join(FORMATS)}")
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export the encoder for timm or Hugging Face transformers",
-                       description="Write the trained encoder (no decoder, masking module or mask token) as "
-                                   "safetensors: --format timm for timm.create_model('local-dir:DIR', "
-                                   "pretrained=True), --format hf for transformers' ViTModel.from_pretrained(DIR).")
-    p.add_argument("--checkpoint", required=True, help="run folder, .safetensors or .pt checkpoint")
-    p.add_argument("--format", required=True, choices=FORMATS, dest="fmt", help="timm or hf")
-    p.add_argument("--output", required=True, help="folder to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing export in --output")
-    p.add_argument("--img-size", type=int, default=None, metavar="N",
-                   help="export the encoder for N x N inputs (position embeddings resampled bicubically, as timm "
-                        "does; default: the pretraining size)")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip reloading the export and comparing features")
-    p.set_defaults(func=_run_export)
-
-
-def _run_export(args: argparse.Namespace) -> int:
-    result = export_encoder(args.checkpoint, args.fmt, args.output, args.overwrite, args.verify, args.img_size)
-    print(result.summary())
-    return 0
-
-
-__all__ = ["export_timm", "export_hf", "export_encoder", "timm_state_dict", "hf_state_dict", "ExportResult", "add_cli"]
+__all__ = ["export_timm", "export_hf", "export_encoder", "timm_state_dict", "hf_state_dict", "ExportResult"]

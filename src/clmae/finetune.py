@@ -18,7 +18,6 @@ import copy
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -30,49 +29,12 @@ from .data import InMemoryImages
 from .errors import ConfigError
 from .images import normalize, train_transform
 from .optim import lr_at
-from .options import check_option, opt
 from .protocols import topk_accuracy
 from .runtime import autocast
 from .splits import eval_batches
+from .tool_options import FinetuneConfig  # the configuration, torch-free there
 
 DECODER_PARTS = ("decoder_embed", "mask_token", "decoder_blocks", "decoder_norm", "decoder_pred")
-
-
-@dataclass
-class FinetuneConfig:
-    epochs: int = opt(5, "training epochs")
-    batch_size: int = opt(64, "training batch size")
-    base_lr: float = opt(4e-3, "learning rate per 256 images (absolute lr = base_lr * batch_size / 256, MAE's rule)")
-    lr: float | None = opt(None, "absolute learning rate, overrides --base-lr")
-    min_lr: float = opt(1e-6, "final learning rate of the cosine schedule")
-    warmup_epochs: float = opt(1.0, "linear warmup epochs")
-    weight_decay: float = opt(0.05, "AdamW weight decay")
-    layer_decay: float = opt(0.75, "layer-wise lr decay: block i of d trains at layer_decay^(d - i) of the head's lr")
-    drop_path: float = opt(0.1, "stochastic depth rate of the last block (linear from 0)")
-    label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy")
-    crop_scale: float = opt(0.5, "smallest area fraction of the random-resized-crop")
-    flip: bool = opt(True, "random horizontal flips")
-
-    def absolute_lr(self) -> float:
-        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
-
-    def validate(self) -> FinetuneConfig:
-        def need(cond: bool, option: str, allowed: str) -> None:
-            check_option(cond, option, getattr(self, option), allowed)
-
-        need(self.epochs >= 1, "epochs", "an integer >= 1")
-        need(self.batch_size >= 2, "batch_size", "an integer >= 2")
-        need(self.base_lr > 0, "base_lr", "a positive number")
-        need(self.lr is None or self.lr > 0, "lr", "a positive number")
-        need(self.min_lr >= 0, "min_lr", "a number >= 0")
-        need(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs",
-             f"a number between 0 and --epochs ({self.epochs})")
-        need(self.weight_decay >= 0, "weight_decay", "a number >= 0")
-        need(0 < self.layer_decay <= 1, "layer_decay", "a number in (0, 1]")
-        need(0 <= self.drop_path < 1, "drop_path", "a number in [0, 1)")
-        need(0 <= self.label_smoothing < 1, "label_smoothing", "a number in [0, 1)")
-        need(0 < self.crop_scale <= 1, "crop_scale", "a number in (0, 1]")
-        return self
 
 
 class ViTClassifier(nn.Module):

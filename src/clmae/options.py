@@ -13,6 +13,8 @@ from typing import Any
 
 from .errors import ConfigError
 
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"  # what --device takes (its help; resolve_device's errors)
+
 
 def opt(default: Any, help: str) -> Any:
     """A dataclass field with the help text of its flag."""

@@ -8,81 +8,14 @@ themselves are described at the top of :mod:`clmae.evaluation`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError, DataError
-from .options import check_option, opt
 from .runtime import few_threads
-
-# ---------------------------------------------------------------------------------------------
-# Configurations
-
-
-@dataclass
-class KnnConfig:
-    k_majority: int = opt(5, "neighbours of the majority-vote protocol (Euclidean; the CL-MAE authors')")
-    k_weighted: int = opt(20, "neighbours of the weighted protocol (cosine; DINO's)")
-    temperature: float = opt(0.07, "temperature T of the weights exp(similarity / T)")
-    chunk_size: int = opt(1024, "test features per matrix product")
-
-    def validate(self) -> KnnConfig:
-        check_option(self.k_majority >= 1, "k_majority", self.k_majority, "an integer >= 1")
-        check_option(self.k_weighted >= 1, "k_weighted", self.k_weighted, "an integer >= 1")
-        check_option(self.temperature > 0, "temperature", self.temperature, "a positive number")
-        check_option(self.chunk_size >= 1, "chunk_size", self.chunk_size, "an integer >= 1")
-        return self
-
-
-@dataclass
-class LinearConfig:
-    """The probe trains for ``max(min_steps, epochs × batches per epoch)`` optimizer steps.
-
-    Counting steps, not epochs, lets the length follow the dataset: large sets get their ``epochs``
-    passes, small ones (digits: 6 batches per epoch) still get enough steps to converge.
-    """
-
-    epochs: int = opt(30, "passes over the training features (the length on large datasets)")
-    min_steps: int = opt(1000, "at least this many optimizer steps (the length on small datasets)")
-    batch_size: int = opt(256, "training batch size")
-    lrs: tuple[float, ...] = opt((1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
-                                 "learning rates tried (the best on the validation split is kept)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    val_fraction: float = opt(0.1, "fraction of train held out to choose the learning rate")
-
-    def validate(self) -> LinearConfig:
-        check_option(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
-        check_option(self.min_steps >= 0, "min_steps", self.min_steps, "an integer >= 0")
-        check_option(self.batch_size >= 2, "batch_size", self.batch_size, "an integer >= 2")
-        check_option(len(self.lrs) >= 1 and all(lr > 0 for lr in self.lrs), "lrs", self.lrs, "positive numbers")
-        check_option(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
-        check_option(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "a number in (0, 1)")
-        return self
-
-    def steps(self, n: int) -> int:
-        """Optimizer steps on ``n`` training samples."""
-        return max(self.min_steps, self.epochs * max(1, math.ceil(n / self.batch_size)))
-
-
-@dataclass
-class FewShotConfig:
-    shots: tuple[int, ...] = opt((1, 5, 10), "images per class in each support set")
-    draws: int = opt(5, "random support sets per shot count")
-    steps: int = opt(300, "full-batch AdamW steps per classifier")
-    lr: float = opt(1e-2, "learning rate")
-    weight_decay: float = opt(1e-4, "AdamW weight decay")
-
-    def validate(self) -> FewShotConfig:
-        check_option(len(self.shots) >= 1 and all(n >= 1 for n in self.shots), "shots", self.shots, "integers >= 1")
-        check_option(self.draws >= 1, "draws", self.draws, "an integer >= 1")
-        check_option(self.steps >= 1, "steps", self.steps, "an integer >= 1")
-        check_option(self.lr > 0, "lr", self.lr, "a positive number")
-        check_option(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
-        return self
-
+from .tool_options import FewShotConfig, KnnConfig, LinearConfig  # the configurations, torch-free there
 
 # ---------------------------------------------------------------------------------------------
 # k-NN

@@ -14,7 +14,6 @@ figures as ``report-*.png`` beside it:
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -500,23 +499,3 @@ def _missing_note(title: str, run: RunRecords) -> str:
     if title == "Evaluation":
         return "No evaluation results (no eval*.json files and no eval records in metrics.jsonl)."
     return "Nothing logged."
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="write an HTML report of a run (curves, masks over training, config, evaluation)",
-                       description="One self-contained HTML file (figures embedded) plus the figures as PNGs.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's output folder")
-    p.add_argument("--output", metavar="FILE.html", help="default: RUN_DIR/report.html")
-    p.add_argument("--max-images", type=int, default=6, help="probe images shown in the mask-evolution grids")
-    p.set_defaults(func=_run_report)
-
-
-def _run_report(args: argparse.Namespace) -> int:
-    if args.max_images < 1:
-        raise ConfigError(f"--max-images: got {args.max_images}, expected an integer >= 1")
-    print(build_report(args.run_dir, args.output, args.max_images))
-    return 0

@@ -13,8 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from .errors import ConfigError
-
-DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+from .options import DEVICE_CHOICES
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:

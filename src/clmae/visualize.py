@@ -16,7 +16,6 @@ through :class:`matplotlib.figure.Figure`, never pyplot, so nothing global chang
 
 from __future__ import annotations
 
-import argparse
 import math
 import textwrap
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from .maskers import MaskingBatch, mask_from_keep, random_keep_indices
 from .model import patchify, unpatchify
 from .runtime import eval_mode, resolve_device
 from .splits import choose_indices, eval_images
+from .tool_options import VISUALIZE_MAX_IMAGES as MAX_IMAGES
 
 CELL = 1.5  # inches per panel
 DPI = 100
@@ -44,7 +44,6 @@ CAPTION_FONT = 7.5
 HIDDEN_DIM = 0.25  # hidden patches keep this much of their content under the stripes
 HIDDEN_STRIPES = (0.35, 0.7)  # grey levels of the stripes drawn over hidden patches
 OVERLAY_MIN_SIZE = 64  # masks are drawn on images enlarged to at least this many pixels
-MAX_IMAGES = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,29 +413,3 @@ def visualize_checkpoint(checkpoint: str | Path, data: str | None = None, data_d
     fig = visualize_model(mae, masker, images, info["mean"], info["std"], mask_ratio, seed, source=source,
                           epochs=int(run.get("epochs", 1)))
     return save_figure(fig, Path(output) if output else default_output(checkpoint))
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("visualize", help="draw learned masks and reconstructions of a checkpoint as a PNG grid",
-                       description="One row per image: original, masking-module scores, learned mask, reconstruction "
-                                   "under it, random mask, reconstruction under it (MAE checkpoints: random only).")
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="run folder, .safetensors or .pt")
-    p.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
-    p.add_argument("--data-dir", help="where cifar10 etc. are looked for")
-    p.add_argument("--split", default="test", choices=["train", "test"], help="which split to draw images from")
-    p.add_argument("--num-images", type=int, default=8, help=f"rows of the grid (1 to {MAX_IMAGES})")
-    p.add_argument("--seed", type=int, default=0, help="which images and which random masks")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--output", metavar="FILE.png", help="default: visualize.png in the run folder")
-    p.set_defaults(func=_run_visualize)
-
-
-def _run_visualize(args: argparse.Namespace) -> int:
-    path = visualize_checkpoint(args.checkpoint, args.data, args.data_dir, args.num_images, args.output, args.split,
-                                args.seed, args.device)
-    print(path)
-    return 0

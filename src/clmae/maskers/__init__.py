@@ -15,23 +15,30 @@ of the visible patches.
 :func:`create_masker`, the study and the docs all read it; :func:`register_method` adds one from
 outside the package. The index helpers in :mod:`clmae.maskers.indices` are pure functions, easy to
 test and to reuse in new maskers.
+
+This module imports no torch: the registry is read by config validation and the CLI (``--help``
+answers at once), and each strategy's module is imported when its masker is built or one of its
+names is first used (``from clmae.maskers import LearnedMasker`` works as before, PEP 562).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..options import check_option, one_of
-from .attmask import VARIANTS as ATTMASK_VARIANTS
-from .attmask import AttentionMasker
-from .base import Masker, MaskingBatch
-from .block import BlockMasker
-from .hpm import HardPatchesMasker
-from .indices import keep_from_mask, mask_from_keep, random_keep_indices, topk_keep_indices
-from .learned import CurriculumObjective, LearnedMasker, MaskingModule
-from .random import RandomMasker
+from .choices import ATTMASK_VARIANTS
+
+if TYPE_CHECKING:
+    from .attmask import AttentionMasker
+    from .base import Masker, MaskingBatch
+    from .block import BlockMasker
+    from .hpm import HardPatchesMasker
+    from .indices import keep_from_mask, mask_from_keep, random_keep_indices, topk_keep_indices
+    from .learned import CurriculumObjective, LearnedMasker, MaskingModule
+    from .random import RandomMasker
 
 
 @dataclass(frozen=True)
@@ -54,27 +61,41 @@ def _options(run, prefix: str, **defaults) -> dict[str, Any]:
 
 
 def _learned(run, c) -> LearnedMasker:
+    from .learned import CurriculumObjective, LearnedMasker
+
     return LearnedMasker(c.num_patches, c.embed_dim, c.masker_dim, c.masker_depth, c.masker_num_heads,
                          CurriculumObjective.from_config(run))
 
 
+def _random(run, c) -> RandomMasker:
+    from .random import RandomMasker
+
+    return RandomMasker()
+
+
 def _block(run, c) -> BlockMasker:
+    from .block import BlockMasker
+
     return BlockMasker(c.grid_size, **_options(run, "block", min_patches=None, max_patches=None, min_aspect=0.3))
 
 
 def _hpm(run, c) -> HardPatchesMasker:
+    from .hpm import HardPatchesMasker
+
     return HardPatchesMasker(c, epochs=getattr(run, "epochs", 200), **_options(
         run, "hpm", hard_max=0.5, loss_weight=1.0, ema_decay=0.999, ema_decay_end=0.9999, ema_ramp_epochs=100.0))
 
 
 def _attmask(run, c) -> AttentionMasker:
+    from .attmask import AttentionMasker
+
     return AttentionMasker(epochs=getattr(run, "epochs", 100),
                            **_options(run, "attmask", prob=0.5, momentum=0.996, variant="high"))
 
 
 METHODS: dict[str, Method] = {
     "clmae": Method("clmae", "CL-MAE: a masking module learns the masks, easy to hard (curriculum)", _learned),
-    "mae": Method("mae", "MAE: uniformly random masks", lambda run, c: RandomMasker()),
+    "mae": Method("mae", "MAE: uniformly random masks", _random),
     "block": Method("block", "BEiT block masking: rectangles of patches, at the MAE's mask ratio", _block),
     "hpm": Method("hpm", "HPM: a loss predictor learns which patches are hard; hide those plus random ones", _hpm),
     "attmask": Method("attmask", "AttMask-High: hide the patches an EMA teacher's CLS attends to most", _attmask),
@@ -94,6 +115,25 @@ def create_masker(method: str, model_config, run_config=None) -> Masker:
     if method not in METHODS:
         check_option(False, "method", method, one_of(METHODS))
     return METHODS[method].build(run_config, model_config)
+
+
+# Names the package offers from its strategy modules, imported on first use (PEP 562): module of each.
+_LAZY = {"Masker": "base", "MaskingBatch": "base", "RandomMasker": "random", "LearnedMasker": "learned",
+         "MaskingModule": "learned", "CurriculumObjective": "learned", "BlockMasker": "block",
+         "HardPatchesMasker": "hpm", "AttentionMasker": "attmask", "keep_from_mask": "indices",
+         "mask_from_keep": "indices", "random_keep_indices": "indices", "topk_keep_indices": "indices"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later lookups find it directly
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = ["METHODS", "Method", "Masker", "MaskingBatch", "RandomMasker", "LearnedMasker", "MaskingModule",

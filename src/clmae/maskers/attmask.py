@@ -20,10 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import Masker, MaskingBatch
+from .choices import ATTMASK_VARIANTS as VARIANTS
 from .ema import ema_update, encoder_copy
 from .indices import topk_keep_indices
-
-VARIANTS = ("high", "low")
 
 
 @torch.no_grad()
