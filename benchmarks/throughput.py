@@ -44,13 +44,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import (
-    FlopCounterMode,
-    sdpa_backward_flop_count,
-    sdpa_flop_count,
-)
 
 from clmae.config import PretrainConfig
+from clmae.flops import flop_counter
 from clmae.maskers import METHODS
 from clmae.model import model_config
 from clmae.trainer import Trainer
@@ -127,24 +123,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-# FlopCounterMode knows the CUDA attention kernels; the CPU flash-attention op needs a formula.
-def _cpu_flash_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query, key, value)
-
-
-def _cpu_flash_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-def flop_counter() -> FlopCounterMode:
-    mapping = {}
-    aten = torch.ops.aten
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_flops
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_flash_backward_flops
-    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 # ---------------------------------------------------------------------------------------------

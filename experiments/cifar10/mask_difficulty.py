@@ -4,8 +4,8 @@ The in-run probe (``mask_difficulty``) divides a CL-MAE's loss under its own lea
 under random masks. That MAE has only ever been trained on learned masks, so the ratio mixes two things:
 how hard the masks are, and how used to them the MAE is. Here every arm's masks are also scored by a
 *reference* MAE, the study's ``mae`` arm of the same seed (trained on random masks only). Every arm whose
-masks are not uniformly random is measured (method other than ``mae``: CL-MAE and, once registered, hpm,
-attmask, block); ``mae`` arms, the equal-compute one included, have nothing to measure::
+masks are not uniformly random is measured (every method other than ``mae``: CL-MAE, hpm, attmask, block);
+``mae`` arms, the equal-compute one included, have nothing to measure::
 
     python experiments/cifar10/mask_difficulty.py                 # after run.py; reads OUT/results.json
     python experiments/cifar10/mask_difficulty.py --output experiments/cifar10/quick
@@ -67,6 +67,10 @@ def test_images(data: str, data_dir: str | None, channels: int):
 
 
 @torch.no_grad()
+class MeasureError(Exception):
+    """A run folder this script cannot measure (reported as one ``mask_difficulty: error:`` line, exit 2)."""
+
+
 def run_masks(mae, masker, run_cfg: dict[str, Any], x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """The visible patches ``(N, K)`` this run's masking strategy picks for the normalised images ``x``.
 
@@ -76,7 +80,7 @@ def run_masks(mae, masker, run_cfg: dict[str, Any], x: torch.Tensor, seed: int =
     from clmae.visualize import strategy_masks
 
     if masker is None:
-        raise SystemExit(f"mask_difficulty: the {run_cfg['method']} checkpoint gave no masker to measure")
+        raise MeasureError(f"the {run_cfg['method']} checkpoint gave no masker to measure; is it a run of this study?")
     masker.eval()
     epochs = int(run_cfg["epochs"])
     num_keep = mae.num_keep(run_cfg["mask_ratio"])
@@ -125,6 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=512, help="test images to measure on")
     parser.add_argument("--draws", type=int, default=8, help="random masks for the baseline loss")
     args = parser.parse_args(argv)
+    try:
+        return measure_study(args)
+    except MeasureError as exc:
+        print(f"mask_difficulty: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def measure_study(args: argparse.Namespace) -> int:
+    """Measure every arm of ``args.output/results.json``; write mask_difficulty.json and .md."""
     torch.manual_seed(0)
     path = args.output / "results.json"
     if not path.exists():

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
-import importlib.util
+import dataclasses
 import io
 import json
 import math
@@ -68,6 +67,10 @@ class StudyError(Exception):
 
 class StudyStopped(Exception):
     """A run was stopped (Ctrl-C / SIGTERM) before its last epoch: its checkpoint is saved, nothing is evaluated."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code  # 130 after SIGINT, 143 after SIGTERM: what the trainer's run ended with
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,19 +143,6 @@ def flops_needed(cfg: dict[str, Any], arms: list[str]) -> list[str]:
 # Training FLOPs, counted on the real training loop
 
 
-@functools.lru_cache(maxsize=1)
-def _throughput_benchmark():
-    spec = importlib.util.spec_from_file_location("clmae_benchmark_throughput", REPO / "benchmarks" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def flop_counter():
-    """FlopCounterMode that also counts CPU flash attention (one definition, in benchmarks/throughput.py)."""
-    return _throughput_benchmark().flop_counter()
-
-
 class StopAfter:
     """Trainer callback: stop the run after ``iterations`` iterations (FLOP counting)."""
 
@@ -175,6 +165,7 @@ def count_flops_per_iteration(values: dict[str, Any], iterations: int, device: s
     The probe and the k-NN passes are off; they are measurement, not training.
     """
     from clmae.config import make_config
+    from clmae.flops import flop_counter
     from clmae.trainer import Trainer
 
     counter = flop_counter()
@@ -302,7 +293,8 @@ def format_estimate(est: dict[str, Any]) -> str:
                      f"training FLOPs / an ASSUMED sustained {budget['assumed_sustained_tflops']} TFLOP/s (an "
                      "estimate, not a measurement)")
     if any(row["source"] == "guess" for row in est["arms"].values()):
-        lines.append("  'guess': the method is not registered yet; its FLOP ratio is config.yaml's guessed_flop_ratio")
+        lines.append("  'guess': not counted (this clmae has no such method); its FLOP ratio is config.yaml's "
+                     "guessed_flop_ratio")
     return "\n".join(lines)
 
 
@@ -369,10 +361,26 @@ def train_arm(arm: str, seed: int, values: dict[str, Any], run_dir: Path) -> dic
     marker.write_text(json.dumps(mine))
     clock = TimingFile(timing_file, spent)
     trainer.callbacks.append(clock)
-    trainer.fit()
+    result = trainer.fit()
     if trainer.epoch < trainer.cfg.epochs:
-        raise StudyStopped(f"{arm} seed {seed} stopped at epoch {trainer.epoch}/{trainer.cfg.epochs}")
+        raise StudyStopped(f"{arm} seed {seed} stopped at epoch {trainer.epoch}/{trainer.cfg.epochs}",
+                           result.exit_code or 130)
     return clock.write(trainer)
+
+
+def same_evaluation(report: dict[str, Any], sha: str, config: Any, options: Any) -> bool:
+    """Whether a cached report evaluated these weights exactly as the study would now.
+
+    Same checkpoint bytes, protocol hyper-parameters and evaluation options (subset sizes, pooling,
+    device, random-init reference): a report of a changed config.yaml or an older edition is redone.
+    """
+    def as_json(value: Any) -> Any:
+        return json.loads(json.dumps(value, default=str))
+
+    wanted = {k: v for k, v in dataclasses.asdict(options).items() if k != "progress"}
+    return (report.get("checkpoint_sha256") == sha
+            and report.get("hyperparameters") == as_json(dataclasses.asdict(config))
+            and report.get("options") == as_json(wanted))
 
 
 def evaluate_arm(run_dir: Path, evaluation: dict[str, Any], data: str, data_dir: str | None, device: str,
@@ -392,14 +400,14 @@ def evaluate_arm(run_dir: Path, evaluation: dict[str, Any], data: str, data_dir:
     sha = file_sha256(checkpoint_file(run_dir))
     for protocol in ("knn", "linear", "fewshot"):
         out = run_dir / f"eval-{protocol}.json"
+        config = ev.protocol_config(protocol, **evaluation.get(protocol, {}))
         if out.exists():
             cached = json.loads(out.read_text())
-            if cached.get("checkpoint_sha256") == sha:  # an evaluation of other weights is redone
+            if same_evaluation(cached, sha, config, options):
                 reports[protocol] = cached
                 continue
         if setup is None:
             setup = ev.prepare(run_dir, data, data_dir, options)
-        config = ev.protocol_config(protocol, **evaluation.get(protocol, {}))
         reports[protocol] = ev.run_protocol(setup, protocol, config)
         write_report(reports[protocol], out)
     return reports
@@ -491,7 +499,8 @@ def build_parser(raw: dict[str, Any]) -> argparse.ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=int, help="override the profile's seeds")
     parser.add_argument("--data", default=None, help="cifar10 (default), digits, or any labeled .npz "
                                                      "(x_train, y_train, x_test, y_test)")
-    parser.add_argument("--data-dir", default=None, help="folder with cifar10.npz (default: ../shared/datasets)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with cifar10.npz (default: $CLMAE_DATA, else ../shared/datasets beside the repo)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (pretraining and evaluation)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; 1 is faster on a machine shared with other jobs)")
@@ -512,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_study(args, raw, argv)
     except StudyStopped as exc:
         print(f"study: {exc}; checkpoint saved. Run the same command again to resume.", file=sys.stderr)
-        return 130
+        return exc.exit_code
     except StudyError as exc:
         print(f"study: error: {exc}", file=sys.stderr)
         return 2
