@@ -169,7 +169,11 @@ def test_models_command_shows_parameters_and_sizes(capsys):
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("vit_tiny_patch4_28 "))
     assert "5.3M" in line and "24-29 px" in line
-    assert ">= 160 px" in next(ln for ln in out.splitlines() if ln.startswith("vit_base_patch16_224 "))
+    assert ">= 160 px " in next(ln for ln in out.splitlines() if ln.startswith("vit_base_patch16_224 "))
+    # Models the default rule never picks are marked: the column must not claim `pretrain` would choose them.
+    for name in ("vit_mini_patch4_32", "vit_large_patch16_224", "vit_huge_patch14_224"):
+        assert "px* " in next(ln for ln in out.splitlines() if ln.startswith(name + " ")), name
+    assert "px*" not in line
 
 
 # =============================================================================================

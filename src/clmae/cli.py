@@ -115,11 +115,14 @@ def _run_methods(args: argparse.Namespace) -> int:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from .model_configs import MODEL_CONFIGS, SUITS, param_count
+    from .model_configs import DEFAULT_BANDS, MODEL_CONFIGS, SUITS, param_count
+
+    defaults = {name for _, _, name in DEFAULT_BANDS}
 
     def suits(name: str) -> str:
         lo, hi = SUITS.get(name, (None, None))
-        return "" if lo is None else (f">= {lo} px" if hi is None else f"{lo}-{hi} px")
+        text = "" if lo is None else (f">= {lo} px" if hi is None else f"{lo}-{hi} px")
+        return text + ("" if name in defaults or not text else "*")
 
     print(f"{'name':<22} {'img':>4} {'patch':>5} {'width':>5} {'depth':>5} {'heads':>5} {'encoder':>8} "
           f"{'total':>8}  {'suits':<11} decoder (w/d/h)")
@@ -130,7 +133,8 @@ def _run_models(args: argparse.Namespace) -> int:
               f"{c.decoder_embed_dim}/{c.decoder_depth}/{c.decoder_num_heads}")
     print("\nParameters for 3 channels, without the CL-MAE masking module. 'suits': the native image sizes (shorter "
           "side) for which `clmae pretrain` picks the model when no --model is given; the image size follows the "
-          "data (e.g. vit_tiny_patch8_64 trains 50 px images at 48 px). --img-size / --patch-size override.")
+          "data (e.g. vit_tiny_patch8_64 trains 50 px images at 48 px). *: never picked by default, give --model "
+          "(a cheaper or larger model for the same sizes). --img-size / --patch-size override.")
     return 0
 
 
