@@ -416,3 +416,35 @@ def test_the_documented_custom_masker_trains_for_two_epochs(tmp_path, monkeypatc
         assert all(not hardest & set(row) for row in keep.tolist())
     finally:
         METHODS.pop("hardpos", None)
+
+
+def test_strategy_defaults_agree_between_the_config_and_the_python_api():
+    """A strategy's option defaults live on its class (the Python API) and on the config fields (the CLI):
+    the two must be the same numbers, and a config that sets an option must reach the strategy."""
+    import dataclasses
+    import inspect
+
+    from clmae.config import PretrainConfig
+    from clmae.maskers.attmask import AttentionMasker
+    from clmae.maskers.block import BlockMasker
+    from clmae.maskers.hpm import HardPatchesMasker
+
+    fields = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
+    checked = set()
+    for prefix, cls in (("block", BlockMasker), ("hpm", HardPatchesMasker), ("attmask", AttentionMasker)):
+        for name, parameter in inspect.signature(cls).parameters.items():
+            if f"{prefix}_{name}" in fields:
+                assert fields[f"{prefix}_{name}"] == parameter.default, f"{prefix}_{name}"
+                checked.add(f"{prefix}_{name}")
+    # Every strategy option of the config is a parameter of its class (none is silently dropped).
+    assert checked == {k for k in fields if k.startswith(("block_", "hpm_", "attmask_"))} and len(checked) == 11
+
+    c = model_config("vit_micro_patch2_8")
+    cfg = make_config({"method": "hpm", "hpm_hard_max": 0.25, "epochs": 7, "model": "vit_micro_patch2_8"})
+    hpm = create_masker("hpm", c, cfg)
+    assert (hpm.hard_max, hpm.epochs) == (0.25, 7)
+    attmask = create_masker("attmask", c, make_config({"method": "attmask", "attmask_variant": "low", "epochs": 3,
+                                                       "model": "vit_micro_patch2_8"}))
+    assert (attmask.variant, attmask.epochs) == ("low", 3)
+    assert create_masker("block", c, make_config({"method": "block", "block_min_aspect": 0.5,
+                                                  "model": "vit_micro_patch2_8"})).min_aspect == 0.5

@@ -24,6 +24,7 @@ names is first used (``from clmae.maskers import LearnedMasker`` works as before
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -55,9 +56,14 @@ class Method:
     build: Callable[[Any, Any], Masker]
 
 
-def _options(run, prefix: str, **defaults) -> dict[str, Any]:
-    """The strategy's options from the run configuration (``{prefix}_{name}`` fields), else the defaults."""
-    return {name: getattr(run, f"{prefix}_{name}", default) for name, default in defaults.items()}
+def _options(run, prefix: str, cls: type, shared: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The keyword arguments of ``cls`` that the run configuration sets: ``{prefix}_{name}`` fields (and the
+    ``shared`` ones by their own name, e.g. ``epochs``). Anything the run does not set (``run`` None: the
+    Python API without a config) keeps the class's default, so each default lives on the class and the
+    config field (tests/test_strategies.py checks the two agree)."""
+    names = inspect.signature(cls).parameters
+    fields = {name: (name if name in shared else f"{prefix}_{name}") for name in names}
+    return {name: getattr(run, field) for name, field in fields.items() if hasattr(run, field)}
 
 
 def _learned(run, c) -> LearnedMasker:
@@ -76,21 +82,19 @@ def _random(run, c) -> RandomMasker:
 def _block(run, c) -> BlockMasker:
     from .block import BlockMasker
 
-    return BlockMasker(c.grid_size, **_options(run, "block", min_patches=None, max_patches=None, min_aspect=0.3))
+    return BlockMasker(c.grid_size, **_options(run, "block", BlockMasker))
 
 
 def _hpm(run, c) -> HardPatchesMasker:
     from .hpm import HardPatchesMasker
 
-    return HardPatchesMasker(c, epochs=getattr(run, "epochs", 200), **_options(
-        run, "hpm", hard_max=0.5, loss_weight=1.0, ema_decay=0.999, ema_decay_end=0.9999, ema_ramp_epochs=100.0))
+    return HardPatchesMasker(c, **_options(run, "hpm", HardPatchesMasker, shared=("epochs",)))
 
 
 def _attmask(run, c) -> AttentionMasker:
     from .attmask import AttentionMasker
 
-    return AttentionMasker(epochs=getattr(run, "epochs", 100),
-                           **_options(run, "attmask", prob=0.5, momentum=0.996, variant="high"))
+    return AttentionMasker(**_options(run, "attmask", AttentionMasker, shared=("epochs",)))
 
 
 METHODS: dict[str, Method] = {
