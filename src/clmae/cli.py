@@ -155,14 +155,14 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from .compare import compare, comparison_table, default_output_dir, format_terminal
+    from .compare import comparison_table, default_output_dir, format_terminal, write_comparison
 
     out = Path(args.output_dir) if args.output_dir else default_output_dir(args.inputs)
     markdown = Path(args.markdown) if args.markdown else out / "compare.md"
     plot = Path(args.plot) if args.plot else out / "compare.png"
     table = comparison_table(args.inputs, args.allow_mismatch)  # refuse before writing anything
     try:
-        compare(args.inputs, markdown, plot, args.allow_mismatch)
+        write_comparison(table, markdown, plot)
     except OSError as exc:
         raise ConfigError(f"--output-dir: cannot write {exc.filename or out}: {exc.strerror or exc}; choose "
                           "another folder") from None

@@ -254,7 +254,12 @@ def plot_comparison(table: ComparisonTable, path: str | Path) -> Path:
 def compare(paths: list[str | Path], markdown: str | Path | None = None, plot: str | Path | None = None,
             allow_mismatch: bool = False) -> ComparisonTable:
     """Build the comparison of ``paths`` (report JSONs or run folders); write markdown and/or PNG if asked."""
-    table = comparison_table(paths, allow_mismatch)
+    return write_comparison(comparison_table(paths, allow_mismatch), markdown, plot)
+
+
+def write_comparison(table: ComparisonTable, markdown: str | Path | None = None,
+                     plot: str | Path | None = None) -> ComparisonTable:
+    """Write a built table as markdown and/or a bar chart (the paths given)."""
     if markdown is not None:
         Path(markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(markdown).write_text(format_markdown(table) + "\n")
