@@ -19,5 +19,4 @@ class RandomMasker(Masker):
     mask_label = "random mask"
 
     def keep_indices(self, batch: MaskingBatch) -> torch.Tensor:
-        noise = torch.rand(batch.size * batch.dist.world_size, batch.num_patches, generator=batch.generator)
-        return topk_keep_indices(noise, batch.num_keep).to(batch.device)[batch.dist.rows(batch.size)]
+        return topk_keep_indices(batch.global_rand(batch.num_patches), batch.num_keep)
