@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import check_finite, load_checkpoint
 from .errors import CheckpointError, ConfigError
 from .images import default_stats
+from .model import LAYER_NORM_EPS
 from .tool_options import EXPORT_FORMATS as FORMATS
 
 # timm architectures by (width, depth, heads); any other shape is described fully by model_args.
@@ -110,7 +111,8 @@ def hf_config(mae) -> dict[str, Any]:
         "hidden_size": c.embed_dim, "num_hidden_layers": c.depth, "num_attention_heads": c.num_heads,
         "intermediate_size": int(c.embed_dim * c.mlp_ratio), "hidden_act": "gelu",
         "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
-        "layer_norm_eps": 1e-6, "image_size": c.img_size, "patch_size": c.patch_size, "num_channels": c.in_chans,
+        "layer_norm_eps": LAYER_NORM_EPS, "image_size": c.img_size, "patch_size": c.patch_size,
+        "num_channels": c.in_chans,
         "qkv_bias": True, "encoder_stride": c.patch_size, "torch_dtype": "float32",
     }
 

@@ -147,8 +147,9 @@ def per_patch_target(imgs: torch.Tensor, patch_size: int, norm_pix: bool) -> tor
     return target
 
 
-def _init_weights(module: nn.Module) -> None:
-    """Xavier-uniform linears, unit LayerNorms: the MAE initialisation."""
+def init_weights(module: nn.Module) -> None:
+    """Xavier-uniform linears, unit LayerNorms: the MAE initialisation (``model.apply(init_weights)``;
+    the strategies' own networks use it too)."""
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
@@ -158,8 +159,10 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float) -> nn.ModuleList:
-    norm = partial(nn.LayerNorm, eps=LAYER_NORM_EPS)
+def transformer_blocks(dim: int, depth: int, heads: int, mlp_ratio: float,
+                       eps: float = LAYER_NORM_EPS) -> nn.ModuleList:
+    """``depth`` timm ViT blocks (qkv bias, pre-norm LayerNorms of ``eps``), as the MAE builds them."""
+    norm = partial(nn.LayerNorm, eps=eps)
     return nn.ModuleList(
         Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)
     )
@@ -181,19 +184,19 @@ class MaskedAutoencoderViT(nn.Module):
         self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
         self.register_buffer("pos_embed", fixed_pos_embed(c.embed_dim, c), persistent=False)
-        self.blocks = _blocks(c.embed_dim, c.depth, c.num_heads, c.mlp_ratio)
+        self.blocks = transformer_blocks(c.embed_dim, c.depth, c.num_heads, c.mlp_ratio)
         self.norm = nn.LayerNorm(c.embed_dim, eps=LAYER_NORM_EPS)
 
         self.decoder_embed = nn.Linear(c.embed_dim, c.decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_embed_dim))
         self.register_buffer("decoder_pos_embed", fixed_pos_embed(c.decoder_embed_dim, c), persistent=False)
-        self.decoder_blocks = _blocks(c.decoder_embed_dim, c.decoder_depth, c.decoder_num_heads, c.mlp_ratio)
+        self.decoder_blocks = transformer_blocks(c.decoder_embed_dim, c.decoder_depth, c.decoder_num_heads, c.mlp_ratio)
         self.decoder_norm = nn.LayerNorm(c.decoder_embed_dim, eps=LAYER_NORM_EPS)
         self.decoder_pred = nn.Linear(c.decoder_embed_dim, c.patch_dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        self.apply(_init_weights)
+        self.apply(init_weights)
         w = self.patch_embed.proj.weight.data  # initialise the patch projection like a linear layer
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the bias keeps Conv2d's default, as in MAE/CL-MAE/HPM
         nn.init.normal_(self.cls_token, std=0.02)

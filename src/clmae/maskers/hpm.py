@@ -15,14 +15,12 @@ docs/masking-strategies.md.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import Block
 
 from ..distributed import split_mean
 from ..losses import per_patch_error
+from ..model import LAYER_NORM_EPS, init_weights, transformer_blocks
 from .base import Masker, MaskingBatch
 from .ema import ema_update, encoder_copy, frozen_copy
 from .indices import topk_keep_indices
@@ -55,19 +53,10 @@ class LossPredictor(nn.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float, patch_dim: int):
         super().__init__()
-        norm = partial(nn.LayerNorm, eps=1e-6)
-        self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)
-        )
-        self.norm = norm(dim)
+        self.blocks = transformer_blocks(dim, depth, num_heads, mlp_ratio)
+        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.head = nn.Linear(dim, patch_dim)
-        for m in self.modules():  # the MAE's initialisation
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.apply(init_weights)  # the MAE's initialisation
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = tokens

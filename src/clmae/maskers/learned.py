@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import Block
 
 from ..curriculum import curriculum_factor
 from ..distributed import split_mean
 from ..errors import ConfigError
 from ..losses import binarization_loss, diversity_loss, mask_ratio_kl_loss, soft_reconstruction_loss
+from ..model import init_weights, transformer_blocks
 from .base import Masker, MaskingBatch
 from .indices import topk_keep_indices
 
@@ -43,25 +42,16 @@ class MaskingModule(nn.Module):
         dim = dim or in_dim
         if dim % num_heads:
             raise ConfigError(f"masker_num_heads: {num_heads} does not divide the masker width {dim}")
-        norm = partial(nn.LayerNorm, eps=MASKER_LAYER_NORM_EPS)
         # The authors' width equals the encoder's; a projection only exists when they differ.
         self.proj = nn.Identity() if dim == in_dim else nn.Linear(in_dim, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)
-        )
-        self.head_norm = norm(dim)
+        self.blocks = transformer_blocks(dim, depth, num_heads, mlp_ratio, eps=MASKER_LAYER_NORM_EPS)
+        self.head_norm = nn.LayerNorm(dim, eps=MASKER_LAYER_NORM_EPS)
         self.head = nn.Linear(dim, num_patches)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.apply(init_weights)  # the MAE's initialisation
         nn.init.normal_(self.cls_token, std=0.02)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
