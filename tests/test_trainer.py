@@ -166,3 +166,31 @@ def test_every_strategy_of_a_seed_sees_the_same_crops_and_a_resumed_epoch_the_sa
     assert not torch.equal(batches["mae"][0], batches["mae"][1])
     other_seed = tiny_trainer(tmp_path / "seed1", method="mae", subset=128, seed=1)
     assert not torch.equal(next(iter(other_seed.batches.epoch(1))), batches["mae"][0])
+
+
+def test_a_signal_during_the_final_save_is_handled_gracefully(tmp_path):
+    """SIGINT while a stopped run saves its checkpoint (twice, as SLURM and torchrun deliver it): the save
+    finishes, fit returns, and the command's exit code says SIGINT."""
+    import os
+    import signal
+
+    trainer = tiny_trainer(tmp_path, subset=64, epochs=2, method="mae")
+    original = trainer.save_checkpoint
+
+    def save_with_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the same signal delivered again within 2 s counts once
+        return original(*args, **kwargs)
+
+    class StopAfterOneStep:
+        def on_step(self, run, metrics):
+            run.request_stop()
+
+        def on_epoch_end(self, run):
+            pass
+
+    trainer.callbacks.append(StopAfterOneStep())
+    trainer.save_checkpoint = save_with_signal
+    result = trainer.fit()  # before the fix: KeyboardInterrupt from the default handler
+    assert (result.stopped_by, result.exit_code) == ("request_stop", 128 + signal.SIGINT)
+    assert trainer.iteration == 1 and (trainer.output_dir / "checkpoint-last.pt").is_file()

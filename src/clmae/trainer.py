@@ -426,21 +426,25 @@ class Trainer:
                 self.epoch += 1
                 self.step_in_epoch = 0
                 self._end_of_epoch(final)
-        if self.console is not None:
-            self.console.close()
-        stopped_by = None
-        if self.stop_requested:
-            self.save_checkpoint()
-            stopped_by = signals.signal_name or "request_stop"
-            if self.dist.is_main:
-                print(f"clmae: stopped at epoch {self.epoch}, iteration {self.iteration}; checkpoint saved. "
-                      f"Resume with: clmae pretrain --resume {self.output_dir}", file=sys.stderr)
-        elif not broadcast_object(checkpoint_pair_complete(self.output_dir / LAST), self.dist):
-            self.save_checkpoint()
-        report_skipped_files(self.batches, self.dist, self.logger)
-        self.logger.close()
-        barrier(self.dist)  # every rank returns only once rank 0 has written everything
-        teardown(self.dist)
+            # The end of the run stays inside GracefulStop: a signal during the final save is
+            # handled like any other (the first sets a flag, a repeat within 2 s is ignored).
+            if self.console is not None:
+                self.console.close()
+            stopped_by = None
+            if self.stop_requested:
+                stopped_by = signals.signal_name or "request_stop"  # what stopped the loop, not a later signal
+                self.save_checkpoint()
+                if self.dist.is_main:
+                    print(f"clmae: stopped at epoch {self.epoch}, iteration {self.iteration}; checkpoint saved. "
+                          f"Resume with: clmae pretrain --resume {self.output_dir}", file=sys.stderr)
+            elif not broadcast_object(checkpoint_pair_complete(self.output_dir / LAST), self.dist):
+                self.save_checkpoint()
+            report_skipped_files(self.batches, self.dist, self.logger)
+            self.logger.close()
+            barrier(self.dist)  # every rank returns only once rank 0 has written everything
+            teardown(self.dist)
+        # Read after the handlers are restored: a signal that came during the final save still
+        # gives the command its exit code (128 + its number), so `pretrain && evaluate` stops there.
         elapsed = time.perf_counter() - started
         images = (self.iteration - first_iteration) * cfg.batch_size * self.dist.world_size
         result = RunResult(self.output_dir, self.output_dir / f"{LAST}.pt", self.output_dir / f"{LAST}.safetensors",
