@@ -56,7 +56,7 @@ from .distributed import (
     wrap,
 )
 from .distributed import setup as setup_distributed
-from .errors import ClmaeError, TrainingDiverged
+from .errors import ClmaeError, ConfigError, TrainingDiverged
 from .evaluation import quick_knn
 from .mae_import import load_mae_checkpoint
 from .maskers import Masker, MaskingBatch, create_masker
@@ -323,9 +323,7 @@ class Trainer:
         cfg = self.cfg
         imgs = batch.imgs
         if cfg.masker_batch_fraction < 1.0:
-            n = max(2, int(round(imgs.shape[0] * cfg.masker_batch_fraction)))
-            idx = torch.randperm(imgs.shape[0], generator=self.generator)[:n].to(imgs.device)
-            imgs = imgs.index_select(0, idx)
+            imgs = imgs.index_select(0, self._masker_rows(imgs.shape[0]).to(imgs.device))
         params = self.masker.trainable_parameters()
         with self.autocast_context(), frozen(self.mae):
             with torch.no_grad():
@@ -346,6 +344,25 @@ class Trainer:
         out = dict(zip(logs, torch.stack(list(logs.values())).tolist()))  # one device sync, not seven
         out["loss_masker"] = value
         return out
+
+    def _masker_rows(self, local: int) -> torch.Tensor:
+        """This rank's rows for the masking-module step under ``--masker-batch-fraction``.
+
+        The global batch is ``world_size x masker_loss_groups`` loss groups of equal size (a rank's
+        per-device loss, or one of the groups by which one process reproduces N ranks); each group
+        keeps its own random ``fraction`` of its rows, drawn group after group from the shared
+        generator, so N ranks choose what one process with N loss groups chooses, and every rank
+        draws every group's permutation (the generator stays the same everywhere). One process with
+        one group: the single ``randperm`` over the batch of earlier versions.
+        """
+        groups = self.masker_loss_groups
+        if local % groups:
+            raise ConfigError(f"cannot split a batch of {local} into {groups} equal loss groups")
+        size = local // groups
+        keep = min(size, max(2, int(round(size * self.cfg.masker_batch_fraction))))
+        perms = [torch.randperm(size, generator=self.generator)[:keep] for _ in range(groups * self.dist.world_size)]
+        mine = range(self.dist.rank * groups, (self.dist.rank + 1) * groups)
+        return torch.cat([perms[t] + (t - mine.start) * size for t in mine])
 
     def _skip_step(self, what: str, value: float, masker_only: bool = False) -> dict[str, float]:
         """A non-finite loss or gradient: drop this step's gradients, warn, stop after several in a row."""
