@@ -194,3 +194,50 @@ def test_a_signal_during_the_final_save_is_handled_gracefully(tmp_path):
     result = trainer.fit()  # before the fix: KeyboardInterrupt from the default handler
     assert (result.stopped_by, result.exit_code) == ("request_stop", 128 + signal.SIGINT)
     assert trainer.iteration == 1 and (trainer.output_dir / "checkpoint-last.pt").is_file()
+
+
+def _window_with_a_bad_second_micro_step(tmp_path, name, method, factor, in_masker_step):
+    """Two micro-steps of one accumulation window; the second one's loss (MAE or masking module) times ``factor``."""
+    trainer = tiny_trainer(tmp_path / name, method=method, subset=64, batch_size=16, accum_iter=2)
+    calls = []
+    if in_masker_step:
+        inner = trainer.masker.own_step_terms
+
+        def scaled(*args, **kwargs):
+            loss, logs = inner(*args, **kwargs)
+            calls.append(1)
+            return (loss * factor, logs) if len(calls) == 2 else (loss, logs)
+
+        trainer.masker.own_step_terms = scaled
+    else:
+        inner = trainer.mae_forward
+
+        def scaled(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            calls.append(1)
+            return {**out, "loss": out["loss"] * factor} if len(calls) == 2 else out
+
+        trainer.mae_forward = scaled
+    batches = iter(trainer.batches.epoch(0))
+    metrics = []
+    for _ in range(2):
+        metrics.append(trainer.train_step(next(batches), lr=1e-3))
+        trainer.iteration += 1
+    return trainer, metrics
+
+
+def test_a_non_finite_loss_late_in_an_accumulation_window_keeps_the_earlier_gradients(tmp_path):
+    """A non-finite loss is never backpropagated, so the window's earlier gradients are clean: the window's
+    update is the one a zero-gradient second micro-step gives (before: the first micro-step's gradient was dropped)."""
+    for method, in_masker_step in (("mae", False), ("clmae", True)):
+        bad, bad_metrics = _window_with_a_bad_second_micro_step(tmp_path, f"{method}-nan", method, float("nan"),
+                                                                in_masker_step)
+        ref, _ = _window_with_a_bad_second_micro_step(tmp_path, f"{method}-zero", method, 0.0, in_masker_step)
+        assert bad_metrics[1].get("skipped") == 1.0 and bad.skipped_steps == 1
+        assert "skipped" not in bad_metrics[0]
+        assert bad.masker_updates == ref.masker_updates == (1 if in_masker_step else 0)
+        assert same(params(bad.mae), params(ref.mae)), method
+        assert same(params(bad.masker), params(ref.masker)), method
+        fresh = tiny_trainer(tmp_path / f"{method}-fresh", method=method, subset=64, batch_size=16, accum_iter=2)
+        part = bad.masker if in_masker_step else bad.mae
+        assert not same(params(part), params(fresh.masker if in_masker_step else fresh.mae))  # the update happened

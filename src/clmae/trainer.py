@@ -183,6 +183,7 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.iteration = position.epoch, position.step_in_epoch, position.iteration
         self.masker_updates, self.skipped_steps = position.masker_updates, position.skipped_steps
         self.nonfinite_in_a_row = 0
+        self.window_backwards = self.masker_window_backwards = 0  # micro-steps of this window that backpropagated
         self.stop_requested = False
         # DDP after every weight is in place: the MAE step runs through mae_ddp, the masking step
         # through the plain MAE (see module docstring of clmae.distributed).
@@ -268,6 +269,8 @@ class Trainer:
         accum = cfg.accum_iter
         window = self.iteration // accum
         boundary = (self.iteration + 1) % accum == 0
+        if self.iteration % accum == 0:  # a new accumulation window: nothing backpropagated yet
+            self.window_backwards = self.masker_window_backwards = 0
         progress = self.progress()
         if lr is None:
             lr = lr_at(progress, self.lr, cfg.min_lr, self.run.warmup_epochs, cfg.epochs)
@@ -284,9 +287,18 @@ class Trainer:
                 terms = self.masker.mae_step_terms(batch, result)
                 loss = result["loss"] + sum(terms.values()) if terms else result["loss"]
             loss_value = loss.item()
-            if not all_true(math.isfinite(loss_value), self.dist):
-                return self._skip_step("loss_mae", loss_value)
-            (loss / accum).backward()
+            loss_ok = all_true(math.isfinite(loss_value), self.dist)
+            if loss_ok:
+                (loss / accum).backward()
+                self.window_backwards += 1
+        if not loss_ok:
+            # Never backpropagated: the window's gradients so far are clean and stay. At the window's
+            # end they are applied (this micro-step adds nothing); with none, the step is skipped.
+            out.update(self._skip_step("loss_mae", loss_value, poisoned=False))
+            if not (boundary and self.window_backwards):
+                return out
+            # DDP averages gradients in the boundary's backward, which did not run.
+            average_gradients([p for p in self.mae.parameters() if p.grad is not None], self.dist)
         if boundary:
             out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.mae.parameters(), float("inf")))
             if not math.isfinite(out["grad_norm"]):
@@ -306,43 +318,47 @@ class Trainer:
                 self.opt_masker.zero_grad(set_to_none=True)
                 self.masker_updates += 1
             self.masker.after_optimizer_step(batch)
-        if terms:
+        if loss_ok and terms:  # a non-finite loss is reported by the skip record, not averaged into the metrics
             values = torch.stack([result["loss"].detach().float(), *(t.detach().float() for t in terms.values())])
             out.update(zip(["loss_mae", *terms], values.tolist()))
-        else:
+        elif loss_ok:
             out["loss_mae"] = loss_value
 
         # 2) The strategy's own step (CL-MAE's masking module): MAE frozen, its parameters only.
+        #    After a non-finite MAE loss only its window's end (the update with earlier gradients).
         if self.masker.has_own_step and window % cfg.masker_every == 0:
-            out.update(self._masker_step(batch, lr, boundary))
+            out.update(self._masker_step(batch, lr, boundary, backward=loss_ok))
         if "skipped" not in out:  # a skipped masking-module step counts towards --max-nonfinite too
             self.nonfinite_in_a_row = 0
         return out
 
-    def _masker_step(self, batch: MaskingBatch, lr: float, boundary: bool) -> dict[str, float]:
+    def _masker_step(self, batch: MaskingBatch, lr: float, boundary: bool, backward: bool = True) -> dict[str, float]:
         cfg = self.cfg
-        imgs = batch.imgs
-        if cfg.masker_batch_fraction < 1.0:
-            imgs = imgs.index_select(0, self._masker_rows(imgs.shape[0]).to(imgs.device))
         params = self.masker.trainable_parameters()
-        with self.autocast_context(), frozen(self.mae):
-            with torch.no_grad():
-                tokens = self.mae.embed(imgs)
-            loss, logs = self.masker.own_step_terms(dataclasses.replace(batch, imgs=imgs, tokens=tokens),
-                                                    self.soft_forward)
-        value = loss.item()
-        if not all_true(math.isfinite(value), self.dist):
-            self.opt_masker.zero_grad(set_to_none=True)
-            return self._skip_step("loss_masker", value, masker_only=True)
-        (loss / cfg.accum_iter).backward(inputs=params)
-        if boundary:
+        out: dict[str, float] = {}
+        if backward:
+            imgs = batch.imgs
+            if cfg.masker_batch_fraction < 1.0:
+                imgs = imgs.index_select(0, self._masker_rows(imgs.shape[0]).to(imgs.device))
+            with self.autocast_context(), frozen(self.mae):
+                with torch.no_grad():
+                    tokens = self.mae.embed(imgs)
+                loss, logs = self.masker.own_step_terms(dataclasses.replace(batch, imgs=imgs, tokens=tokens),
+                                                        self.soft_forward)
+            value = loss.item()
+            if all_true(math.isfinite(value), self.dist):
+                (loss / cfg.accum_iter).backward(inputs=params)
+                self.masker_window_backwards += 1
+                out = dict(zip(logs, torch.stack(list(logs.values())).tolist()))  # one device sync, not seven
+                out["loss_masker"] = value
+            else:  # never backpropagated: the window's earlier gradients are clean and stay
+                out = self._skip_step("loss_masker", value, poisoned=False)
+        if boundary and self.masker_window_backwards:
             average_gradients(params, self.dist)  # what DDP would do, once per accumulation window
             set_lr(self.opt_masker, lr)
             self.opt_masker.step()
             self.opt_masker.zero_grad(set_to_none=True)
             self.masker_updates += 1
-        out = dict(zip(logs, torch.stack(list(logs.values())).tolist()))  # one device sync, not seven
-        out["loss_masker"] = value
         return out
 
     def _masker_rows(self, local: int) -> torch.Tensor:
@@ -364,9 +380,14 @@ class Trainer:
         mine = range(self.dist.rank * groups, (self.dist.rank + 1) * groups)
         return torch.cat([perms[t] + (t - mine.start) * size for t in mine])
 
-    def _skip_step(self, what: str, value: float, masker_only: bool = False) -> dict[str, float]:
-        """A non-finite loss or gradient: drop this step's gradients, warn, stop after several in a row."""
-        if not masker_only:
+    def _skip_step(self, what: str, value: float, poisoned: bool = True) -> dict[str, float]:
+        """A non-finite loss or gradient: warn, stop after several in a row; drop this step's gradients.
+
+        ``poisoned``: a non-finite gradient norm, i.e. a non-finite value was backpropagated; the
+        window's gradients are dropped. A non-finite loss (``poisoned=False``) was never
+        backpropagated: the gradients accumulated by earlier micro-steps of the window stay.
+        """
+        if poisoned:
             self.opt_mae.zero_grad(set_to_none=True)
             if self.opt_masker is not None:
                 self.opt_masker.zero_grad(set_to_none=True)
