@@ -241,3 +241,29 @@ def test_a_non_finite_loss_late_in_an_accumulation_window_keeps_the_earlier_grad
         fresh = tiny_trainer(tmp_path / f"{method}-fresh", method=method, subset=64, batch_size=16, accum_iter=2)
         part = bad.masker if in_masker_step else bad.mae
         assert not same(params(part), params(fresh.masker if in_masker_step else fresh.mae))  # the update happened
+
+
+def test_epoch_record_console_line_and_probe_snapshot_give_the_schedule_of_the_epochs_last_step(tmp_path, capsys):
+    """One notion, the values the epoch's last training step used: λ moves every step under the linear curriculum."""
+    import math
+
+    from clmae.probe import read_snapshots
+
+    trainer = tiny_trainer(tmp_path, subset=64, batch_size=16, curriculum="linear", probe_every=1, snapshot_every=1,
+                           probe_images=4)
+    trainer.fit()
+    records = read_metrics(trainer.output_dir)
+    train = {r["step"]: r for r in records if r["kind"] == "train"}
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    steps = len(trainer.batches)
+    assert [r["step"] for r in epochs] == [steps, 2 * steps]
+    _, snaps = read_snapshots(trainer.output_dir)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    for e, record in enumerate(epochs):
+        lam = train[record["step"]]["curriculum_factor"]  # what the last step of the epoch trained with
+        assert record["curriculum_factor"] == lam and math.isfinite(lam)
+        assert f"λ {lam:+.2f}" in lines[e]
+        snap = snaps[e + 1]  # snapshot 0 is before training
+        assert snap["epoch"] == e + 1 and snap["curriculum_factor"] == lam
+        assert snap["progress"] == e + (steps - 1) / steps
+    assert snaps[0]["progress"] == 0.0 and snaps[0]["curriculum_factor"] == 1.0

@@ -222,6 +222,20 @@ class Trainer:
         """The fractional epoch of the next iteration: ``epoch + step_in_epoch / steps_per_epoch``."""
         return self.epoch + self.step_in_epoch / max(len(self.batches), 1)
 
+    def progress_done(self) -> float:
+        """The fractional epoch of the iteration just done (0 before the first): after an epoch, its last step's."""
+        steps = max(len(self.batches), 1)
+        if self.step_in_epoch > 0:  # the value progress() had when that iteration ran, to the bit
+            return self.epoch + (self.step_in_epoch - 1) / steps
+        return (self.epoch - 1) + (steps - 1) / steps if self.epoch > 0 else 0.0
+
+    def schedule_done(self) -> dict[str, float]:
+        """The strategy's schedule values (λ, ...) at :meth:`progress_done`: those its last training step used.
+
+        The epoch record, the console's epoch line and the probe's epoch snapshot all report these.
+        """
+        return dict(self.masker.schedule(self.progress_done()))
+
     def masking_batch(self, imgs: torch.Tensor, progress: float) -> MaskingBatch:
         """What the strategy sees of this step (tokens computed here, without gradient)."""
         with torch.no_grad():
@@ -496,10 +510,7 @@ class Trainer:
     def _end_of_epoch(self, epoch_means: dict[str, float]) -> None:
         cfg = self.cfg
         record = {"kind": "epoch", "epoch": self.epoch - 1, "step": self.iteration, **epoch_means}
-        schedule = self.masker.schedule(self.epoch - 1)  # the values of the epoch just finished
-        if "curriculum_factor" in schedule and cfg.curriculum == "linear":
-            schedule["curriculum_factor"] = None  # λ moved during the epoch
-        record.update(schedule)
+        record.update(self.schedule_done())  # the values of the epoch's last training step
         self.logger.log(record, step=self.iteration)
         self.save_checkpoint()
         if cfg.save_every and self.epoch % cfg.save_every == 0:
