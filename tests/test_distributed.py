@@ -117,6 +117,7 @@ def single(options: dict, out: Path, groups: int = 1) -> Path:
     return out
 
 
+FRACTION = {"masker_batch_fraction": 0.5}
 MASKER_KEYS = ("loss_mae", "loss_masker", "loss_rec", "loss_gauss", "loss_kl", "loss_div", "score_mean")
 STRATEGIES = ("block", "hpm", "attmask")
 # Schedules that move within 2 epochs: HPM hides predicted-hard patches from the first epoch and its EMA
@@ -130,10 +131,11 @@ STRATEGY_KEYS = {"block": ("loss_mae", "grad_norm"), "attmask": ("loss_mae", "gr
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ddp")
-    out = {name: root / name for name in ("mae2", "clmae2", *(f"{m}2" for m in STRATEGIES))}
+    out = {name: root / name for name in ("mae2", "clmae2", "clmae_fraction2", *(f"{m}2" for m in STRATEGIES))}
     run_two_ranks([
         {**TINY, "method": "mae", "batch_size": LOCAL_BATCH, "output_dir": str(out["mae2"])},
         {**TINY, "method": "clmae", "batch_size": LOCAL_BATCH, "output_dir": str(out["clmae2"])},
+        {**TINY, **FRACTION, "method": "clmae", "batch_size": LOCAL_BATCH, "output_dir": str(out["clmae_fraction2"])},
         *({**TINY, **STRATEGY_OPTIONS, "method": m, "batch_size": LOCAL_BATCH, "output_dir": str(out[f"{m}2"])}
           for m in STRATEGIES),
     ])
@@ -158,6 +160,13 @@ def test_two_ranks_equal_one_process_clmae_per_device_losses(runs, tmp_path):
     differ = [k for k, v in weights(whole).items() if k.startswith("masker.")
               and not torch.allclose(v, weights(one)[k], rtol=1e-4, atol=1e-5)]
     assert differ
+
+
+def test_two_ranks_equal_one_process_clmae_masker_batch_fraction(runs, tmp_path):
+    # The masking-module step on half of each loss group's rows: each rank's half-batch is one group,
+    # so 2 ranks choose the rows that 1 process with 2 loss groups chooses (one shared generator).
+    one = single({**TINY, **FRACTION, "method": "clmae"}, tmp_path / "cl1f", groups=WORLD)
+    assert_same_run(runs["clmae_fraction2"], one, MASKER_KEYS)
 
 
 @pytest.mark.parametrize("method", STRATEGIES)

@@ -166,3 +166,104 @@ def test_every_strategy_of_a_seed_sees_the_same_crops_and_a_resumed_epoch_the_sa
     assert not torch.equal(batches["mae"][0], batches["mae"][1])
     other_seed = tiny_trainer(tmp_path / "seed1", method="mae", subset=128, seed=1)
     assert not torch.equal(next(iter(other_seed.batches.epoch(1))), batches["mae"][0])
+
+
+def test_a_signal_during_the_final_save_is_handled_gracefully(tmp_path):
+    """SIGINT while a stopped run saves its checkpoint (twice, as SLURM and torchrun deliver it): the save
+    finishes, fit returns, and the command's exit code says SIGINT."""
+    import os
+    import signal
+
+    trainer = tiny_trainer(tmp_path, subset=64, epochs=2, method="mae")
+    original = trainer.save_checkpoint
+
+    def save_with_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the same signal delivered again within 2 s counts once
+        return original(*args, **kwargs)
+
+    class StopAfterOneStep:
+        def on_step(self, run, metrics):
+            run.request_stop()
+
+        def on_epoch_end(self, run):
+            pass
+
+    trainer.callbacks.append(StopAfterOneStep())
+    trainer.save_checkpoint = save_with_signal
+    result = trainer.fit()  # before the fix: KeyboardInterrupt from the default handler
+    assert (result.stopped_by, result.exit_code) == ("request_stop", 128 + signal.SIGINT)
+    assert trainer.iteration == 1 and (trainer.output_dir / "checkpoint-last.pt").is_file()
+
+
+def _window_with_a_bad_second_micro_step(tmp_path, name, method, factor, in_masker_step):
+    """Two micro-steps of one accumulation window; the second one's loss (MAE or masking module) times ``factor``."""
+    trainer = tiny_trainer(tmp_path / name, method=method, subset=64, batch_size=16, accum_iter=2)
+    calls = []
+    if in_masker_step:
+        inner = trainer.masker.own_step_terms
+
+        def scaled(*args, **kwargs):
+            loss, logs = inner(*args, **kwargs)
+            calls.append(1)
+            return (loss * factor, logs) if len(calls) == 2 else (loss, logs)
+
+        trainer.masker.own_step_terms = scaled
+    else:
+        inner = trainer.mae_forward
+
+        def scaled(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            calls.append(1)
+            return {**out, "loss": out["loss"] * factor} if len(calls) == 2 else out
+
+        trainer.mae_forward = scaled
+    batches = iter(trainer.batches.epoch(0))
+    metrics = []
+    for _ in range(2):
+        metrics.append(trainer.train_step(next(batches), lr=1e-3))
+        trainer.iteration += 1
+    return trainer, metrics
+
+
+def test_a_non_finite_loss_late_in_an_accumulation_window_keeps_the_earlier_gradients(tmp_path):
+    """A non-finite loss is never backpropagated, so the window's earlier gradients are clean: the window's
+    update is the one a zero-gradient second micro-step gives (before: the first micro-step's gradient was dropped)."""
+    for method, in_masker_step in (("mae", False), ("clmae", True)):
+        bad, bad_metrics = _window_with_a_bad_second_micro_step(tmp_path, f"{method}-nan", method, float("nan"),
+                                                                in_masker_step)
+        ref, _ = _window_with_a_bad_second_micro_step(tmp_path, f"{method}-zero", method, 0.0, in_masker_step)
+        assert bad_metrics[1].get("skipped") == 1.0 and bad.skipped_steps == 1
+        assert "skipped" not in bad_metrics[0]
+        assert bad.masker_updates == ref.masker_updates == (1 if in_masker_step else 0)
+        assert same(params(bad.mae), params(ref.mae)), method
+        assert same(params(bad.masker), params(ref.masker)), method
+        fresh = tiny_trainer(tmp_path / f"{method}-fresh", method=method, subset=64, batch_size=16, accum_iter=2)
+        part = bad.masker if in_masker_step else bad.mae
+        assert not same(params(part), params(fresh.masker if in_masker_step else fresh.mae))  # the update happened
+
+
+def test_epoch_record_console_line_and_probe_snapshot_give_the_schedule_of_the_epochs_last_step(tmp_path, capsys):
+    """One notion, the values the epoch's last training step used: λ moves every step under the linear curriculum."""
+    import math
+
+    from clmae.probe import read_snapshots
+
+    trainer = tiny_trainer(tmp_path, subset=64, batch_size=16, curriculum="linear", probe_every=1, snapshot_every=1,
+                           probe_images=4)
+    trainer.fit()
+    records = read_metrics(trainer.output_dir)
+    train = {r["step"]: r for r in records if r["kind"] == "train"}
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    steps = len(trainer.batches)
+    assert [r["step"] for r in epochs] == [steps, 2 * steps]
+    _, snaps = read_snapshots(trainer.output_dir)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    for e, record in enumerate(epochs):
+        lam = train[record["step"]]["curriculum_factor"]  # what the last step of the epoch trained with
+        assert record["curriculum_factor"] == lam and math.isfinite(lam)
+        assert f"λ {lam:+.2f}" in lines[e]
+        snap = snaps[e + 1]  # snapshot 0 is before training
+        assert snap["epoch"] == e + 1 and snap["curriculum_factor"] == lam
+        assert snap["progress"] == e + (steps - 1) / steps
+    assert snaps[0]["progress"] == 0.0 and snaps[0]["curriculum_factor"] == 1.0

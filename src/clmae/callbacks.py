@@ -60,6 +60,15 @@ class RunView:
         return self._trainer.iteration
 
     @property
+    def progress_done(self) -> float:
+        """The fractional epoch of the iteration just done (after an epoch: its last step's)."""
+        return self._trainer.progress_done()
+
+    def schedule_done(self) -> dict[str, float]:
+        """The strategy's schedule values (λ, ...) at :attr:`progress_done`, as the epoch record has them."""
+        return self._trainer.schedule_done()
+
+    @property
     def steps_per_epoch(self) -> int:
         return len(self._trainer.batches)
 

@@ -159,8 +159,9 @@ class Console:
         loss = _number(epoch.get("loss_mae"))
         if loss is not None:
             parts.append(f"loss_mae {loss:.4f}")
-        # The strategy's schedules as they stood at the end of the epoch (λ for CL-MAE, HPM's hard share, ...).
-        for key, value in run.masker.schedule(run.epoch - 1e-9).items():
+        # The strategy's schedules at the epoch's last step (λ for CL-MAE, HPM's hard share, ...), as recorded.
+        for key in run.schedule_done():
+            value = epoch.get(key)
             if _number(value) is not None:
                 parts.append(f"λ {value:+.2f}" if key == "curriculum_factor" else f"{key} {value:.4g}")
         masker_loss = _number(epoch.get("loss_masker"))

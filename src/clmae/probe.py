@@ -175,27 +175,16 @@ class CurriculumProbe:
 
     # -- measurements ------------------------------------------------------------------------
 
-    @staticmethod
-    def _progress(run) -> float:
-        """The fractional epoch of the iteration just done."""
-        return run.epoch + max(run.step_in_epoch - 1, 0) / max(run.steps_per_epoch, 1)
-
-    def _schedule(self, run, finished_epoch: bool = False) -> dict[str, float]:
-        """The strategy's schedule values (λ, ...) of the iteration just done (or of the epoch just finished)."""
-        if not self.informed:
-            return {}
-        if finished_epoch:  # per-epoch schedules: that epoch's value; CL-MAE's linear λ: the one reached at its end
-            progress = run.epoch if run.cfg.curriculum == "linear" else run.epoch - 1
-        else:
-            progress = self._progress(run)
-        return dict(run.masker.schedule(progress))
+    def _schedule(self, run) -> dict[str, float]:
+        """The strategy's schedule values (λ, ...) of the iteration just done, the progress its masks are drawn at."""
+        return run.schedule_done() if self.informed else {}
 
     @torch.no_grad()
     def masks(self, run) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The strategy's scores ``(N, L)`` (None if it has none) and kept indices ``(N, K)`` on the probe batch."""
         with eval_mode(run.mae, run.masker), run.autocast():
             batch = MaskingBatch(self.x, run.mae.embed(self.x), self.num_keep, self.generator, run.mae,
-                                 self._progress(run), run.epochs)
+                                 run.progress_done, run.epochs)
             scores = run.masker.scores(batch)
             keep = run.masker.keep_indices(batch)
         return (None if scores is None else scores.float()), keep
@@ -254,7 +243,8 @@ class CurriculumProbe:
         }
         if scores is not None:
             tensors["scores"] = scores.cpu().contiguous()
-        meta = {"epoch": epoch, "iteration": run.iteration, **self._schedule(run, finished_epoch=epoch > 0)}
+        # The schedule at the progress the masks were drawn at: after an epoch, its last step's.
+        meta = {"epoch": epoch, "iteration": run.iteration, "progress": run.progress_done, **self._schedule(run)}
         if "mask_difficulty" in self.last:
             meta["mask_difficulty"] = self.last["mask_difficulty"]
             meta["difficulty_step"] = self.last["step"]

@@ -56,7 +56,7 @@ from .distributed import (
     wrap,
 )
 from .distributed import setup as setup_distributed
-from .errors import ClmaeError, TrainingDiverged
+from .errors import ClmaeError, ConfigError, TrainingDiverged
 from .evaluation import quick_knn
 from .mae_import import load_mae_checkpoint
 from .maskers import Masker, MaskingBatch, create_masker
@@ -183,6 +183,7 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.iteration = position.epoch, position.step_in_epoch, position.iteration
         self.masker_updates, self.skipped_steps = position.masker_updates, position.skipped_steps
         self.nonfinite_in_a_row = 0
+        self.window_backwards = self.masker_window_backwards = 0  # micro-steps of this window that backpropagated
         self.stop_requested = False
         # DDP after every weight is in place: the MAE step runs through mae_ddp, the masking step
         # through the plain MAE (see module docstring of clmae.distributed).
@@ -220,6 +221,20 @@ class Trainer:
     def progress(self) -> float:
         """The fractional epoch of the next iteration: ``epoch + step_in_epoch / steps_per_epoch``."""
         return self.epoch + self.step_in_epoch / max(len(self.batches), 1)
+
+    def progress_done(self) -> float:
+        """The fractional epoch of the iteration just done (0 before the first): after an epoch, its last step's."""
+        steps = max(len(self.batches), 1)
+        if self.step_in_epoch > 0:  # the value progress() had when that iteration ran, to the bit
+            return self.epoch + (self.step_in_epoch - 1) / steps
+        return (self.epoch - 1) + (steps - 1) / steps if self.epoch > 0 else 0.0
+
+    def schedule_done(self) -> dict[str, float]:
+        """The strategy's schedule values (λ, ...) at :meth:`progress_done`: those its last training step used.
+
+        The epoch record, the console's epoch line and the probe's epoch snapshot all report these.
+        """
+        return dict(self.masker.schedule(self.progress_done()))
 
     def masking_batch(self, imgs: torch.Tensor, progress: float) -> MaskingBatch:
         """What the strategy sees of this step (tokens computed here, without gradient)."""
@@ -268,6 +283,8 @@ class Trainer:
         accum = cfg.accum_iter
         window = self.iteration // accum
         boundary = (self.iteration + 1) % accum == 0
+        if self.iteration % accum == 0:  # a new accumulation window: nothing backpropagated yet
+            self.window_backwards = self.masker_window_backwards = 0
         progress = self.progress()
         if lr is None:
             lr = lr_at(progress, self.lr, cfg.min_lr, self.run.warmup_epochs, cfg.epochs)
@@ -284,9 +301,18 @@ class Trainer:
                 terms = self.masker.mae_step_terms(batch, result)
                 loss = result["loss"] + sum(terms.values()) if terms else result["loss"]
             loss_value = loss.item()
-            if not all_true(math.isfinite(loss_value), self.dist):
-                return self._skip_step("loss_mae", loss_value)
-            (loss / accum).backward()
+            loss_ok = all_true(math.isfinite(loss_value), self.dist)
+            if loss_ok:
+                (loss / accum).backward()
+                self.window_backwards += 1
+        if not loss_ok:
+            # Never backpropagated: the window's gradients so far are clean and stay. At the window's
+            # end they are applied (this micro-step adds nothing); with none, the step is skipped.
+            out.update(self._skip_step("loss_mae", loss_value, poisoned=False))
+            if not (boundary and self.window_backwards):
+                return out
+            # DDP averages gradients in the boundary's backward, which did not run.
+            average_gradients([p for p in self.mae.parameters() if p.grad is not None], self.dist)
         if boundary:
             out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.mae.parameters(), float("inf")))
             if not math.isfinite(out["grad_norm"]):
@@ -306,50 +332,76 @@ class Trainer:
                 self.opt_masker.zero_grad(set_to_none=True)
                 self.masker_updates += 1
             self.masker.after_optimizer_step(batch)
-        if terms:
+        if loss_ok and terms:  # a non-finite loss is reported by the skip record, not averaged into the metrics
             values = torch.stack([result["loss"].detach().float(), *(t.detach().float() for t in terms.values())])
             out.update(zip(["loss_mae", *terms], values.tolist()))
-        else:
+        elif loss_ok:
             out["loss_mae"] = loss_value
 
         # 2) The strategy's own step (CL-MAE's masking module): MAE frozen, its parameters only.
+        #    After a non-finite MAE loss only its window's end (the update with earlier gradients).
         if self.masker.has_own_step and window % cfg.masker_every == 0:
-            out.update(self._masker_step(batch, lr, boundary))
+            out.update(self._masker_step(batch, lr, boundary, backward=loss_ok))
         if "skipped" not in out:  # a skipped masking-module step counts towards --max-nonfinite too
             self.nonfinite_in_a_row = 0
         return out
 
-    def _masker_step(self, batch: MaskingBatch, lr: float, boundary: bool) -> dict[str, float]:
+    def _masker_step(self, batch: MaskingBatch, lr: float, boundary: bool, backward: bool = True) -> dict[str, float]:
         cfg = self.cfg
-        imgs = batch.imgs
-        if cfg.masker_batch_fraction < 1.0:
-            n = max(2, int(round(imgs.shape[0] * cfg.masker_batch_fraction)))
-            idx = torch.randperm(imgs.shape[0], generator=self.generator)[:n].to(imgs.device)
-            imgs = imgs.index_select(0, idx)
         params = self.masker.trainable_parameters()
-        with self.autocast_context(), frozen(self.mae):
-            with torch.no_grad():
-                tokens = self.mae.embed(imgs)
-            loss, logs = self.masker.own_step_terms(dataclasses.replace(batch, imgs=imgs, tokens=tokens),
-                                                    self.soft_forward)
-        value = loss.item()
-        if not all_true(math.isfinite(value), self.dist):
-            self.opt_masker.zero_grad(set_to_none=True)
-            return self._skip_step("loss_masker", value, masker_only=True)
-        (loss / cfg.accum_iter).backward(inputs=params)
-        if boundary:
+        out: dict[str, float] = {}
+        if backward:
+            imgs = batch.imgs
+            if cfg.masker_batch_fraction < 1.0:
+                imgs = imgs.index_select(0, self._masker_rows(imgs.shape[0]).to(imgs.device))
+            with self.autocast_context(), frozen(self.mae):
+                with torch.no_grad():
+                    tokens = self.mae.embed(imgs)
+                loss, logs = self.masker.own_step_terms(dataclasses.replace(batch, imgs=imgs, tokens=tokens),
+                                                        self.soft_forward)
+            value = loss.item()
+            if all_true(math.isfinite(value), self.dist):
+                (loss / cfg.accum_iter).backward(inputs=params)
+                self.masker_window_backwards += 1
+                out = dict(zip(logs, torch.stack(list(logs.values())).tolist()))  # one device sync, not seven
+                out["loss_masker"] = value
+            else:  # never backpropagated: the window's earlier gradients are clean and stay
+                out = self._skip_step("loss_masker", value, poisoned=False)
+        if boundary and self.masker_window_backwards:
             average_gradients(params, self.dist)  # what DDP would do, once per accumulation window
             set_lr(self.opt_masker, lr)
             self.opt_masker.step()
             self.opt_masker.zero_grad(set_to_none=True)
             self.masker_updates += 1
-        out = dict(zip(logs, torch.stack(list(logs.values())).tolist()))  # one device sync, not seven
-        out["loss_masker"] = value
         return out
 
-    def _skip_step(self, what: str, value: float, masker_only: bool = False) -> dict[str, float]:
-        """A non-finite loss or gradient: drop this step's gradients, warn, stop after several in a row."""
-        if not masker_only:
+    def _masker_rows(self, local: int) -> torch.Tensor:
+        """This rank's rows for the masking-module step under ``--masker-batch-fraction``.
+
+        The global batch is ``world_size x masker_loss_groups`` loss groups of equal size (a rank's
+        per-device loss, or one of the groups by which one process reproduces N ranks); each group
+        keeps its own random ``fraction`` of its rows, drawn group after group from the shared
+        generator, so N ranks choose what one process with N loss groups chooses, and every rank
+        draws every group's permutation (the generator stays the same everywhere). One process with
+        one group: the single ``randperm`` over the batch of earlier versions.
+        """
+        groups = self.masker_loss_groups
+        if local % groups:
+            raise ConfigError(f"cannot split a batch of {local} into {groups} equal loss groups")
+        size = local // groups
+        keep = min(size, max(2, int(round(size * self.cfg.masker_batch_fraction))))
+        perms = [torch.randperm(size, generator=self.generator)[:keep] for _ in range(groups * self.dist.world_size)]
+        mine = range(self.dist.rank * groups, (self.dist.rank + 1) * groups)
+        return torch.cat([perms[t] + (t - mine.start) * size for t in mine])
+
+    def _skip_step(self, what: str, value: float, poisoned: bool = True) -> dict[str, float]:
+        """A non-finite loss or gradient: warn, stop after several in a row; drop this step's gradients.
+
+        ``poisoned``: a non-finite gradient norm, i.e. a non-finite value was backpropagated; the
+        window's gradients are dropped. A non-finite loss (``poisoned=False``) was never
+        backpropagated: the gradients accumulated by earlier micro-steps of the window stay.
+        """
+        if poisoned:
             self.opt_mae.zero_grad(set_to_none=True)
             if self.opt_masker is not None:
                 self.opt_masker.zero_grad(set_to_none=True)
@@ -426,21 +478,25 @@ class Trainer:
                 self.epoch += 1
                 self.step_in_epoch = 0
                 self._end_of_epoch(final)
-        if self.console is not None:
-            self.console.close()
-        stopped_by = None
-        if self.stop_requested:
-            self.save_checkpoint()
-            stopped_by = signals.signal_name or "request_stop"
-            if self.dist.is_main:
-                print(f"clmae: stopped at epoch {self.epoch}, iteration {self.iteration}; checkpoint saved. "
-                      f"Resume with: clmae pretrain --resume {self.output_dir}", file=sys.stderr)
-        elif not broadcast_object(checkpoint_pair_complete(self.output_dir / LAST), self.dist):
-            self.save_checkpoint()
-        report_skipped_files(self.batches, self.dist, self.logger)
-        self.logger.close()
-        barrier(self.dist)  # every rank returns only once rank 0 has written everything
-        teardown(self.dist)
+            # The end of the run stays inside GracefulStop: a signal during the final save is
+            # handled like any other (the first sets a flag, a repeat within 2 s is ignored).
+            if self.console is not None:
+                self.console.close()
+            stopped_by = None
+            if self.stop_requested:
+                stopped_by = signals.signal_name or "request_stop"  # what stopped the loop, not a later signal
+                self.save_checkpoint()
+                if self.dist.is_main:
+                    print(f"clmae: stopped at epoch {self.epoch}, iteration {self.iteration}; checkpoint saved. "
+                          f"Resume with: clmae pretrain --resume {self.output_dir}", file=sys.stderr)
+            elif not broadcast_object(checkpoint_pair_complete(self.output_dir / LAST), self.dist):
+                self.save_checkpoint()
+            report_skipped_files(self.batches, self.dist, self.logger)
+            self.logger.close()
+            barrier(self.dist)  # every rank returns only once rank 0 has written everything
+            teardown(self.dist)
+        # Read after the handlers are restored: a signal that came during the final save still
+        # gives the command its exit code (128 + its number), so `pretrain && evaluate` stops there.
         elapsed = time.perf_counter() - started
         images = (self.iteration - first_iteration) * cfg.batch_size * self.dist.world_size
         result = RunResult(self.output_dir, self.output_dir / f"{LAST}.pt", self.output_dir / f"{LAST}.safetensors",
@@ -454,10 +510,7 @@ class Trainer:
     def _end_of_epoch(self, epoch_means: dict[str, float]) -> None:
         cfg = self.cfg
         record = {"kind": "epoch", "epoch": self.epoch - 1, "step": self.iteration, **epoch_means}
-        schedule = self.masker.schedule(self.epoch - 1)  # the values of the epoch just finished
-        if "curriculum_factor" in schedule and cfg.curriculum == "linear":
-            schedule["curriculum_factor"] = None  # λ moved during the epoch
-        record.update(schedule)
+        record.update(self.schedule_done())  # the values of the epoch's last training step
         self.logger.log(record, step=self.iteration)
         self.save_checkpoint()
         if cfg.save_every and self.epoch % cfg.save_every == 0:
