@@ -38,10 +38,10 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import atomic_write
 from .images import normalize
 from .losses import per_patch_error
-from .maskers import MaskingBatch, mask_from_keep, random_keep_indices
+from .maskers import mask_from_keep, random_keep_indices
 from .runtime import eval_mode
 from .splits import choose_indices, eval_images
-from .visualize import probe_mosaic
+from .visualize import probe_mosaic, strategy_masks
 
 PROBE_SEED = 1234  # which images form the probe batch and which random masks they are compared with
 RANDOM_DRAWS = 4  # random masks per image in the denominator of mask_difficulty
@@ -183,11 +183,8 @@ class CurriculumProbe:
     def masks(self, run) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The strategy's scores ``(N, L)`` (None if it has none) and kept indices ``(N, K)`` on the probe batch."""
         with eval_mode(run.mae, run.masker), run.autocast():
-            batch = MaskingBatch(self.x, run.mae.embed(self.x), self.num_keep, self.generator, run.mae,
-                                 run.progress_done, run.epochs)
-            scores = run.masker.scores(batch)
-            keep = run.masker.keep_indices(batch)
-        return (None if scores is None else scores.float()), keep
+            return strategy_masks(run.mae, run.masker, self.x, self.num_keep, self.generator, run.progress_done,
+                                  run.epochs)
 
     @torch.no_grad()
     def measure(self, run) -> dict[str, Any]:
