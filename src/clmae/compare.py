@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text
 from .errors import ConfigError, DataError
 from .reports import REPORT_FORMAT
 
@@ -256,8 +257,7 @@ def compare(paths: list[str | Path], markdown: str | Path | None = None, plot: s
     """Build the comparison of ``paths`` (report JSONs or run folders); write markdown and/or PNG if asked."""
     table = comparison_table(paths, allow_mismatch)
     if markdown is not None:
-        Path(markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(markdown).write_text(format_markdown(table) + "\n")
+        write_text(markdown, format_markdown(table) + "\n")
     if plot is not None:
         plot_comparison(table, plot)
     return table
