@@ -47,6 +47,7 @@ from .model import MaskedAutoencoderViT, ModelConfig, default_model
 from .options import check_option
 
 FORMAT = "clmae-checkpoint-v1"
+LAST = "checkpoint-last"  # the stem of a run's latest checkpoint: RUN/checkpoint-last.{pt,safetensors}
 MAX_PATCHES = 1 << 16  # a 256x256 patch grid; a larger count in a file is an error, not an allocation
 
 
@@ -277,7 +278,7 @@ def resolve_checkpoint(path: str | Path, suffix: str) -> Path:
     """Accept a run folder, a checkpoint stem, or a file; return the file with ``suffix``."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoint-last"
+        path = path / LAST
     if path.suffix in (".pt", ".safetensors"):
         path = path.with_suffix("")
     candidate = path.with_name(path.name + suffix)
@@ -330,7 +331,7 @@ def weights_file(path: str | Path) -> Path:
     if path.is_file():
         raise CheckpointError(f"{path}: not a clmae checkpoint (expected a run folder, .safetensors or .pt file)")
     if path.is_dir():
-        stem = path / "checkpoint-last"
+        stem = path / LAST
     else:
         stem = path.with_suffix("") if path.suffix == ".safetensors" else path
     st, pt = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".pt")
@@ -352,11 +353,6 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def checkpoint_file(path: str | Path) -> Path:
-    """The file a checkpoint path means: :func:`weights_file` (kept under this name for existing callers)."""
-    return weights_file(path)
 
 
 @dataclass

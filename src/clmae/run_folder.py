@@ -27,6 +27,7 @@ import torch
 
 from .checkpoint import (
     FORMAT,
+    LAST,
     check_finite,
     load_state_checked,
     read_training_state,
@@ -45,7 +46,6 @@ from .options import flag
 # batch_size/accum_iter may change so the global batch can be kept when the number of GPUs changes.
 RESUMABLE_OVERRIDES = {"device", "num_workers", "progress", "log_every", "eval_every", "save_every", "epochs",
                        "max_nonfinite", "data_dir", "output_dir", "resume", "compile", "batch_size", "accum_iter"}
-LAST = "checkpoint-last"
 CONFIG = "config.json"
 # What a run writes before its first checkpoint: an earlier start that saved nothing left only these.
 EARLY_FILES = ("metrics.jsonl", "tensorboard", "probe", CONFIG)
