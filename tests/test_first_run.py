@@ -301,6 +301,32 @@ def test_a_failed_set_up_removes_only_its_own_folder_not_a_run_that_appeared_bes
     assert (parent / "theirs" / "metrics.jsonl").read_text() == "{}\n"
 
 
+def test_two_runs_started_at_once_without_output_dir_get_a_folder_each(tmp_path, monkeypatch):
+    """Both chose the default name before either created it: creating the folder is the choice, so the
+    second takes ``-2`` instead of sharing the first's folder; a failed set-up removes only what it claimed."""
+    from clmae import run_folder
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run_folder.time, "strftime", lambda fmt: "20260101-120000")
+    cfg = make_config({"data": "digits"})
+    first, second = run_folder.default_output_dir(cfg), run_folder.default_output_dir(cfg)
+    assert not (tmp_path / "runs").exists(), "choosing the name must not create anything (validation comes first)"
+    a = run_folder.prepare_output_dir(first, resuming=False)
+    b = run_folder.prepare_output_dir(second, resuming=False)
+    assert a.path.name == "clmae-digits-20260101-120000" and b.path.name == a.path.name + "-2"
+    assert a.created == [Path("runs"), a.path] and b.created == [b.path]
+    assert run_folder.discard_unsaved(b) and not b.path.exists() and a.path.is_dir()
+
+
+def test_a_failed_set_up_without_output_dir_leaves_no_runs_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for argv in (["--img-size", "9", "--patch-size", "2"], ["--init-from", "notes.txt"]):  # before / after creating
+        assert cli.main(["pretrain", "--epochs", "1", "--subset", "64", "--batch-size", "16", *QUIET, *argv]) == 2
+        assert "clmae: error: " in capsys.readouterr().err
+        assert not (tmp_path / "runs").exists(), argv
+
+
 def test_a_run_killed_before_its_first_checkpoint_restarts_with_the_same_command(tmp_path, capsys):
     """SIGKILL in the first epoch; then the same command, with --resume and without, starts the run over there."""
     run = tmp_path / "run"

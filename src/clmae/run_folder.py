@@ -1,7 +1,8 @@
 """A run's folder and its state on disk: where it goes, what resuming may change, what a checkpoint holds.
 
 * :func:`prepare_output_dir` — create the run folder, refusing to overwrite a run; a folder holding
-  only an earlier start that saved nothing is started over. :func:`discard_unsaved` removes the
+  only an earlier start that saved nothing is started over. Without ``--output-dir`` it claims the
+  first free default name (:func:`default_output_dir`) by creating it. :func:`discard_unsaved` removes the
   folders a run created when it fails before saving anything.
 * :func:`resume_config` — the configuration a ``--resume`` continues with: the saved one, plus the
   few options a resumed run may change (:data:`RESUMABLE_OVERRIDES`); a run killed before its first
@@ -85,14 +86,32 @@ class Position:
 # The folder
 
 
-def default_output_dir(cfg: PretrainConfig) -> Path:
-    """``runs/<method>-<data>-<time>``, with ``-2``, ``-3``, … when runs start within the same second."""
-    base = Path("runs") / f"{cfg.method}-{dataset_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return out
+class DefaultRunDir(type(Path())):
+    """The default name of a new run folder, not yet claimed: :func:`prepare_output_dir` takes the first
+    free one of it, ``-2``, ``-3``, … by creating it (one ``mkdir`` decides, so two runs started at once
+    never share a folder)."""
+
+
+def default_output_dir(cfg: PretrainConfig) -> DefaultRunDir:
+    """``runs/<method>-<data>-<time>``, with ``-2``, ``-3``, … when runs start within the same second.
+
+    Only the name: nothing is created (set-up is validated first); :func:`prepare_output_dir` claims it.
+    """
+    return DefaultRunDir("runs", f"{cfg.method}-{dataset_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _claim_new_folder(base: Path) -> Path:
+    """Create and return ``base``, or ``base-2``, ``base-3``, … : the first that did not exist."""
+    base = Path(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            n += 1
 
 
 @dataclass
@@ -123,6 +142,16 @@ def prepare_output_dir(out: Path, resuming: bool) -> OutputFolder:
     A folder holding an earlier start that saved no checkpoint (killed in its first epoch) is
     started over: its metrics, probe and TensorBoard files are removed, with a note.
     """
+    if isinstance(out, DefaultRunDir) and not resuming:  # a new run without --output-dir: always a new folder
+        created = [p for p in out.parents if not p.exists()][::-1]
+        try:
+            claimed = _claim_new_folder(out)
+        except OSError as exc:
+            raise ConfigError(f"--output-dir: cannot create {out}: {exc.strerror}") from None
+        if not os.access(claimed, os.W_OK):
+            raise ConfigError(f"--output-dir: {claimed} is not writable; choose another folder")
+        return OutputFolder(claimed, [*created, claimed])
+    out = Path(out)
     if not resuming and (out / f"{LAST}.pt").exists():
         raise ConfigError(
             f"--output-dir: {out} already holds a run; pass --resume to continue it or choose another --output-dir "
