@@ -412,6 +412,23 @@ def test_a_run_recorded_without_its_model_by_an_older_clmae_resumes_with_the_mod
     assert "the run was started with 'vit_micro_patch2_8'" in capsys.readouterr().err
 
 
+def test_an_option_an_older_clmae_did_not_record_is_checked_against_its_default_on_resume(tmp_path, capsys):
+    """It used to be ignored without a word: the resumed run silently kept the default."""
+    from clmae.checkpoint import read_training_state, save_training_state
+
+    run = tmp_path / "run"
+    argv = ["pretrain", "--subset", "64", "--batch-size", "32", "--epochs", "1", *QUIET, "--output-dir", str(run)]
+    assert cli.main(argv) == 0
+    state = read_training_state(run / "checkpoint-last.pt")
+    del state["run_config"]["mask_ratio"]  # as if recorded before the option existed: the run used 0.75
+    save_training_state(run / "checkpoint-last.pt", state)
+    capsys.readouterr()
+    assert cli.main(["pretrain", "--resume", str(run), "--mask-ratio", "0.5"]) == 2
+    assert "--mask-ratio: the run was started with 0.75; a resumed run cannot change it" in capsys.readouterr().err
+    assert cli.main(["pretrain", "--resume", str(run), "--mask-ratio", "0.75", "--epochs", "2"]) == 0
+    assert read_training_state(run / "checkpoint-last.pt")["run_config"]["mask_ratio"] == 0.75
+
+
 # =============================================================================================
 # Usage errors and help
 

@@ -37,7 +37,7 @@ from .checkpoint import (
     save_weights,
     split_prefix,
 )
-from .config import PretrainConfig
+from .config import FIELDS, PretrainConfig, config_from_record
 from .data import dataset_label
 from .errors import CheckpointError, ConfigError
 from .model import default_model
@@ -231,19 +231,31 @@ def _start_over(cfg: PretrainConfig, folder: Path, given: dict[str, Any]) -> Res
         return Resumed(dataclasses.replace(cfg, resume=None, output_dir=str(folder)).validate(), None, note)
     try:
         saved = json.loads(recorded.read_text())["run_config"]
-        config = PretrainConfig(**{**saved, **given, "resume": None, "output_dir": str(folder)})
-    except (ValueError, KeyError, TypeError):
+        config = as_recorded({**saved, **given, "resume": None, "output_dir": str(folder)}, recorded)
+    except (ValueError, KeyError, TypeError, AttributeError, CheckpointError):
         raise ConfigError(f"--resume: {folder} has no checkpoint and its {CONFIG} is not a clmae run's; "
                           "start a new run instead") from None
     return Resumed(config.validate(), None, note)
 
 
+def as_recorded(values: dict[str, Any], source: Path) -> PretrainConfig:
+    """The run configuration ``source`` stored, as the run used it (:func:`~clmae.config.config_from_record`:
+    an option an older clmae did not record ran with its default). An option this clmae does not know
+    (a newer clmae's run) cannot be repeated, and is refused."""
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise CheckpointError(f"{source}: the stored run configuration does not fit this clmae (unknown options "
+                              f"{', '.join(unknown)}); continue the run with the clmae version that started it")
+    return config_from_record(values)
+
+
 def resume_config(cfg: PretrainConfig, overrides: dict[str, Any] | None) -> Resumed:
     """The config to continue with and the resume file: the saved config with the allowed overrides applied.
 
-    An option the user gave that a resumed run cannot change, with a value other than the saved one,
-    is an error naming the saved value. A folder holding only a start killed before its first
-    checkpoint is started over (see :func:`earlier_start`).
+    An option the user gave that a resumed run cannot change, with a value other than the one the run
+    was started with, is an error naming that value; for an option an older clmae did not record, that
+    is its default (:func:`as_recorded`, the one reader of a stored config). A folder holding only a
+    start killed before its first checkpoint is started over (see :func:`earlier_start`).
     """
     given = {k: v for k, v in (overrides or {}).items() if k != "resume"}
     target = resume_target(cfg)
@@ -257,20 +269,19 @@ def resume_config(cfg: PretrainConfig, overrides: dict[str, Any] | None) -> Resu
         mc = state.get("model_config") or {}
         saved.update(model=default_model(str(saved.get("data"))), img_size=saved.get("img_size") or mc.get("img_size"),
                      patch_size=saved.get("patch_size") or mc.get("patch_size"))
+    ran = as_recorded(saved, path)
+    started_with = dataclasses.asdict(ran)  # options the record lacks: the defaults the run used
     for key, value in given.items():
-        if key in RESUMABLE_OVERRIDES or key not in saved:
-            continue
-        if saved[key] != value:
-            raise ConfigError(f"{flag(key)}: the run was started with {saved[key]!r}; a resumed run cannot change it "
-                              "(start a new run instead)")
-    saved.update({k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
-    saved["resume"] = str(path)
-    if saved.get("output_dir") is None or "output_dir" not in given:
-        saved["output_dir"] = str(path.parent)
-    try:
-        return Resumed(PretrainConfig(**saved).validate(), path)
-    except TypeError as exc:
-        raise CheckpointError(f"{path}: the stored run configuration does not fit this clmae ({exc})") from None
+        if key not in started_with:
+            raise ConfigError(f"unknown option {key!r}; see `clmae pretrain --help`")
+        if key not in RESUMABLE_OVERRIDES and started_with[key] != value:
+            raise ConfigError(f"{flag(key)}: the run was started with {started_with[key]!r}; a resumed run cannot "
+                              "change it (start a new run instead)")
+    changes = {k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES}
+    changes["resume"] = str(path)
+    if ran.output_dir is None or "output_dir" not in given:
+        changes["output_dir"] = str(path.parent)
+    return Resumed(dataclasses.replace(ran, **changes).validate(), path)
 
 
 # ---------------------------------------------------------------------------------------------
