@@ -127,3 +127,13 @@ def test_staged_folder_failure_keeps_the_existing_folder_as_it_was(old_folder, m
     after = {p.relative_to(old_folder): p.read_text() for p in old_folder.rglob("*") if p.is_file()}
     assert after == before
     assert [p.name for p in old_folder.parent.iterdir()] == ["out"]
+
+
+def test_staged_folder_through_a_link_swaps_the_folder_it_names(old_folder):
+    link = old_folder.parent / "link"
+    link.symlink_to(old_folder)
+    with atomic.staged_folder(link) as tmp:
+        (tmp / "model.safetensors").write_text("new model")
+    assert link.is_symlink() and (link / "model.safetensors").read_text() == "new model"
+    assert (old_folder / "notes.md").read_text() == "the user's notes"
+    assert sorted(p.name for p in old_folder.parent.iterdir()) == ["link", "out"]

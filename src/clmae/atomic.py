@@ -175,6 +175,8 @@ def staged_folder(path: str | Path) -> Iterator[Path]:
     was; errors propagate unchanged.
     """
     path = Path(path)
+    if path.is_symlink() and path.is_dir():  # a link to the folder: the folder it names is swapped, the link stays
+        path = Path(os.path.realpath(path))
     made = next((p for p in reversed(path.parents) if not p.exists()), None)  # the first folder we create
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
