@@ -16,7 +16,7 @@ from clmae.checkpoint import save_weights
 from clmae.cli import main as cli_main
 from clmae.config import make_config
 from clmae.data import load_dataset
-from clmae.errors import CheckpointError
+from clmae.errors import CheckpointError, ConfigError
 from clmae.export import export_hf, export_timm
 from clmae.images import normalize, resize_images
 from clmae.mae_import import load_mae_checkpoint
@@ -199,3 +199,35 @@ def test_pretrain_init_from_mae_checkpoint(tmp_path):
     target = create_model("vit_micro_patch2_8")
     assert load_mae_checkpoint(tmp_path / "timm", target).decoder.startswith("new")
     torch.testing.assert_close(target.norm.weight, source.norm.weight)
+
+
+def test_a_failed_overwrite_leaves_the_earlier_export_whole(tmp_path, monkeypatch):
+    """`clmae export --overwrite` builds the new export beside the old one and swaps folders: a failure
+    at any point (here the last rename) leaves the earlier export exactly as it was, never half replaced."""
+    import os
+
+    out = tmp_path / "timm"
+    export_timm(scrambled(seed=0), out, verify=False)
+    (out / "README.md").write_text("the user's notes")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_rename = os.rename
+    failed = []
+
+    def failing_rename(src, dst):  # the new export's move into place fails (putting the old one back works)
+        if Path(dst) == out and not failed:
+            failed.append(src)
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(ConfigError, match="--output: cannot write"):
+        export_timm(scrambled(seed=1), out, overwrite=True, verify=False)
+    monkeypatch.undo()
+    assert failed, "the test did not reach the swap"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["timm"]
+
+    export_timm(scrambled(seed=1), out, overwrite=True, verify=False)
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
+    assert (out / "README.md").read_text() == "the user's notes"
+    assert [p.name for p in tmp_path.iterdir()] == ["timm"]

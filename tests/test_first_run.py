@@ -305,6 +305,32 @@ def test_a_failed_set_up_removes_only_its_own_folder_not_a_run_that_appeared_bes
     assert (parent / "theirs" / "metrics.jsonl").read_text() == "{}\n"
 
 
+def test_two_runs_started_at_once_without_output_dir_get_a_folder_each(tmp_path, monkeypatch):
+    """Both chose the default name before either created it: creating the folder is the choice, so the
+    second takes ``-2`` instead of sharing the first's folder; a failed set-up removes only what it claimed."""
+    from clmae import run_folder
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run_folder.time, "strftime", lambda fmt: "20260101-120000")
+    cfg = make_config({"data": "digits"})
+    first, second = run_folder.default_output_dir(cfg), run_folder.default_output_dir(cfg)
+    assert not (tmp_path / "runs").exists(), "choosing the name must not create anything (validation comes first)"
+    a = run_folder.prepare_output_dir(first, resuming=False)
+    b = run_folder.prepare_output_dir(second, resuming=False)
+    assert a.path.name == "clmae-digits-20260101-120000" and b.path.name == a.path.name + "-2"
+    assert a.created == [Path("runs"), a.path] and b.created == [b.path]
+    assert run_folder.discard_unsaved(b) and not b.path.exists() and a.path.is_dir()
+
+
+def test_a_failed_set_up_without_output_dir_leaves_no_runs_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for argv in (["--img-size", "9", "--patch-size", "2"], ["--init-from", "notes.txt"]):  # before / after creating
+        assert cli.main(["pretrain", "--epochs", "1", "--subset", "64", "--batch-size", "16", *QUIET, *argv]) == 2
+        assert "clmae: error: " in capsys.readouterr().err
+        assert not (tmp_path / "runs").exists(), argv
+
+
 def test_a_run_killed_before_its_first_checkpoint_restarts_with_the_same_command(tmp_path, capsys):
     """SIGKILL in the first epoch; then the same command, with --resume and without, starts the run over there."""
     run = tmp_path / "run"
@@ -388,6 +414,23 @@ def test_a_run_recorded_without_its_model_by_an_older_clmae_resumes_with_the_mod
     assert "model vit_micro_patch2_8 at 8 px (as the run started)" in capsys.readouterr().err
     assert cli.main(["pretrain", "--resume", str(run), "--model", "vit_tiny_patch4_32"]) == 2
     assert "the run was started with 'vit_micro_patch2_8'" in capsys.readouterr().err
+
+
+def test_an_option_an_older_clmae_did_not_record_is_checked_against_its_default_on_resume(tmp_path, capsys):
+    """It used to be ignored without a word: the resumed run silently kept the default."""
+    from clmae.checkpoint import read_training_state, save_training_state
+
+    run = tmp_path / "run"
+    argv = ["pretrain", "--subset", "64", "--batch-size", "32", "--epochs", "1", *QUIET, "--output-dir", str(run)]
+    assert cli.main(argv) == 0
+    state = read_training_state(run / "checkpoint-last.pt")
+    del state["run_config"]["mask_ratio"]  # as if recorded before the option existed: the run used 0.75
+    save_training_state(run / "checkpoint-last.pt", state)
+    capsys.readouterr()
+    assert cli.main(["pretrain", "--resume", str(run), "--mask-ratio", "0.5"]) == 2
+    assert "--mask-ratio: the run was started with 0.75; a resumed run cannot change it" in capsys.readouterr().err
+    assert cli.main(["pretrain", "--resume", str(run), "--mask-ratio", "0.75", "--epochs", "2"]) == 0
+    assert read_training_state(run / "checkpoint-last.pt")["run_config"]["mask_ratio"] == 0.75
 
 
 # =============================================================================================

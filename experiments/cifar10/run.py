@@ -334,14 +334,14 @@ def study_values(plan_values: dict[str, Any], seed: int, run_dir: Path, data_dir
 
 def train_arm(arm: str, seed: int, values: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Pretrain one arm (or resume it); return wall-clock and throughput."""
-    from clmae.checkpoint import read_training_state
+    from clmae.checkpoint import LAST, read_training_state
     from clmae.config import make_config
     from clmae.trainer import Trainer
 
     values = dict(values)
     marker = run_dir / "study-run.json"
     timing_file = run_dir / "study-timing.json"
-    state_file = run_dir / "checkpoint-last.pt"
+    state_file = run_dir / f"{LAST}.pt"
     mine = {"edition": EDITION, "arm": arm, "seed": seed}
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     if state_file.exists():
@@ -391,13 +391,13 @@ def evaluate_arm(run_dir: Path, evaluation: dict[str, Any], data: str, data_dir:
     weights (same model, same seed), so the study evaluates that encoder once per seed, with the first arm.
     """
     from clmae import evaluation as ev
-    from clmae.checkpoint import checkpoint_file, file_sha256
+    from clmae.checkpoint import file_sha256, weights_file
     from clmae.reports import write_report
 
     options = ev.EvalOptions(max_train=evaluation.get("max_train"), max_test=evaluation.get("max_test"),
                              progress=False, random_reference=reference, device=device)
     reports, setup = {}, None
-    sha = file_sha256(checkpoint_file(run_dir))
+    sha = file_sha256(weights_file(run_dir))
     for protocol in ("knn", "linear", "fewshot"):
         out = run_dir / f"eval-{protocol}.json"
         config = ev.protocol_config(protocol, **evaluation.get(protocol, {}))

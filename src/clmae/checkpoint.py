@@ -25,12 +25,9 @@ weights-only unpickler, and anything else (truncated, edited, foreign files, NaN
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
-import os
 import pickle
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +38,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import atomic
+from .atomic import remove_stale_temp_files
 from .config import config_from_record
 from .errors import CheckpointError
 from .maskers import METHODS, create_masker
@@ -48,69 +47,23 @@ from .model import MaskedAutoencoderViT, ModelConfig, default_model
 from .options import check_option
 
 FORMAT = "clmae-checkpoint-v1"
+LAST = "checkpoint-last"  # the stem of a run's latest checkpoint: RUN/checkpoint-last.{pt,safetensors}
 MAX_PATCHES = 1 << 16  # a 256x256 patch grid; a larger count in a file is an error, not an allocation
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}."
-
-
-def remove_stale_temp_files(path: Path) -> list[Path]:
-    """Delete temporary files a killed writer of ``path`` left behind (one writer per run folder)."""
-    removed = []
-    for tmp in path.parent.glob(glob.escape(_temp_prefix(path)) + "*.tmp"):
-        try:
-            tmp.unlink()
-            removed.append(tmp)
-        except OSError:
-            pass
-    return removed
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (power loss); not every platform can open a folder."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then atomically rename to ``path``; on any error nothing changes."""
+    """:func:`clmae.atomic.atomic_write` for a run folder's files (one writer per folder: a killed
+    writer's temporary files are removed first); an OS error is a :class:`CheckpointError` naming the cause."""
     path = Path(path)
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(path)
-        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(path.parent)
-    except BaseException as exc:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        if isinstance(exc, OSError):
-            raise CheckpointError(
-                f"could not write {path}: {exc.strerror or exc}; the previous checkpoint is intact. Free disk space "
-                f"(or pass --output-dir elsewhere) and continue with: clmae pretrain --resume {path.parent}"
-            ) from None
-        raise
+        atomic.atomic_write(path, write)
+    except OSError as exc:
+        raise CheckpointError(
+            f"could not write {path}: {exc.strerror or exc}; the previous checkpoint is intact. Free disk space "
+            f"(or pass --output-dir elsewhere) and continue with: clmae pretrain --resume {path.parent}"
+        ) from None
 
 
 def _flat_weights(modules: dict[str, torch.nn.Module | None]) -> dict[str, torch.Tensor]:
@@ -325,7 +278,7 @@ def resolve_checkpoint(path: str | Path, suffix: str) -> Path:
     """Accept a run folder, a checkpoint stem, or a file; return the file with ``suffix``."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoint-last"
+        path = path / LAST
     if path.suffix in (".pt", ".safetensors"):
         path = path.with_suffix("")
     candidate = path.with_name(path.name + suffix)
@@ -378,7 +331,7 @@ def weights_file(path: str | Path) -> Path:
     if path.is_file():
         raise CheckpointError(f"{path}: not a clmae checkpoint (expected a run folder, .safetensors or .pt file)")
     if path.is_dir():
-        stem = path / "checkpoint-last"
+        stem = path / LAST
     else:
         stem = path.with_suffix("") if path.suffix == ".safetensors" else path
     st, pt = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".pt")
@@ -400,11 +353,6 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def checkpoint_file(path: str | Path) -> Path:
-    """The file a checkpoint path means: :func:`weights_file` (kept under this name for existing callers)."""
-    return weights_file(path)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text
 from .errors import ConfigError, DataError
 from .reports import REPORT_FORMAT
 
@@ -261,8 +262,7 @@ def write_comparison(table: ComparisonTable, markdown: str | Path | None = None,
                      plot: str | Path | None = None) -> ComparisonTable:
     """Write a built table as markdown and/or a bar chart (the paths given)."""
     if markdown is not None:
-        Path(markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(markdown).write_text(format_markdown(table) + "\n")
+        write_text(markdown, format_markdown(table) + "\n")
     if plot is not None:
         plot_comparison(table, plot)
     return table

@@ -372,6 +372,7 @@ def warn_if_long(setup: EvalSetup, configs: dict[str, Any]) -> float | None:
 
 
 def _protocol_on(setup: EvalSetup, encoder: Encoder, protocol: str, config) -> tuple[dict, dict]:
+    """``(metrics, details)`` of one protocol (one of ``PROTOCOLS``: :func:`run_protocols` checked it)."""
     o = setup.options
     if protocol == "finetune":
         return finetune_metrics(setup, encoder, config)
@@ -383,9 +384,7 @@ def _protocol_on(setup: EvalSetup, encoder: Encoder, protocol: str, config) -> t
         return metrics, {"knn_seconds": round(time.perf_counter() - start, 3)}
     if protocol == "linear":
         return linear_probe_metrics(xtr, ytr, xte, yte, setup.num_classes, config, o.seed, setup.device)
-    if protocol == "fewshot":
-        return fewshot_metrics(xtr, ytr, xte, yte, setup.num_classes, config, o.seed, setup.device)
-    raise ConfigError(f"protocol: unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    return fewshot_metrics(xtr, ytr, xte, yte, setup.num_classes, config, o.seed, setup.device)
 
 
 def run_protocols(setup: EvalSetup, configs: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -487,7 +486,7 @@ def quick_knn(encoder: nn.Module, train_dataset, test_dataset, img_size: int, de
     device = torch.device(device)
     train = labeled_split(train_dataset, "train", QUICK_KNN_MAX_TRAIN, 0)
     test = labeled_split(test_dataset, "test", QUICK_KNN_MAX_TEST, 0)
-    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    num_classes = class_count(train, test)
     feats = []
     for split in (train, test):
         batches = eval_batches(split, img_size, train_dataset.mean, train_dataset.std, device, 256, 2)

@@ -12,15 +12,13 @@ input size: the position embedding resampled bicubically as timm's ``resample_ab
 
 An export is written into a temporary folder next to the target, reloaded and checked there (its
 tensors read back, finite, and the other library's features equal to clmae's), and only then moved
-into place: a failed export leaves nothing behind.
+into place (an earlier export in ``--output`` is swapped out whole, never file by file): a failed
+export leaves nothing behind and the earlier export as it was.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +28,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import atomic
+from .atomic import remove_stale_temp_files
 from .checkpoint import check_finite, load_checkpoint
 from .errors import CheckpointError, ConfigError
 from .images import default_stats
@@ -45,8 +45,6 @@ TIMM_BY_SHAPE = {
     (1280, 32, 16): "vit_huge_patch14_224",
 }
 VERIFY_ATOL = 1e-4
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,9 +141,10 @@ def _source(checkpoint, img_size: int | None = None) -> tuple[Any, dict[str, Any
 def staged_folder(output: str | Path, overwrite: bool) -> Iterator[Path]:
     """A temporary folder beside ``output`` to write into; moved into place when the block succeeds.
 
-    On any error the temporary folder (and any parent folder made for it) is removed, and an
-    existing ``output`` is left as it was. Files and folder get the usual permissions (not mkdtemp's
-    0600/0700). Into an existing folder, the files are moved one by one, each replacing its namesake.
+    :func:`clmae.atomic.staged_folder` with the export's rules: ``output`` must not be a file, and
+    may hold an earlier export only with ``overwrite``. An earlier export is replaced whole (the
+    folder is swapped, other files in it carried over); on any error nothing new is left and an
+    existing ``output`` is as it was. Temporary folders of a killed export of ``output`` are removed.
     """
     out = Path(output)
     if out.exists() and not out.is_dir():
@@ -153,34 +152,12 @@ def staged_folder(output: str | Path, overwrite: bool) -> Iterator[Path]:
     if (out / "model.safetensors").exists() and not overwrite:
         raise ConfigError(f"--output: {out} already holds a model.safetensors; pass --overwrite or choose another "
                           "folder")
-    made = next((p for p in reversed(out.parents) if not p.exists()), None)  # the first folder we create
+    remove_stale_temp_files(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by a killed export of the same folder
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        with atomic.staged_folder(out) as tmp:
+            yield tmp
     except OSError as exc:
-        if made is not None:
-            shutil.rmtree(made, ignore_errors=True)
-        raise ConfigError(f"--output: cannot create {out}: {exc.strerror or exc}") from None
-    try:
-        yield tmp
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~_UMASK)
-        if out.exists():
-            for f in sorted(tmp.iterdir()):
-                os.replace(f, out / f.name)
-            tmp.rmdir()
-        else:
-            os.chmod(tmp, 0o777 & ~_UMASK)
-            os.rename(tmp, out)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if made is not None and not out.exists():
-            shutil.rmtree(made, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise ConfigError(f"--output: cannot write {out}: {exc.strerror or exc}") from None
-        raise
+        raise ConfigError(f"--output: cannot write {out}: {exc.strerror or exc}") from None
 
 
 def _stats(mae, data_info: dict[str, Any]) -> tuple[list[float], list[float]]:

@@ -13,22 +13,19 @@ match exactly; anything else is recomputed and overwritten.
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .atomic import atomic_write
 from .errors import DataError
 from .runtime import autocast
 
 Features = tuple[torch.Tensor, torch.Tensor]  # (features float32 (N, D), labels (N,)), on the CPU
 CACHE_FORMAT = "clmae-features-v1"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 @torch.no_grad()
@@ -64,21 +61,13 @@ def read_cached(file: Path, key: tuple, labels: torch.Tensor | None = None) -> F
 
 def write_cached(file: Path, key: tuple, feats: Features) -> bool:
     """Store ``feats`` under ``key`` in ``file`` atomically; a failure is a warning, not an error."""
-    tmp = None
+    payload = {"format": CACHE_FORMAT, "key": repr(key), "features": feats[0], "labels": feats[1]}
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
-        os.close(fd)
-        torch.save({"format": CACHE_FORMAT, "key": repr(key), "features": feats[0], "labels": feats[1]}, tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, file)
+        atomic_write(file, lambda tmp: torch.save(payload, tmp))
         return True
     except (OSError, RuntimeError) as exc:  # RuntimeError: torch's writer on a full disk
         print(f"clmae: features not cached in {file.parent}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
         return False
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class FeatureCache:

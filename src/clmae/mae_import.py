@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import FORMAT, check_finite, read_weights, split_prefix, weights_file
+from .checkpoint import FORMAT, LAST, check_finite, read_weights, split_prefix, weights_file
 from .errors import CheckpointError
 
 
@@ -68,12 +68,12 @@ def read_mae_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 def _weights_path(path: Path) -> Path:
     """The file a ``--init-from`` path means (a clmae run folder: :func:`~clmae.checkpoint.weights_file`)."""
     if path.is_dir():
-        if any((path / f"checkpoint-last{s}").is_file() for s in (".safetensors", ".pt")):
+        if any((path / f"{LAST}{s}").is_file() for s in (".safetensors", ".pt")):
             path = weights_file(path)  # a clmae run: the same file every other command reads
         elif (path / "model.safetensors").is_file():
             path = path / "model.safetensors"
         else:
-            raise CheckpointError(f"{path}: no checkpoint-last.safetensors or model.safetensors in this folder")
+            raise CheckpointError(f"{path}: no {LAST}.safetensors or model.safetensors in this folder")
     if not path.is_file():
         raise CheckpointError(f"--init-from: {path} not found")
     return path

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import write_bytes, write_text
 from .errors import ConfigError
 from .metrics import read_metrics
 
@@ -440,7 +441,7 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, max_imag
                 continue
             data = png_bytes(fig)
             png = out.with_name(f"{stem}-{name}.png")
-            png.write_bytes(data)
+            write_bytes(png, data)
             written.append(png)
             b64 = base64.b64encode(data).decode("ascii")
             body.append(f"<figure><img alt='{name}' src='data:image/png;base64,{b64}'>"
@@ -459,7 +460,7 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, max_imag
     page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>clmae report: {html.escape(run.run_dir.name)}</title><style>{CSS}</style></head><body>"
             + "\n".join(parts) + "</body></html>\n")
-    out.write_text(page, encoding="utf-8")
+    write_text(out, page)
     return out
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .atomic import write_text
 from .data import dataset_label
 from .errors import ConfigError
 from .version import __version__
@@ -86,23 +86,11 @@ def assemble_report(setup, protocol: str, config, results: dict[str, Any], detai
     }
 
 
-def _write_text(output: Path, text: str) -> None:
-    """Write to a temporary name and rename: a reader never sees half a report."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, output)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_report(report: dict[str, Any], output: str | Path) -> Path:
     """Write ``report`` as indented JSON; an unwritable path is a one-line error naming ``--output``."""
     output = Path(output)
     try:
-        _write_text(output, json.dumps(report, indent=2, default=str) + "\n")
+        write_text(output, json.dumps(report, indent=2, default=str) + "\n")
     except OSError as exc:
         raise ConfigError(f"--output: cannot write {output}: {exc.strerror or exc}; choose another path") from None
     return output
@@ -153,7 +141,7 @@ def summary_table(reports: list[dict[str, Any]]) -> str:
 def write_summary(text: str, output: str | Path) -> Path:
     output = Path(output)
     try:
-        _write_text(output, text + "\n")
+        write_text(output, text + "\n")
     except OSError as exc:
         raise ConfigError(f"cannot write {output}: {exc.strerror or exc}; check the run folder's permissions") from None
     return output

@@ -1,7 +1,8 @@
 """A run's folder and its state on disk: where it goes, what resuming may change, what a checkpoint holds.
 
 * :func:`prepare_output_dir` — create the run folder, refusing to overwrite a run; a folder holding
-  only an earlier start that saved nothing is started over. :func:`discard_unsaved` removes the
+  only an earlier start that saved nothing is started over. Without ``--output-dir`` it claims the
+  first free default name (:func:`default_output_dir`) by creating it. :func:`discard_unsaved` removes the
   folders a run created when it fails before saving anything.
 * :func:`resume_config` — the configuration a ``--resume`` continues with: the saved one, plus the
   few options a resumed run may change (:data:`RESUMABLE_OVERRIDES`); a run killed before its first
@@ -27,6 +28,7 @@ import torch
 
 from .checkpoint import (
     FORMAT,
+    LAST,
     check_finite,
     load_state_checked,
     read_training_state,
@@ -35,7 +37,7 @@ from .checkpoint import (
     save_weights,
     split_prefix,
 )
-from .config import PretrainConfig
+from .config import FIELDS, PretrainConfig, config_from_record
 from .data import dataset_label
 from .errors import CheckpointError, ConfigError
 from .model import default_model
@@ -45,7 +47,6 @@ from .options import flag
 # batch_size/accum_iter may change so the global batch can be kept when the number of GPUs changes.
 RESUMABLE_OVERRIDES = {"device", "num_workers", "progress", "log_every", "eval_every", "save_every", "epochs",
                        "max_nonfinite", "data_dir", "output_dir", "resume", "compile", "batch_size", "accum_iter"}
-LAST = "checkpoint-last"
 CONFIG = "config.json"
 # What a run writes before its first checkpoint: an earlier start that saved nothing left only these.
 EARLY_FILES = ("metrics.jsonl", "tensorboard", "probe", CONFIG)
@@ -85,14 +86,32 @@ class Position:
 # The folder
 
 
-def default_output_dir(cfg: PretrainConfig) -> Path:
-    """``runs/<method>-<data>-<time>``, with ``-2``, ``-3``, … when runs start within the same second."""
-    base = Path("runs") / f"{cfg.method}-{dataset_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return out
+class DefaultRunDir(type(Path())):
+    """The default name of a new run folder, not yet claimed: :func:`prepare_output_dir` takes the first
+    free one of it, ``-2``, ``-3``, … by creating it (one ``mkdir`` decides, so two runs started at once
+    never share a folder)."""
+
+
+def default_output_dir(cfg: PretrainConfig) -> DefaultRunDir:
+    """``runs/<method>-<data>-<time>``, with ``-2``, ``-3``, … when runs start within the same second.
+
+    Only the name: nothing is created (set-up is validated first); :func:`prepare_output_dir` claims it.
+    """
+    return DefaultRunDir("runs", f"{cfg.method}-{dataset_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _claim_new_folder(base: Path) -> Path:
+    """Create and return ``base``, or ``base-2``, ``base-3``, … : the first that did not exist."""
+    base = Path(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            n += 1
 
 
 @dataclass
@@ -123,6 +142,16 @@ def prepare_output_dir(out: Path, resuming: bool) -> OutputFolder:
     A folder holding an earlier start that saved no checkpoint (killed in its first epoch) is
     started over: its metrics, probe and TensorBoard files are removed, with a note.
     """
+    if isinstance(out, DefaultRunDir) and not resuming:  # a new run without --output-dir: always a new folder
+        created = [p for p in out.parents if not p.exists()][::-1]
+        try:
+            claimed = _claim_new_folder(out)
+        except OSError as exc:
+            raise ConfigError(f"--output-dir: cannot create {out}: {exc.strerror}") from None
+        if not os.access(claimed, os.W_OK):
+            raise ConfigError(f"--output-dir: {claimed} is not writable; choose another folder")
+        return OutputFolder(claimed, [*created, claimed])
+    out = Path(out)
     if not resuming and (out / f"{LAST}.pt").exists():
         raise ConfigError(
             f"--output-dir: {out} already holds a run; pass --resume to continue it or choose another --output-dir "
@@ -202,19 +231,31 @@ def _start_over(cfg: PretrainConfig, folder: Path, given: dict[str, Any]) -> Res
         return Resumed(dataclasses.replace(cfg, resume=None, output_dir=str(folder)).validate(), None, note)
     try:
         saved = json.loads(recorded.read_text())["run_config"]
-        config = PretrainConfig(**{**saved, **given, "resume": None, "output_dir": str(folder)})
-    except (ValueError, KeyError, TypeError):
+        config = as_recorded({**saved, **given, "resume": None, "output_dir": str(folder)}, recorded)
+    except (ValueError, KeyError, TypeError, AttributeError, CheckpointError):
         raise ConfigError(f"--resume: {folder} has no checkpoint and its {CONFIG} is not a clmae run's; "
                           "start a new run instead") from None
     return Resumed(config.validate(), None, note)
 
 
+def as_recorded(values: dict[str, Any], source: Path) -> PretrainConfig:
+    """The run configuration ``source`` stored, as the run used it (:func:`~clmae.config.config_from_record`:
+    an option an older clmae did not record ran with its default). An option this clmae does not know
+    (a newer clmae's run) cannot be repeated, and is refused."""
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise CheckpointError(f"{source}: the stored run configuration does not fit this clmae (unknown options "
+                              f"{', '.join(unknown)}); continue the run with the clmae version that started it")
+    return config_from_record(values)
+
+
 def resume_config(cfg: PretrainConfig, overrides: dict[str, Any] | None) -> Resumed:
     """The config to continue with and the resume file: the saved config with the allowed overrides applied.
 
-    An option the user gave that a resumed run cannot change, with a value other than the saved one,
-    is an error naming the saved value. A folder holding only a start killed before its first
-    checkpoint is started over (see :func:`earlier_start`).
+    An option the user gave that a resumed run cannot change, with a value other than the one the run
+    was started with, is an error naming that value; for an option an older clmae did not record, that
+    is its default (:func:`as_recorded`, the one reader of a stored config). A folder holding only a
+    start killed before its first checkpoint is started over (see :func:`earlier_start`).
     """
     given = {k: v for k, v in (overrides or {}).items() if k != "resume"}
     target = resume_target(cfg)
@@ -228,20 +269,19 @@ def resume_config(cfg: PretrainConfig, overrides: dict[str, Any] | None) -> Resu
         mc = state.get("model_config") or {}
         saved.update(model=default_model(str(saved.get("data"))), img_size=saved.get("img_size") or mc.get("img_size"),
                      patch_size=saved.get("patch_size") or mc.get("patch_size"))
+    ran = as_recorded(saved, path)
+    started_with = dataclasses.asdict(ran)  # options the record lacks: the defaults the run used
     for key, value in given.items():
-        if key in RESUMABLE_OVERRIDES or key not in saved:
-            continue
-        if saved[key] != value:
-            raise ConfigError(f"{flag(key)}: the run was started with {saved[key]!r}; a resumed run cannot change it "
-                              "(start a new run instead)")
-    saved.update({k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES})
-    saved["resume"] = str(path)
-    if saved.get("output_dir") is None or "output_dir" not in given:
-        saved["output_dir"] = str(path.parent)
-    try:
-        return Resumed(PretrainConfig(**saved).validate(), path)
-    except TypeError as exc:
-        raise CheckpointError(f"{path}: the stored run configuration does not fit this clmae ({exc})") from None
+        if key not in started_with:
+            raise ConfigError(f"unknown option {key!r}; see `clmae pretrain --help`")
+        if key not in RESUMABLE_OVERRIDES and started_with[key] != value:
+            raise ConfigError(f"{flag(key)}: the run was started with {started_with[key]!r}; a resumed run cannot "
+                              "change it (start a new run instead)")
+    changes = {k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES}
+    changes["resume"] = str(path)
+    if ran.output_dir is None or "output_dir" not in given:
+        changes["output_dir"] = str(path.parent)
+    return Resumed(dataclasses.replace(ran, **changes).validate(), path)
 
 
 # ---------------------------------------------------------------------------------------------
