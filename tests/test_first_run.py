@@ -315,8 +315,8 @@ def test_two_runs_started_at_once_without_output_dir_get_a_folder_each(tmp_path,
     cfg = make_config({"data": "digits"})
     first, second = run_folder.default_output_dir(cfg), run_folder.default_output_dir(cfg)
     assert not (tmp_path / "runs").exists(), "choosing the name must not create anything (validation comes first)"
-    a = run_folder.prepare_output_dir(first, resuming=False)
-    b = run_folder.prepare_output_dir(second, resuming=False)
+    a = run_folder.prepare_output_dir(first, resuming=False, claim_new=True)
+    b = run_folder.prepare_output_dir(second, resuming=False, claim_new=True)
     assert a.path.name == "clmae-digits-20260101-120000" and b.path.name == a.path.name + "-2"
     assert a.created == [Path("runs"), a.path] and b.created == [b.path]
     assert run_folder.discard_unsaved(b) and not b.path.exists() and a.path.is_dir()

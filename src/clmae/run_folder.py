@@ -86,18 +86,12 @@ class Position:
 # The folder
 
 
-class DefaultRunDir(type(Path())):
-    """The default name of a new run folder, not yet claimed: :func:`prepare_output_dir` takes the first
-    free one of it, ``-2``, ``-3``, … by creating it (one ``mkdir`` decides, so two runs started at once
-    never share a folder)."""
-
-
-def default_output_dir(cfg: PretrainConfig) -> DefaultRunDir:
+def default_output_dir(cfg: PretrainConfig) -> Path:
     """``runs/<method>-<data>-<time>``, with ``-2``, ``-3``, … when runs start within the same second.
 
     Only the name: nothing is created (set-up is validated first); :func:`prepare_output_dir` claims it.
     """
-    return DefaultRunDir("runs", f"{cfg.method}-{dataset_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return Path("runs", f"{cfg.method}-{dataset_label(cfg.data)}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def _claim_new_folder(base: Path) -> Path:
@@ -136,13 +130,16 @@ def earlier_start(out: Path) -> bool:
     return bool(names) and names <= set(EARLY_FILES) and (out / CONFIG).is_file()
 
 
-def prepare_output_dir(out: Path, resuming: bool) -> OutputFolder:
+def prepare_output_dir(out: Path, resuming: bool, claim_new: bool = False) -> OutputFolder:
     """Create the run folder; refuse a folder that already holds a run unless resuming it.
 
     A folder holding an earlier start that saved no checkpoint (killed in its first epoch) is
     started over: its metrics, probe and TensorBoard files are removed, with a note.
+    ``claim_new`` (a new run without ``--output-dir``, ``out`` from :func:`default_output_dir`): take the
+    first free one of ``out``, ``out-2``, ``out-3``, … by creating it (one ``mkdir`` decides, so two
+    runs started at once never share a folder).
     """
-    if isinstance(out, DefaultRunDir) and not resuming:  # a new run without --output-dir: always a new folder
+    if claim_new and not resuming:
         created = [p for p in out.parents if not p.exists()][::-1]
         try:
             claimed = _claim_new_folder(out)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import write_text
 from .batches import RankBatches, ShardBatches, map_position, report_skipped_files
 from .callbacks import Callback, RunView
 from .checkpoint import checkpoint_pair_complete
@@ -149,8 +150,8 @@ class Trainer:
         self.batches = self._make_batches()
         self.held_out = None  # the labeled test split of --eval-every, loaded at its first use
         wanted = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
-        self.output_folder = on_main(lambda: prepare_output_dir(wanted, resuming=self.resume_path is not None),
-                                     self.dist)
+        self.output_folder = on_main(lambda: prepare_output_dir(wanted, resuming=self.resume_path is not None,
+                                                                claim_new=not cfg.output_dir), self.dist)
         note = note or self.output_folder.note
         if note and self.dist.is_main:
             print(f"clmae: note: {note}", file=sys.stderr)
@@ -566,7 +567,7 @@ class Trainer:
                 "device": str(self.device), "argv": sys.argv, "world_size": self.dist.world_size,
                 "global_batch": self.cfg.batch_size * self.dist.world_size,
                 "effective_batch": self.cfg.effective_batch_size * self.dist.world_size, "lr": self.lr}
-        (self.output_dir / "config.json").write_text(json.dumps(info, indent=2, default=str))
+        write_text(self.output_dir / "config.json", json.dumps(info, indent=2, default=str))  # never half a file
 
     def save_checkpoint(self, stem: str = LAST) -> Path:
         """Write ``STEM.pt`` and ``STEM.safetensors`` (rank 0 only; the state is the same on every rank)."""
