@@ -169,9 +169,9 @@ def test_masking_step_equals_authors_recipe(tmp_path):
     seen = {}
     original_step, original_opt = trainer._masker_step, trainer.opt_masker.step
 
-    def spy_step(batch, lr, boundary):
+    def spy_step(batch, lr, boundary, **kw):
         seen["ref_loss"], seen["ref_grads"], _ = reference_masking_step(trainer, batch.imgs, 0.7)
-        return original_step(batch, lr, boundary)
+        return original_step(batch, lr, boundary, **kw)
 
     def spy_opt(*a, **kw):
         seen["grads"] = [p.grad.clone() for p in trainer.masker.parameters()]
@@ -196,9 +196,9 @@ def test_masking_step_computes_no_mae_weight_gradients(tmp_path):
     counted = {}
     original = trainer._masker_step
 
-    def count(batch, lr, boundary):
+    def count(batch, lr, boundary, **kw):
         with throughput.flop_counter() as fc:
-            result = original(batch, lr, boundary)
+            result = original(batch, lr, boundary, **kw)
         counted["fast"] = fc.get_total_flops()
         for freeze, key in ((True, "frozen"), (False, "full")):
             with throughput.flop_counter() as fc:
