@@ -66,11 +66,11 @@ def test_images(data: str, data_dir: str | None, channels: int):
     return load_dataset(data, data_dir, "test", channels)
 
 
-@torch.no_grad()
 class MeasureError(Exception):
     """A run folder this script cannot measure (reported as one ``mask_difficulty: error:`` line, exit 2)."""
 
 
+@torch.no_grad()
 def run_masks(mae, masker, run_cfg: dict[str, Any], x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """The visible patches ``(N, K)`` this run's masking strategy picks for the normalised images ``x``.
 
