@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "clmae"
 
 # Bottom to top. A module may import modules of its own layer or below, never above.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundations", ["errors", "version", "options", "atomic"]),
+    ("foundations", ["errors", "version", "options", "atomic", "lazy"]),
     ("runtime and pure pieces", ["runtime", "distributed", "signals", "callbacks", "curriculum", "flops", "losses",
                                  "optim", "metrics", "tool_options", "protocols"]),
     ("images, model, masking", ["images", "augment", "model_configs", "model", "maskers"]),

@@ -10,9 +10,9 @@ is imported from its module when first used (PEP 562), and ``clmae --help`` neve
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .lazy import lazy_attributes
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -30,16 +30,7 @@ _API = {"load_pretrained": "checkpoint", "PretrainConfig": "config", "EvalOption
         "list_models": "model", "Trainer": "trainer", "pretrain": "trainer"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _API:
-        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
-        globals()[name] = value  # later lookups find it directly
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_API))
+__getattr__, __dir__ = lazy_attributes(__name__, _API)
 
 
 __all__ = ["PretrainConfig", "Trainer", "pretrain", "evaluate", "load_pretrained", "create_model", "create_masker",

@@ -23,12 +23,12 @@ names is first used (``from clmae.maskers import LearnedMasker`` works as before
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..lazy import lazy_attributes
 from ..options import check_option, one_of
 from .choices import ATTMASK_VARIANTS
 
@@ -128,16 +128,7 @@ _LAZY = {"Masker": "base", "MaskingBatch": "base", "RandomMasker": "random", "Le
          "mask_from_keep": "indices", "random_keep_indices": "indices", "topk_keep_indices": "indices"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value  # later lookups find it directly
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = ["METHODS", "Method", "Masker", "MaskingBatch", "RandomMasker", "LearnedMasker", "MaskingModule",
