@@ -17,7 +17,6 @@ script only times them. The before/after pair is benchmarks/results/cli_startup_
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling module, also when loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import git_state, write_json  # noqa: E402
 
 COMMANDS: dict[str, list[str]] = {
     "import torch": ["-c", "import torch"],
@@ -40,14 +42,6 @@ COMMANDS: dict[str, list[str]] = {
     "clmae models": ["-m", "clmae", "models"],
 }
 YARDSTICK = "import torch"
-
-
-def git(*args: str) -> str:
-    try:
-        proc = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
-        return proc.stdout.strip()
-    except OSError:
-        return ""
 
 
 def run_once(args: list[str], env: dict[str, str]) -> tuple[float, int]:
@@ -89,8 +83,7 @@ def main() -> None:
         "label": args.label,
         "command": "python " + " ".join(sys.argv),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "commit": git("rev-parse", "HEAD") or None,
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        **git_state(),
         "python": platform.python_version(),
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
@@ -104,9 +97,7 @@ def main() -> None:
     for name, row in rows.items():
         print(f"{name:<{width}}  {row['median_s']:8.3f}   {row['ratio_to_import_torch']:13.2f}  {row['exit_code']:>4}")
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.output}")
+        write_json(args.output, result)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ makes every run slower, so the load is part of the result).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -32,6 +31,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 REPO = Path(__file__).resolve().parents[1]
+if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling module, also when loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import git_state, write_json  # noqa: E402
 
 
 def shape_image(rng: np.random.Generator, size: int, label: int) -> Image.Image:
@@ -117,18 +119,15 @@ def main() -> None:
         make_photos(work / "photos", rng)
     runs = [run(["pretrain", "--data", "shapes28.npz", "--epochs", "2", "--no-progress"], work),
             run(["pretrain", "--data", "photos", "--epochs", "2", "--no-progress"], work)]
-    git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
-    result = {"benchmark": "first_run", "when": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git("rev-parse", "HEAD"),
-              "dirty": bool(git("status", "--porcelain", "--untracked-files=no")), "cpus": os.cpu_count(),
+    result = {"benchmark": "first_run", "when": time.strftime("%Y-%m-%d %H:%M:%S"), **git_state(),
+              "cpus": os.cpu_count(),
               "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
               "workdir": str(work), "runs": runs}
     for r in runs:
         print(f"{r['command']}: exit {r['exit_code']}, {r['wall_s']:.0f} s, {r['model']} at {r['img_size']} px "
               f"({len(r['epoch_lines'])} epoch lines; load {r['load_before'][0]} -> {r['load_after'][0]})")
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.output}")
+        write_json(args.output, result)
 
 
 if __name__ == "__main__":

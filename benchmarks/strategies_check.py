@@ -29,6 +29,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling module, also when loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import git_state, write_json  # noqa: E402
 
 
 def textured_shapes(n: int, size: int = 24, seed: int = 0) -> np.ndarray:
@@ -65,12 +68,6 @@ def textured_shapes(n: int, size: int = 24, seed: int = 0) -> np.ndarray:
             img = np.where(inside[..., None], texture(), img)
         images[i] = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
     return images
-
-
-def git_commit() -> str | None:
-    out = subprocess.run(["git", "--no-optional-locks", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                         check=False)
-    return out.stdout.strip() or None
 
 
 def epoch_losses(run: Path) -> list[float]:
@@ -128,10 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         "methods": results,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared)",
         "load_avg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "commit": git_commit(), "wall_s": round(time.time() - started, 1),
+        "commit": git_state()["commit"], "wall_s": round(time.time() - started, 1),
     }
-    Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_json(args.output, out)
     return 0
 
 

@@ -52,7 +52,9 @@ from clmae.model import model_config
 from clmae.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-
+if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling module, also when loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import git_state  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
@@ -69,18 +71,6 @@ def spread(values: list[float]) -> dict[str, float]:
     q = np.percentile(v, [25, 75]) if len(v) > 1 else (v[0], v[0])
     return {"median": statistics.median(v), "min": v[0], "max": v[-1], "q1": float(q[0]), "q3": float(q[1]),
             "n": len(v)}
-
-
-def git_commit() -> dict[str, Any]:
-    """HEAD and whether the tree has uncommitted changes (read-only git calls)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "--no-optional-locks", *args], cwd=REPO, capture_output=True, text=True,
-                              check=False, timeout=30).stdout.strip()
-    try:
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-        return {"commit": git("rev-parse", "HEAD") or None, "dirty": dirty}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
 
 
 def cpu_name() -> str:
@@ -486,7 +476,7 @@ def summarise(args, reps, flops, peak_flops, memory, device, extra, m: str) -> d
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "cpu_count": os.cpu_count(),
-        **git_commit(),
+        **git_state(),
         "warmup": args.warmup,
         "reps": args.reps,
         "iterations_per_rep": args.masker_every,
@@ -639,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.output)
         res = json.loads(out.read_text())
         res.update(memory_fields({v: measure_memory(args, v) for v in ("mae", *args.method)}, args.method))
-        res["memory_measured_separately"] = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), **git_commit()}
+        res["memory_measured_separately"] = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), **git_state()}
         out.write_text(json.dumps(res, indent=2, default=str) + "\n")
         print_summary(res)
         return 0
