@@ -19,6 +19,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
 
+
+class StopAfterFirstEpoch:
+    """Trainer callback: ask the run to stop once its first epoch (and that epoch's checkpoint) is done,
+    as a Ctrl-C there would; through the public callback API, not by patching the trainer."""
+
+    def on_step(self, run, metrics) -> None:
+        pass
+
+    def on_epoch_end(self, run) -> None:
+        run.request_stop()
+
+
+@pytest.fixture
+def stop_after_first_epoch() -> StopAfterFirstEpoch:
+    """A callback for ``trainer.callbacks``: the run stops after its first epoch (to test resuming)."""
+    return StopAfterFirstEpoch()
+
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "datasets"
 

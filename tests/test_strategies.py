@@ -332,18 +332,12 @@ def full_runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", STRATEGIES)
-def test_strategy_trains_and_resumes_bit_identically(method, full_runs, tmp_path):
+def test_strategy_trains_and_resumes_bit_identically(method, full_runs, tmp_path, stop_after_first_epoch):
     full = full_runs[method]
     losses = [r["loss_mae"] for r in read_metrics(full.metrics) if r["kind"] == "epoch"]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     part = Trainer(make_config(dict(method=method, epochs=3, output_dir=str(tmp_path / "part"), **COMMON)))
-    original = part._end_of_epoch
-
-    def stop_after_first(means):
-        original(means)
-        part.stop_requested = True
-
-    part._end_of_epoch = stop_after_first
+    part.callbacks.append(stop_after_first_epoch)
     part.fit()
     assert part.epoch == 1
     resumed = pretrain(resume=str(tmp_path / "part"), progress=False)

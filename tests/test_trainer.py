@@ -103,18 +103,12 @@ def test_metrics_have_all_terms_and_checkpoints_exist(tmp_path):
     assert state["epoch"] == 2 and set(state) >= {"opt_mae", "opt_masker", "generator", "iteration"}
 
 
-def test_resumed_run_matches_uninterrupted_run(tmp_path):
+def test_resumed_run_matches_uninterrupted_run(tmp_path, stop_after_first_epoch):
     common = dict(data="digits", subset=192, batch_size=32, progress=False, seed=3, warmup_epochs=1)
     full = pretrain(epochs=3, output_dir=str(tmp_path / "full"), **common)
     # The same 3-epoch run, stopped after its first epoch (as a graceful stop would), then resumed.
     part = Trainer(make_config(dict(epochs=3, output_dir=str(tmp_path / "part2"), **common)))
-    original = part._end_of_epoch
-
-    def stop_after_first(means):
-        original(means)
-        part.stop_requested = True
-
-    part._end_of_epoch = stop_after_first
+    part.callbacks.append(stop_after_first_epoch)
     part.fit()
     assert part.epoch == 1
     resumed = pretrain(resume=str(tmp_path / "part2"), progress=False)

@@ -167,18 +167,11 @@ def test_report_says_exactly_what_was_evaluated(run, tmp_path):
     assert report["random_init"]["seed"] == 0 and len(report["random_init"]["architecture"]) == 16
 
 
-def test_stopped_run_reports_epochs_done_not_planned(tmp_path, capsys):
-    class StopAfterFirstEpoch:
-        def on_step(self, run, metrics):
-            pass
-
-        def on_epoch_end(self, run):
-            run.request_stop()
-
+def test_stopped_run_reports_epochs_done_not_planned(tmp_path, capsys, stop_after_first_epoch):
     out = tmp_path / "stopped"
     trainer = Trainer(make_config({"data": "digits", "subset": 128, "batch_size": 64, "epochs": 3, "progress": False,
                                    "probe_every": 0, "snapshot_every": 0, "output_dir": str(out)}))
-    trainer.callbacks.append(StopAfterFirstEpoch())
+    trainer.callbacks.append(stop_after_first_epoch)
     trainer.fit()
     capsys.readouterr()
     assert main(["eval", "knn", "--checkpoint", str(out), "--max-train", "200", "--max-test", "50", "--no-progress",
