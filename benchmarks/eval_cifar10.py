@@ -28,19 +28,19 @@ from pathlib import Path
 
 import torch
 
-from clmae.compare import comparison_table, format_markdown, format_terminal, plot_comparison
-from clmae.evaluation import (
+from clmae.evaluation.compare import comparison_table, format_markdown, format_terminal, plot_comparison
+from clmae.evaluation.protocols import knn_class_scores
+from clmae.evaluation.results import summary_lines
+from clmae.evaluation.runner import (
     EvalOptions,
-    clear_caches,
     prepare,
     protocol_config,
     run_protocol,
 )
-from clmae.model import MODEL_CONFIGS, MaskedAutoencoderViT, ModelConfig
-from clmae.protocols import knn_class_scores
-from clmae.reports import summary_lines
+from clmae.models.configs import MODEL_CONFIGS, ModelConfig
+from clmae.models.mae import MaskedAutoencoderViT
 from clmae.runtime import resolve_device
-from clmae.trainer import pretrain
+from clmae.train.trainer import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 MINI = "vit_mini_patch4_32"
@@ -145,9 +145,9 @@ def evaluate_runs(args, runs: dict[str, dict]) -> list[dict]:
 
 def speed(args, device: torch.device) -> dict:
     """Feature extraction img/s of vit_tiny_patch4_32 and the time of k-NN on 10k × 50k features."""
-    from clmae.data import load_dataset
-    from clmae.features import extract_features
-    from clmae.splits import eval_batches, labeled_split
+    from clmae.data.datasets import load_dataset
+    from clmae.evaluation.features import extract_features
+    from clmae.evaluation.splits import eval_batches, labeled_split
 
     out: dict = {}
     train = load_dataset("cifar10", args.data_dir, "train")
@@ -205,7 +205,6 @@ def main() -> int:
         runs = pretrain_runs(args, runs_dir)
         reports = evaluate_runs(args, runs)
         speed_results = None if args.skip_speed else speed(args, device)
-    clear_caches()
     for report in reports:  # temporary run folders: keep the folder name only
         report["checkpoint"] = str(Path(report["checkpoint"]).name)
 

@@ -69,7 +69,7 @@ class Labeller:
         setattr(obj, attr, labelled)
 
     def wrap_masking_step(self, trainer) -> None:
-        fn = trainer._masker_step
+        fn = trainer.strategy_step
 
         def labelled(*a, **kw):
             self.in_masking_step = True
@@ -79,7 +79,7 @@ class Labeller:
             finally:
                 self.in_masking_step = False
 
-        trainer._masker_step = labelled
+        trainer.strategy_step = labelled
 
     @contextmanager
     def backward_labels(self):
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             lab.wrap(trainer.masker, "keep_indices", "masker_scores")
         if trainer.masker.has_own_step:
             lab.wrap(trainer.masker, "forward", "masker_forward")
-            lab.wrap(trainer, "soft_forward", "soft_forward")
+            lab.wrap(trainer.masker, "soft_forward", "soft_forward")
             lab.wrap(trainer.opt_masker, "step", "optimizer")
             lab.wrap_masking_step(trainer)
         lab.wrap(trainer, "mae_forward", "forward")
@@ -191,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
                 imgs = next(runner.batches)
                 sync(trainer.device)
             with record_function("iteration"):
-                trainer.train_step(imgs, trainer.lr)
+                trainer.train_step([imgs], trainer.lr)
                 sync(trainer.device)
-        trainer.iteration += 1
+        trainer.position.iteration += 1
 
     per_label, per_cat, total = attribute(prof)
     title = (f"{args.method} {args.model} batch {args.batch_size}, {torch.get_num_threads()} thread(s), "

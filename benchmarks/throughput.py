@@ -1,8 +1,8 @@
 """Throughput of one iteration of a masking strategy against one plain-MAE iteration, measured through the trainer.
 
-What is timed is exactly what ``clmae pretrain`` runs: :class:`clmae.trainer.Trainer` objects
+What is timed is exactly what ``clmae pretrain`` runs: :class:`clmae.train.trainer.Trainer` objects
 (``method="mae"`` and one per ``--method``, CL-MAE by default) are built with the same model and
-batch, and each iteration is ``next(batches)`` + ``trainer.train_step(imgs, lr)``, at the middle
+batch, and each iteration is ``next(batches)`` + ``trainer.train_step([imgs], lr)``, at the middle
 of a 100-epoch run (where schedules such as HPM's hard share are half-way). The variants are
 timed interleaved in one process (rep 1: MAE, each strategy, matmul; rep 2: ...), so a noisy
 shared machine hits all of them alike; ratios are medians of per-rep ratios. JSON keys carry the
@@ -45,11 +45,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from clmae.config import PretrainConfig
-from clmae.flops import flop_counter
+from clmae.config import make_config
 from clmae.maskers import METHODS
-from clmae.model import model_config
-from clmae.trainer import Trainer
+from clmae.models.configs import model_config
+from clmae.runtime import flop_counter
+from clmae.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling module, also when loaded by path
@@ -134,14 +134,16 @@ def build_trainer(method: str, args: argparse.Namespace, workdir: Path) -> Train
     if data == "synthetic":
         mc = model_config(args.model)
         data = str(synthetic_npz(workdir, args.batch_size * 2, mc.img_size, mc.in_chans))
-    cfg = PretrainConfig(
-        data=data, data_dir=args.data_dir, subset=args.batch_size * 2 if args.data != "synthetic" else None,
-        method=method, model=args.model, batch_size=args.batch_size, device=args.device, seed=args.seed,
-        masker_every=args.masker_every, masker_batch_fraction=args.masker_batch_fraction, compile=args.compile,
-        epochs=100, warmup_epochs=0, output_dir=str(workdir / f"run-{method}"), progress=False,
-    )
+    own = {"masker_every": args.masker_every, "masker_batch_fraction": args.masker_batch_fraction}
+    cfg = make_config({
+        "data": data, "data_dir": args.data_dir, "subset": args.batch_size * 2 if args.data != "synthetic" else None,
+        "method": method, "model": args.model, "batch_size": args.batch_size, "device": args.device,
+        "seed": args.seed, "compile": args.compile, "epochs": 100, "warmup_epochs": 0,
+        "output_dir": str(workdir / f"run-{method}"), "progress": False,
+        **{k: v for k, v in own.items() if k in METHODS[method].options.keys()},  # CL-MAE's cost knobs
+    })
     trainer = Trainer(cfg)
-    trainer.epoch = cfg.epochs // 2  # mid-run: schedules (HPM's hard share, EMA momenta) half-way
+    trainer.position.epoch = cfg.epochs // 2  # mid-run: schedules (HPM's hard share, EMA momenta) half-way
     return trainer
 
 
@@ -162,7 +164,7 @@ class Runner:
         self.batches = self._batches()
         self.parts: dict[str, float] = {}
         if trainer.masker.has_own_step:
-            self._wrap(trainer, "_masker_step", "masker_step")
+            self._wrap(trainer, "strategy_step", "masker_step")
         if not trainer.masker.uniform:
             self._wrap(trainer.masker, "keep_indices", "masker_scores")
 
@@ -195,8 +197,8 @@ class Runner:
             imgs = next(self.batches)
             sync(self.device)
             t1 = time.perf_counter()
-            self.trainer.train_step(imgs, self.lr)
-            self.trainer.iteration += 1
+            self.trainer.train_step([imgs], self.lr)
+            self.trainer.position.iteration += 1
             sync(self.device)
             t2 = time.perf_counter()
             data += t1 - t0
@@ -209,13 +211,15 @@ class Runner:
     def count_flops(self, count: int) -> dict[str, float]:
         """FLOPs per iteration (and of the masking-module step) over ``count`` eager iterations."""
         t = self.trainer
-        compiled = (t.mae_forward, t.soft_forward, getattr(t.masker, "_compiled_call_impl", None))
+        soft = getattr(t.masker, "soft_forward", None)
+        compiled = (t.mae_forward, soft, getattr(t.masker, "_compiled_call_impl", None))
         if t.cfg.compile:  # count on the eager modules: same maths, and the counter sees every op
             t.mae_forward = getattr(t, "mae_ddp", t.mae)
-            t.soft_forward = t.mae.forward_soft
+            if soft is not None:
+                t.masker.soft_forward = getattr(soft, "_torchdynamo_orig_callable", soft)
             t.masker._compiled_call_impl = None  # what nn.Module.compile() set
         masker_flops = [0]
-        original = t._masker_step
+        original = t.strategy_step
 
         def counted(*a, **kw):
             with flop_counter() as inner:
@@ -224,17 +228,19 @@ class Runner:
             return result
 
         if t.masker.has_own_step:
-            t._masker_step = counted
+            t.strategy_step = counted
         try:
             with flop_counter() as fc:
                 for _ in range(count):
-                    t.train_step(next(self.batches), self.lr)
-                    t.iteration += 1
+                    t.train_step([next(self.batches)], self.lr)
+                    t.position.iteration += 1
         finally:
-            t.mae_forward, t.soft_forward = compiled[:2]
+            t.mae_forward = compiled[0]
+            if soft is not None:
+                t.masker.soft_forward = compiled[1]
             if t.cfg.compile:
                 t.masker._compiled_call_impl = compiled[2]
-            t._masker_step = original
+            t.strategy_step = original
         total = fc.get_total_flops()
         return {"iteration": total / count, "masker_step": masker_flops[0] / count,
                 "mae_step": (total - masker_flops[0]) / count}

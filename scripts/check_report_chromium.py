@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     report = Path(args.report) if args.report else run_dir / "report.html"
     if not report.is_file():
-        from clmae.report import build_report
+        from clmae.viz.report import build_report
 
         report = build_report(run_dir, report)
         print(f"built {report}")

@@ -23,7 +23,7 @@ Kill points (``--faults``):
 * ``enospc``     — not a kill: the N-th write fails with ENOSPC (disk full); the run must stop
   with exit code 2 and a one-line error, the previous checkpoint intact, and resume later.
 
-``time`` kills use the plain CLI; the others run the same CLI (``clmae.cli.main``) through this
+``time`` kills use the plain CLI; the others run the same CLI (``clmae.cli.app``) through this
 script's ``child`` sub-command, which installs the fault first. Usage::
 
     python scripts/soak_kill_resume.py --kills 12          # `make soak`; a few minutes on 2 CPU cores
@@ -86,10 +86,10 @@ def _kill_self() -> None:
 
 def install_fault(kind: str, at: int) -> None:
     """Arm one fault in this process; ``at`` counts from 1 (write number, save number or iteration)."""
-    import clmae.checkpoint as ckpt
+    import clmae.io.checkpoint as ckpt
 
     if kind in ("write-mid", "write-full", "save-gap", "enospc"):
-        real_atomic_write = ckpt.atomic_write
+        real_atomic_write = ckpt.write_run_file
         count = {"n": 0}
         # save-gap: the .safetensors write of the at-th save, which is write 2*at (the .pt comes first).
         target = 2 * at if kind == "save-gap" else at
@@ -114,9 +114,9 @@ def install_fault(kind: str, at: int) -> None:
             return real_atomic_write(path, broken_write)
 
         # save_weights / save_training_state look the writer up in the module at call time.
-        ckpt.atomic_write = faulty_atomic_write
+        ckpt.write_run_file = faulty_atomic_write
     elif kind == "step":
-        from clmae.trainer import Trainer
+        from clmae.train.trainer import Trainer
 
         real_step = Trainer.train_step
         calls = {"n": 0}
@@ -138,7 +138,7 @@ def install_fault(kind: str, at: int) -> None:
 def child_main(argv: list[str]) -> int:
     kind, at = argv[0].split(":")
     install_fault(kind, int(at))
-    from clmae.cli import main
+    from clmae.cli.app import main
 
     return main(argv[1:])
 
@@ -189,7 +189,7 @@ def check(cond: bool, message: str) -> None:
 
 def read_position(run_dir: Path) -> Position | None:
     """Load both checkpoint files the way users do; ``None`` when no checkpoint was written yet."""
-    from clmae.checkpoint import load_pretrained, read_training_state
+    from clmae.io.checkpoint import load_pretrained, read_training_state
 
     pt = run_dir / "checkpoint-last.pt"
     if not pt.exists():
@@ -251,7 +251,7 @@ def final_state(run_dir: Path) -> dict:
     """Everything that must match an uninterrupted run: weights (both files), optimisers, position."""
     import torch
 
-    from clmae.checkpoint import read_training_state, read_weights
+    from clmae.io.checkpoint import read_training_state, read_weights
 
     state = read_training_state(run_dir / "checkpoint-last.pt")
     weights = read_weights(run_dir / "checkpoint-last.safetensors")[0]

@@ -1,4 +1,4 @@
-"""Files and folders appear whole or not at all (clmae.atomic), for every writer that uses it."""
+"""Files and folders appear whole or not at all (clmae.io.atomic), for every writer that uses it."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from clmae import atomic
-from clmae.reports import write_report
+from clmae.evaluation.results import write_report
+from clmae.io import atomic
 
 
 def _umask() -> int:

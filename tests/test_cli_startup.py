@@ -56,7 +56,7 @@ def test_the_whole_parser_builds_and_formats_without_torch():
             "walk(cli.build_parser())\n")
     proc, imported, stderr = run_python("-c", code)
     assert proc.returncode == 0, stderr
-    assert {"clmae.cli", "clmae.config", "clmae.eval_cli", "clmae.maskers", "clmae.tool_options"} <= imported
+    assert {"clmae.cli.app", "clmae.config", "clmae.cli.eval", "clmae.maskers", "clmae.evaluation.options"} <= imported
     assert heavy(imported) == [], "the parser imports modules it does not need"
 
 
@@ -97,9 +97,9 @@ def test_the_lazy_package_still_offers_its_whole_api():
         for name in module.__all__:
             assert getattr(module, name) is not None, name
             assert name in dir(module)
-    from clmae.evaluation import EvalOptions
+    from clmae.evaluation.runner import EvalOptions
 
     assert clmae.EvalOptions is EvalOptions
-    assert maskers.LearnedMasker.__module__ == "clmae.maskers.learned"
+    assert maskers.LearnedMasker.__module__ == "clmae.maskers.clmae"
     with pytest.raises(AttributeError, match="no_such_name"):
         _ = clmae.no_such_name

@@ -1,7 +1,7 @@
 import pytest
 
-from clmae.curriculum import curriculum_factor
 from clmae.errors import ConfigError
+from clmae.maskers.clmae import curriculum_factor
 
 
 def test_official_schedule_for_200_epochs():
@@ -32,3 +32,10 @@ def test_constant_schedules():
 def test_unknown_schedule_is_a_config_error():
     with pytest.raises(ConfigError, match="curriculum"):
         curriculum_factor(0, 10, "cosine")
+
+
+def test_official_schedule_with_an_odd_number_of_epochs():
+    """E = 5: the first ceil(E/2) epochs count down from +1 by 2/E, the rest end on −1; 0 is never hit, the
+    middle value (−0.2) is skipped, as in the authors' formula."""
+    assert [round(curriculum_factor(e, 5), 10) for e in range(5)] == [1.0, 0.6, 0.2, -0.6, -1.0]
+    assert [curriculum_factor(e + 0.99, 5) for e in range(5)] == [curriculum_factor(e, 5) for e in range(5)]

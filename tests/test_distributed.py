@@ -18,14 +18,15 @@ from PIL import Image
 from safetensors.torch import load_file
 from torchvision.transforms import v2
 
-from clmae.batches import RankBatches, ShardBatches, TrainBatches, map_position
 from clmae.config import load_config_file, make_config, preset_names
-from clmae.data import load_dataset
+from clmae.data.augment import random_resized_crop_flip
+from clmae.data.datasets import load_dataset
+from clmae.data.loader import ShardBatches, TrainBatches, augmentation_seed, map_position
+from clmae.data.shards import ShardData, ShardStream, write_shards
 from clmae.distributed import DistContext, split_mean
 from clmae.errors import DataError
-from clmae.model import MODEL_CONFIGS, model_config
-from clmae.shards import ShardData, ShardStream, write_shards
-from clmae.trainer import Trainer
+from clmae.models.configs import MODEL_CONFIGS, model_config
+from clmae.train.trainer import Trainer
 
 TINY = dict(data="digits", model="vit_micro_patch2_8", subset=64, epochs=2, warmup_epochs=0, log_every=1,
             progress=False, probe_every=0, snapshot_every=0, device="cpu", seed=3, save_every=1, num_workers=0)
@@ -112,7 +113,7 @@ def assert_same_weights(wa: dict[str, torch.Tensor], wb: dict[str, torch.Tensor]
 
 def single(options: dict, out: Path, groups: int = 1) -> Path:
     trainer = Trainer(make_config({**options, "batch_size": LOCAL_BATCH * WORLD, "output_dir": str(out)}))
-    trainer.masker_loss_groups = groups
+    trainer.loss_groups = groups
     trainer.fit()
     return out
 
@@ -122,8 +123,8 @@ MASKER_KEYS = ("loss_mae", "loss_masker", "loss_rec", "loss_gauss", "loss_kl", "
 STRATEGIES = ("block", "hpm", "attmask")
 # Schedules that move within 2 epochs: HPM hides predicted-hard patches from the first epoch and its EMA
 # follows closely; AttMask's teacher too. So the EMA copies, the masks and the predictor all matter.
-STRATEGY_OPTIONS = {"hpm_ema_decay": 0.5, "hpm_ema_decay_end": 0.9, "hpm_ema_ramp_epochs": 2.0,
-                    "attmask_momentum": 0.5}
+STRATEGY_OPTIONS = {"block": {}, "hpm": {"hpm_ema_decay": 0.5, "hpm_ema_decay_end": 0.9, "hpm_ema_ramp_epochs": 2.0},
+                    "attmask": {"attmask_momentum": 0.5}}
 STRATEGY_KEYS = {"block": ("loss_mae", "grad_norm"), "attmask": ("loss_mae", "grad_norm"),
                  "hpm": ("loss_mae", "loss_hpm", "grad_norm", "masker_grad_norm")}
 
@@ -136,7 +137,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         {**TINY, "method": "mae", "batch_size": LOCAL_BATCH, "output_dir": str(out["mae2"])},
         {**TINY, "method": "clmae", "batch_size": LOCAL_BATCH, "output_dir": str(out["clmae2"])},
         {**TINY, **FRACTION, "method": "clmae", "batch_size": LOCAL_BATCH, "output_dir": str(out["clmae_fraction2"])},
-        *({**TINY, **STRATEGY_OPTIONS, "method": m, "batch_size": LOCAL_BATCH, "output_dir": str(out[f"{m}2"])}
+        *({**TINY, **STRATEGY_OPTIONS[m], "method": m, "batch_size": LOCAL_BATCH, "output_dir": str(out[f"{m}2"])}
           for m in STRATEGIES),
     ])
     return out
@@ -173,7 +174,7 @@ def test_two_ranks_equal_one_process_clmae_masker_batch_fraction(runs, tmp_path)
 def test_two_ranks_equal_one_process_for_every_strategy(runs, tmp_path, method):
     # Masks drawn for the global batch, EMA copies updated from the averaged weights, HPM's predictor
     # gradients averaged over the ranks and its ranking loss per rank (as DDP's per-GPU loss).
-    one = single({**TINY, **STRATEGY_OPTIONS, "method": method}, tmp_path / method, groups=WORLD)
+    one = single({**TINY, **STRATEGY_OPTIONS[method], "method": method}, tmp_path / method, groups=WORLD)
     assert_same_run(runs[f"{method}2"], one, STRATEGY_KEYS[method])
     saved = weights(runs[f"{method}2"])
     assert any(k.startswith("masker.") for k in saved) == (method != "block")  # EMA copies / predictor saved
@@ -186,16 +187,20 @@ def test_resume_with_other_world_size(runs, tmp_path):
                                    "resume": str(runs["mae2"] / "checkpoint-0001.pt"),
                                    "output_dir": str(tmp_path / "resumed")}),
                       overrides={"batch_size": LOCAL_BATCH * WORLD, "output_dir": str(tmp_path / "resumed")})
-    assert resumed.epoch == 1 and resumed.lr == pytest.approx(LR)
+    assert resumed.position.epoch == 1 and resumed.lr == pytest.approx(LR)
     resumed.fit()
     assert_same_weights(weights(tmp_path / "resumed"), weights(runs["mae2"]), steps=2)
 
 
 def test_rank_batches_split_the_global_batch():
     ds = load_dataset("digits").subset(96)
-    one = list(RankBatches(ds, 32, 8, torch.device("cpu"), 0, 0).epoch(1))
-    # World size 1 is exactly TrainBatches (same order, same augmentation draws).
-    ref = list(TrainBatches(ds, 32, 8, torch.device("cpu"), 0, 0).epoch(1))
+    one = list(TrainBatches(ds, 32, 8, torch.device("cpu"), 0, 0).epoch(1))
+    # World size 1: the epoch's permutation in batches, each cropped with its step's own generator.
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(0 * 100_003 + 1))
+    mean, std = torch.tensor(ds.mean).view(1, -1, 1, 1), torch.tensor(ds.std).view(1, -1, 1, 1)
+    ref = [(random_resized_crop_flip(ds.images[order[32 * s:32 * (s + 1)]], 8,
+                                     torch.Generator().manual_seed(augmentation_seed(0, 1, s))) - mean) / std
+           for s in range(3)]
     assert len(one) == len(ref) == 3
     for a, b in zip(one, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
@@ -203,13 +208,13 @@ def test_rank_batches_split_the_global_batch():
     halves = []
     for rank in range(2):
         ctx = DistContext(rank=rank, world_size=2)
-        batches = RankBatches(ds, 16, 8, torch.device("cpu"), 0, 0, ctx)
+        batches = TrainBatches(ds, 16, 8, torch.device("cpu"), 0, 0, ctx)
         halves.append(list(batches.epoch(1)))
     for step, whole in enumerate(one):
         torch.testing.assert_close(torch.cat([halves[0][step], halves[1][step]]), whole, rtol=0, atol=1e-6)
     # Resuming at step 2 gives the last global batch.
-    late = list(RankBatches(ds, 32, 8, torch.device("cpu"), 0, 0).rank_indices(1, start_step=2))
-    assert late == RankBatches(ds, 32, 8, torch.device("cpu"), 0, 0).rank_indices(1).tolist()[64:]
+    late = list(TrainBatches(ds, 32, 8, torch.device("cpu"), 0, 0).rank_indices(1, start_step=2))
+    assert late == TrainBatches(ds, 32, 8, torch.device("cpu"), 0, 0).rank_indices(1).tolist()[64:]
 
 
 def test_map_position_keeps_images_seen():
@@ -241,7 +246,8 @@ def test_imagenet_presets_carry_the_authors_defaults():
         cfg = make_config(load_config_file(name))
         assert (cfg.model, cfg.batch_size, cfg.epochs, cfg.warmup_epochs, cfg.base_lr, cfg.mask_ratio) == \
             (model, 256, 200, 40, 1e-3, 0.75)
-        assert (cfg.lambda_kl, cfg.lambda_div, cfg.lambda_gauss, cfg.weight_decay) == (0.1, 2.0, 1.0, 0.05)
+        o = cfg.options
+        assert (o.lambda_kl, o.lambda_div, o.lambda_gauss, cfg.weight_decay) == (0.1, 2.0, 1.0, 0.05)
         assert cfg.absolute_lr(8) == pytest.approx(1e-3 * 256 * 8 / 256)
 
 

@@ -13,18 +13,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from clmae.cli import main
-from clmae.compare import compare, format_markdown
+from clmae.cli.app import main
 from clmae.errors import CheckpointError, ConfigError, DataError
-from clmae.evaluation import (
-    EvalOptions,
-    evaluate,
-    prepare,
-    protocol_config,
-    quick_knn,
-    run_protocol,
-)
-from clmae.protocols import (
+from clmae.evaluation.compare import compare, format_markdown
+from clmae.evaluation.protocols import (
     FewShotConfig,
     LinearConfig,
     fewshot_metrics,
@@ -34,11 +26,19 @@ from clmae.protocols import (
     sample_support,
     topk_accuracy,
 )
+from clmae.evaluation.runner import (
+    EvalOptions,
+    evaluate,
+    prepare,
+    protocol_config,
+    quick_knn,
+    run_protocol,
+)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, one_thread):
-    from clmae.trainer import pretrain
+    from clmae.train.trainer import pretrain
 
     out = tmp_path_factory.mktemp("eval") / "run"
     pretrain(data="digits", epochs=1, subset=512, batch_size=64, output_dir=str(out), progress=False,
@@ -186,10 +186,8 @@ def test_cli_eval_knn_end_to_end(run_dir, tmp_path, capsys):
 
 
 def test_features_are_extracted_once_and_random_reference_is_the_pretraining_start(run_dir):
-    from clmae.evaluation import clear_caches
-    from clmae.model import MaskedAutoencoderViT
+    from clmae.models.mae import MaskedAutoencoderViT
 
-    clear_caches()  # other test modules may have extracted the same random encoder's features already
     setup = prepare(run_dir, "digits", options=opts(max_train=300, max_test=100))
     assert len(setup.train) == 300 and len(setup.test) == 100
     enc = setup.encoders[1]
@@ -218,8 +216,8 @@ def test_finetuning_improves_over_the_initial_head(run_dir):
 
 
 def test_layer_decay_groups_scale_by_depth(run_dir):
-    from clmae.checkpoint import load_pretrained
-    from clmae.finetune import ViTClassifier, layer_decay_groups
+    from clmae.evaluation.finetune import ViTClassifier, layer_decay_groups
+    from clmae.io.checkpoint import load_pretrained
 
     mae, _, _ = load_pretrained(run_dir)
     clf = ViTClassifier(mae, 10, "cls", drop_path=0.2)
@@ -255,8 +253,8 @@ def test_folder_dataset_with_a_corrupt_file(run_dir, tmp_path):
 
 
 def test_quick_knn_and_summary_for_make_run(run_dir):
-    from clmae.checkpoint import load_pretrained
-    from clmae.data import load_dataset
+    from clmae.data.datasets import load_dataset
+    from clmae.io.checkpoint import load_pretrained
 
     mae, _, _ = load_pretrained(run_dir)
     train, test = load_dataset("digits", None, "train"), load_dataset("digits", None, "test")

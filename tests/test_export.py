@@ -12,17 +12,17 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from clmae.checkpoint import save_weights
-from clmae.cli import main as cli_main
+from clmae.cli.app import main as cli_main
 from clmae.config import make_config
-from clmae.data import load_dataset
+from clmae.data.datasets import load_dataset
+from clmae.data.images import normalize, resize_images
 from clmae.errors import CheckpointError, ConfigError
-from clmae.export import export_hf, export_timm
-from clmae.images import normalize, resize_images
-from clmae.mae_import import load_mae_checkpoint
+from clmae.io.checkpoint import save_weights
+from clmae.io.export import export_hf, export_timm
+from clmae.io.mae_import import load_mae_checkpoint
 from clmae.maskers import create_masker
-from clmae.model import create_model
-from clmae.trainer import Trainer
+from clmae.models.mae import create_model
+from clmae.train.trainer import Trainer
 
 
 def scrambled(name: str = "vit_micro_patch2_8", seed: int = 0):

@@ -25,17 +25,12 @@ from PIL import Image
 
 from clmae import cli
 from clmae.config import make_config
-from clmae.data import load_dataset, scan_data
+from clmae.data.datasets import load_dataset, scan_data
 from clmae.errors import ConfigError
-from clmae.metrics import read_metrics
-from clmae.model import (
-    MODEL_CONFIGS,
-    MaskedAutoencoderViT,
-    default_model_for,
-    param_count,
-    resolve_model,
-)
-from clmae.trainer import Trainer
+from clmae.io.records import read_metrics
+from clmae.models.configs import MODEL_CONFIGS, default_model_for, param_count, resolve_model
+from clmae.models.mae import MaskedAutoencoderViT
+from clmae.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 # Native size → (model, image size, patch size) without --model.
@@ -215,7 +210,7 @@ def test_a_no_progress_run_prints_a_line_per_epoch_and_a_summary(tmp_path, capsy
 def test_a_run_estimated_at_hours_on_cpu_gets_a_warning_saying_how_to_make_it_smaller():
     from types import SimpleNamespace
 
-    from clmae.console import Console
+    from clmae.train.console import Console
 
     def run_on(device: str):
         return SimpleNamespace(iteration=5, epochs=30, steps_per_epoch=1000, global_batch=64,
@@ -269,7 +264,7 @@ def test_every_kind_of_validation_failure_leaves_no_folder(tmp_path, capsys):
         "no images": (["--data", str(empty)], "no images found"),
         "no readable image": (["--data", str(unreadable)], "4 files skipped: "),
         "sizes": (["--img-size", "9", "--patch-size", "2"], "image size 9 is not divisible by patch size 2"),
-        "batch": (["--subset", "100", "--batch-size", "500"], "fewer than one global batch"),
+        "batch": (["--subset", "100", "--batch-size", "500"], "fewer than --batch-size 500"),
         "init-from": (["--init-from", str(tmp_path / "notes.txt")], "notes.txt: "),  # fails after the folder exists
     }
     for name, (argv, fragment) in cases.items():
@@ -286,17 +281,17 @@ def test_every_kind_of_validation_failure_leaves_no_folder(tmp_path, capsys):
 def test_a_failed_set_up_removes_only_its_own_folder_not_a_run_that_appeared_beside_it(tmp_path, capsys,
                                                                                         monkeypatch):
     """Another run may write into a parent folder this run created: the clean-up keeps it."""
-    import clmae.trainer
+    import clmae.train.build
 
     parent = tmp_path / "runs"
-    real = clmae.trainer.load_mae_checkpoint
+    real = clmae.train.build.load_mae_checkpoint
 
     def meanwhile_another_run_starts(path, model):  # runs after this run created runs/ and runs/mine
         (parent / "theirs").mkdir()
         (parent / "theirs" / "metrics.jsonl").write_text("{}\n")
         return real(path, model)
 
-    monkeypatch.setattr(clmae.trainer, "load_mae_checkpoint", meanwhile_another_run_starts)
+    monkeypatch.setattr(clmae.train.build, "load_mae_checkpoint", meanwhile_another_run_starts)
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     rc = cli.main(["pretrain", "--epochs", "1", "--subset", "64", "--batch-size", "16", *QUIET,
                    "--init-from", str(tmp_path / "notes.txt"), "--output-dir", str(parent / "mine")])
@@ -308,7 +303,7 @@ def test_a_failed_set_up_removes_only_its_own_folder_not_a_run_that_appeared_bes
 def test_two_runs_started_at_once_without_output_dir_get_a_folder_each(tmp_path, monkeypatch):
     """Both chose the default name before either created it: creating the folder is the choice, so the
     second takes ``-2`` instead of sharing the first's folder; a failed set-up removes only what it claimed."""
-    from clmae import run_folder
+    from clmae.train import run_folder
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(run_folder.time, "strftime", lambda fmt: "20260101-120000")
@@ -401,7 +396,7 @@ def test_make_run_evaluates_only_after_a_completed_pretraining(tmp_path, pretrai
 
 
 def test_a_run_recorded_without_its_model_by_an_older_clmae_resumes_with_the_model_it_used(tmp_path, capsys):
-    from clmae.checkpoint import read_training_state, save_training_state
+    from clmae.io.checkpoint import read_training_state, save_training_state
 
     run = tmp_path / "run"
     argv = ["pretrain", "--subset", "64", "--batch-size", "32", "--epochs", "1", *QUIET, "--output-dir", str(run)]
@@ -418,7 +413,7 @@ def test_a_run_recorded_without_its_model_by_an_older_clmae_resumes_with_the_mod
 
 def test_an_option_an_older_clmae_did_not_record_is_checked_against_its_default_on_resume(tmp_path, capsys):
     """It used to be ignored without a word: the resumed run silently kept the default."""
-    from clmae.checkpoint import read_training_state, save_training_state
+    from clmae.io.checkpoint import read_training_state, save_training_state
 
     run = tmp_path / "run"
     argv = ["pretrain", "--subset", "64", "--batch-size", "32", "--epochs", "1", *QUIET, "--output-dir", str(run)]

@@ -5,13 +5,8 @@ import math
 import pytest
 import torch
 
-from clmae.losses import (
-    binarization_loss,
-    diversity_loss,
-    mask_ratio_kl_loss,
-    reconstruction_loss,
-    soft_reconstruction_loss,
-)
+from clmae.maskers.clmae import binarization_loss, diversity_loss, mask_ratio_kl_loss, soft_reconstruction_loss
+from clmae.models.mae import per_patch_error, reconstruction_loss
 
 
 def test_reconstruction_loss_averages_hidden_patches_only():
@@ -26,7 +21,7 @@ def test_soft_reconstruction_weights_by_one_minus_score():
     target = torch.tensor([[[1.0], [2.0]]])  # errors 1 and 4
     scores = torch.tensor([[0.25, 0.5]])  # weights 0.75 and 0.5
     expected = (0.75 * 1 + 0.5 * 4) / (0.75 + 0.5)
-    assert soft_reconstruction_loss(pred, target, scores).item() == pytest.approx(expected)
+    assert soft_reconstruction_loss(per_patch_error(pred, target), scores).item() == pytest.approx(expected)
 
 
 def test_binarization_loss_uses_authors_scale():

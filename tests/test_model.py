@@ -6,15 +6,10 @@ import torch
 
 from clmae.errors import ConfigError
 from clmae.maskers import LearnedMasker, MaskingBatch, RandomMasker, create_masker, mask_from_keep, topk_keep_indices
-from clmae.model import (
-    MODEL_CONFIGS,
-    create_model,
-    gather_tokens,
-    model_config,
-    patchify,
-    sincos_pos_embed_2d,
-    unpatchify,
-)
+from clmae.maskers.clmae import scaled_soft_forward
+from clmae.models.configs import MODEL_CONFIGS, model_config
+from clmae.models.layers import gather_tokens, patchify, sincos_pos_embed_2d, unpatchify
+from clmae.models.mae import create_model
 
 
 def test_patchify_unpatchify_inverse_and_layout():
@@ -115,7 +110,7 @@ def test_soft_forward_with_all_ones_equals_full_encode_decode():
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         full = model.decode(model.encode_tokens(model.embed(x)))
-        soft = model.forward_soft(x, torch.ones(2, 16))
+        soft = scaled_soft_forward(model, x, torch.ones(2, 16), model.embed(x))
     assert torch.allclose(full, soft, atol=1e-6)
 
 

@@ -24,15 +24,9 @@ from timm.models.vision_transformer import Attention
 from torch.overrides import TorchFunctionMode
 
 from clmae.config import make_config
-from clmae.losses import (
-    binarization_loss,
-    diversity_loss,
-    mask_ratio_kl_loss,
-    reconstruction_loss,
-    soft_reconstruction_loss,
-)
-from clmae.model import create_model
-from clmae.trainer import Trainer
+from clmae.maskers.clmae import binarization_loss, diversity_loss, mask_ratio_kl_loss, soft_reconstruction_loss
+from clmae.models.mae import create_model, per_patch_error, reconstruction_loss
+from clmae.train.trainer import Trainer
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -95,10 +89,10 @@ def reference_masking_step(trainer: Trainer, imgs: torch.Tensor, lam: float, fre
     scores = masker.network(tokens)
     pred = sorted_soft_forward(mae, tokens, scores)
     keep = 1.0 - cfg.mask_ratio
-    loss = (lam * soft_reconstruction_loss(pred, mae.target(imgs), scores)
-            + cfg.lambda_gauss * binarization_loss(scores)
-            + cfg.lambda_kl * mask_ratio_kl_loss(scores, keep, cfg.kl_reduction)
-            + cfg.lambda_div * diversity_loop(scores))
+    loss = (lam * soft_reconstruction_loss(per_patch_error(pred, mae.target(imgs)), scores)
+            + cfg.options.lambda_gauss * binarization_loss(scores)
+            + cfg.options.lambda_kl * mask_ratio_kl_loss(scores, keep, cfg.options.kl_reduction)
+            + cfg.options.lambda_div * diversity_loop(scores))
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in masker.parameters()], mae
 
@@ -165,25 +159,14 @@ def test_mae_forward_equals_argsort_shuffle_reference():
 def test_masking_step_equals_authors_recipe(tmp_path):
     """Same loss and the same masking-module gradients as the frozen-backbone, full-backward recipe."""
     trainer = make_trainer(tmp_path, curriculum="constant", curriculum_value=0.7)  # λ = 0.7
-    imgs = first_batch(trainer)
-    seen = {}
-    original_step, original_opt = trainer._masker_step, trainer.opt_masker.step
-
-    def spy_step(batch, lr, boundary, **kw):
-        seen["ref_loss"], seen["ref_grads"], _ = reference_masking_step(trainer, batch.imgs, 0.7)
-        return original_step(batch, lr, boundary, **kw)
-
-    def spy_opt(*a, **kw):
-        seen["grads"] = [p.grad.clone() for p in trainer.masker.parameters()]
-        return original_opt(*a, **kw)
-
-    trainer._masker_step, trainer.opt_masker.step = spy_step, spy_opt
-    out = trainer.train_step(imgs, lr=1e-3)
-
-    assert out["loss_masker"] == pytest.approx(seen["ref_loss"].item(), rel=1e-5)
+    batch = trainer.masking_batch(first_batch(trainer), trainer.progress())
+    ref_loss, ref_grads, _ = reference_masking_step(trainer, batch.imgs, 0.7)
+    out = trainer.strategy_step(batch)
+    assert out["loss_masker"] == pytest.approx(ref_loss.item(), rel=1e-5)
     names = [n for n, _ in trainer.masker.named_parameters()]
-    assert len(seen["grads"]) == len(seen["ref_grads"]) == len(names)
-    for name, g, r in zip(names, seen["grads"], seen["ref_grads"]):
+    grads = [p.grad for p in trainer.masker.parameters()]
+    assert len(grads) == len(ref_grads) == len(names)
+    for name, g, r in zip(names, grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7, msg=name)
     assert all(p.grad is None for p in trainer.mae.parameters())
 
@@ -194,23 +177,16 @@ def test_masking_step_computes_no_mae_weight_gradients(tmp_path):
     trainer = make_trainer(tmp_path, batch_size=8)
     imgs = first_batch(trainer)
     counted = {}
-    original = trainer._masker_step
-
-    def count(batch, lr, boundary, **kw):
+    with throughput.flop_counter() as fc:  # the step as the trainer runs it: embedding the images included
+        trainer.strategy_step(trainer.masking_batch(imgs, trainer.progress()))
+    counted["fast"] = fc.get_total_flops()
+    for freeze, key in ((True, "frozen"), (False, "full")):
         with throughput.flop_counter() as fc:
-            result = original(batch, lr, boundary, **kw)
-        counted["fast"] = fc.get_total_flops()
-        for freeze, key in ((True, "frozen"), (False, "full")):
-            with throughput.flop_counter() as fc:
-                _, _, mae = reference_masking_step(trainer, batch.imgs, 1.0, freeze=freeze)
-            counted[key] = fc.get_total_flops()
-            if not freeze:  # the naive path did fill every MAE weight gradient
-                assert all(p.grad is not None for n, p in mae.named_parameters() if n.endswith("weight")
-                           and "patch_embed" not in n)
-        return result
-
-    trainer._masker_step = count
-    trainer.train_step(imgs, lr=1e-3)
+            _, _, mae = reference_masking_step(trainer, imgs, 1.0, freeze=freeze)
+        counted[key] = fc.get_total_flops()
+        if not freeze:  # the naive path did fill every MAE weight gradient
+            assert all(p.grad is not None for n, p in mae.named_parameters() if n.endswith("weight")
+                       and "patch_embed" not in n)
 
     rows = imgs.shape[0] * (trainer.mae.num_patches + 1)  # every MAE linear sees CLS + all patches
     weight_grad_flops = sum(2 * rows * m.in_features * m.out_features
@@ -223,8 +199,8 @@ def test_masking_step_computes_no_mae_weight_gradients(tmp_path):
 def test_mae_step_scores_patches_without_building_a_graph(tmp_path):
     trainer = make_trainer(tmp_path, masker_every=2)
     batches = trainer.batches.epoch(0)
-    trainer.train_step(next(batches), lr=1e-3)  # iteration 0: both steps
-    trainer.iteration += 1
+    trainer.train_step([next(batches)], lr=1e-3)  # iteration 0: both steps
+    trainer.position.iteration += 1
     saved = []
     original = trainer.masker.keep_indices
 
@@ -235,7 +211,7 @@ def test_mae_step_scores_patches_without_building_a_graph(tmp_path):
         return ids
 
     trainer.masker.keep_indices = spy
-    out = trainer.train_step(next(batches), lr=1e-3)  # iteration 1: MAE step only
+    out = trainer.train_step([next(batches)], lr=1e-3)  # iteration 1: MAE step only
     assert "loss_masker" not in out
     assert saved == []  # the masking module's forward saved nothing for a backward
     assert all(p.grad is None for p in trainer.masker.parameters())
@@ -257,7 +233,7 @@ def test_attention_is_fused_everywhere(tmp_path):
             return func(*args, **(kwargs or {}))
 
     with CountSDPA():
-        trainer.train_step(first_batch(trainer), lr=1e-3)
+        trainer.train_step([first_batch(trainer)], lr=1e-3)
     # MAE step: masker scoring + encoder + decoder; masking step: masker + encoder + decoder.
     assert CountSDPA.calls == 2 * (mc.masker_depth + mc.depth + mc.decoder_depth)
 
@@ -273,14 +249,14 @@ def test_masker_every_updates_the_masker_every_k_iterations(tmp_path):
     for _ in range(7):
         before = [p.detach().clone() for p in trainer.masker.parameters()]
         mae_before = trainer.mae.decoder_pred.weight.detach().clone()
-        out = trainer.train_step(next(batches), lr=1e-3)
-        trainer.iteration += 1
+        out = trainer.train_step([next(batches)], lr=1e-3)
+        trainer.position.iteration += 1
         changed = any(not torch.equal(b, p) for b, p in zip(before, trainer.masker.parameters()))
         updated.append(changed)
         assert changed == ("loss_masker" in out)
         assert not torch.equal(mae_before, trainer.mae.decoder_pred.weight)  # the MAE trains every iteration
     assert updated == [True, False, False, True, False, False, True]
-    assert trainer.masker_updates == 3
+    assert trainer.position.masker_updates == 3
 
 
 def test_masker_batch_fraction_runs_the_masking_step_on_a_sub_batch(tmp_path):
@@ -288,14 +264,14 @@ def test_masker_batch_fraction_runs_the_masking_step_on_a_sub_batch(tmp_path):
     imgs = first_batch(trainer)
     masker_batches, soft_imgs = [], []
     trainer.masker.network.register_forward_hook(lambda m, inp, out: masker_batches.append(inp[0].shape[0]))
-    original_soft = trainer.soft_forward
+    original_soft = trainer.masker.soft_forward  # the masker's public soft path, observed
 
-    def spy_soft(x, scores, tokens=None):
+    def spy_soft(mae, x, scores, tokens):
         soft_imgs.append(x.detach().clone())
-        return original_soft(x, scores, tokens)
+        return original_soft(mae, x, scores, tokens)
 
-    trainer.soft_forward = spy_soft
-    trainer.train_step(imgs, lr=1e-3)
+    trainer.masker.soft_forward = spy_soft
+    trainer.train_step([imgs], lr=1e-3)
     assert masker_batches == [16, 4]  # scoring for the MAE step on the batch, then the masking step on 1/4
     (sub,) = soft_imgs
     assert sub.shape[0] == 4
@@ -317,8 +293,8 @@ def test_compile_gives_the_same_losses_as_eager(tmp_path):
         batches = trainer.batches.epoch(0)
         outs = []
         for _ in range(2):
-            outs.append(trainer.train_step(next(batches), lr=1e-3))
-            trainer.iteration += 1
+            outs.append(trainer.train_step([next(batches)], lr=1e-3))
+            trainer.position.iteration += 1
         results[compiled] = outs
     for eager, comp in zip(results[False], results[True]):
         for key in ("loss_mae", "loss_masker", "loss_rec", "loss_gauss", "loss_kl", "loss_div"):
@@ -330,7 +306,7 @@ def matmuls_in_masking_step(trainer: Trainer, imgs: torch.Tensor) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        trainer._masker_step(trainer.masking_batch(imgs, trainer.progress()), 1e-3, True)
+        trainer.strategy_step(trainer.masking_batch(imgs, trainer.progress()))
     return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
 
 
@@ -342,8 +318,8 @@ def test_compiled_masking_step_runs_no_more_matmuls_than_eager(tmp_path):
     for compiled in (False, True):
         trainer = make_trainer(tmp_path / str(compiled), compile=compiled)
         batches = trainer.batches.epoch(0)
-        trainer.train_step(next(batches), lr=1e-3)  # compiles
-        trainer.iteration += 1
+        trainer.train_step([next(batches)], lr=1e-3)  # compiles
+        trainer.position.iteration += 1
         counts[compiled] = matmuls_in_masking_step(trainer, next(batches))
     assert counts[True] == counts[False]
 

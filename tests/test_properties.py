@@ -9,7 +9,8 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from clmae.checkpoint import (
+from clmae.errors import CheckpointError
+from clmae.io.checkpoint import (
     FORMAT,
     load_pretrained,
     read_training_state,
@@ -17,7 +18,6 @@ from clmae.checkpoint import (
     save_training_state,
     save_weights,
 )
-from clmae.errors import CheckpointError
 from clmae.maskers import (
     LearnedMasker,
     MaskingBatch,
@@ -26,7 +26,9 @@ from clmae.maskers import (
     random_keep_indices,
     topk_keep_indices,
 )
-from clmae.model import MaskedAutoencoderViT, model_config, patchify, unpatchify
+from clmae.models.configs import model_config
+from clmae.models.layers import patchify, unpatchify
+from clmae.models.mae import MaskedAutoencoderViT
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

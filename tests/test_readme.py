@@ -81,7 +81,7 @@ def make_run(folder: Path) -> None:
     (venv / ".installed").touch()  # newer than pyproject.toml: `setup` has nothing to do
     stand_in = venv / "bin" / "clmae"
     stand_in.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO / 'src')!r})\n"
-                        f"from clmae.cli import main\nTINY = {TINY!r}\n"
+                        f"from clmae.cli.app import main\nTINY = {TINY!r}\n"
                         "sys.exit(main(sys.argv[1:] + TINY.get(sys.argv[1], [])))\n")
     stand_in.chmod(0o755)
     proc = subprocess.run(["make", "-s", "-f", str(REPO / "Makefile"), "run", f"VENV={venv}"], cwd=folder,

@@ -24,24 +24,25 @@ import pytest
 import torch
 from PIL import Image
 
-import clmae.checkpoint as ckpt
+import clmae.io.checkpoint as ckpt
 from clmae import cli
-from clmae.checkpoint import (
-    atomic_write,
+from clmae.config import FIELDS, PretrainConfig, load_config_file, make_config
+from clmae.data.datasets import ImageFiles, load_dataset
+from clmae.data.images import open_image
+from clmae.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from clmae.io.checkpoint import (
     checkpoint_pair_complete,
     load_pretrained,
     load_state_checked,
     read_training_state,
     read_weights,
     weights_file,
+    write_run_file,
 )
-from clmae.config import FIELDS, PretrainConfig, load_config_file, make_config
-from clmae.data import ImageFiles, load_dataset
-from clmae.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
-from clmae.images import open_image
-from clmae.metrics import read_metrics
-from clmae.model import create_model
-from clmae.trainer import Trainer
+from clmae.io.records import read_metrics
+from clmae.maskers import option_owners
+from clmae.models.mae import create_model
+from clmae.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("soak_kill_resume", REPO / "scripts" / "soak_kill_resume.py")
@@ -364,7 +365,7 @@ def test_atomic_write_failure_keeps_the_old_file_and_names_the_cause(tmp_path, e
         raise OSError(err, os.strerror(err))
 
     with pytest.raises(CheckpointError) as info:
-        atomic_write(target, write)
+        write_run_file(target, write)
     msg = str(info.value)
     assert os.strerror(err) in msg and str(target) in msg and "\n" not in msg
     assert target.read_bytes() == b"previous checkpoint"
@@ -377,7 +378,7 @@ def test_stale_temp_files_from_a_killed_writer_are_removed_by_the_next_write(tmp
     other = tmp_path / ".checkpoint-last.safetensors.abc123.tmp"  # another file's: left alone
     stale.write_bytes(b"x")
     other.write_bytes(b"y")
-    atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"new"))
+    write_run_file(target, lambda tmp: Path(tmp).write_bytes(b"new"))
     assert target.read_bytes() == b"new"
     assert not stale.exists() and other.exists()
     assert oct(target.stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
@@ -398,7 +399,7 @@ def test_resume_after_a_kill_between_the_final_files_rewrites_the_weights_file(t
     class Killed(BaseException):
         pass
 
-    import clmae.run_folder as run_folder_module
+    import clmae.train.run_folder as run_folder_module
 
     real = run_folder_module.save_weights
     calls = {"n": 0}
@@ -513,7 +514,7 @@ def test_wrong_architecture_names_the_difference(finished_run):
         assert part in msg, msg
     # The masking module scores every patch: another image size is another patch count.
     from clmae.maskers import create_masker
-    from clmae.model import model_config
+    from clmae.models.configs import model_config
 
     bigger = create_masker("clmae", model_config("vit_micro_patch2_8", img_size=16))
     with pytest.raises(CheckpointError, match="16 patches in the checkpoint vs 64 in the model"):
@@ -606,7 +607,7 @@ def test_each_bad_file_is_skipped_with_its_reason_and_good_ones_decode(messy_fol
     d, bad = messy_folder
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", PIXEL_LIMIT)
     files = ImageFiles(d, channels=3, min_side=24)
-    from clmae.images import train_transform
+    from clmae.data.images import train_transform
 
     files.transform = train_transform(8)
     reasons = {}
@@ -720,7 +721,7 @@ def poison_batches(trainer, at: set[int], value: float) -> None:
 
     def epoch(*args, **kwargs):
         for imgs in real(*args, **kwargs):
-            if trainer.iteration + 1 in at:
+            if trainer.position.iteration + 1 in at:
                 imgs = imgs.clone()
                 imgs[0, 0, 0, 0] = value
             yield imgs
@@ -752,7 +753,7 @@ def test_nonfinite_gradient_skips_the_step(tmp_path, monkeypatch):
     trainer.callbacks.append(rec)
     real = torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
-                        lambda params, *a, **k: (torch.tensor(float("inf")) if trainer.iteration == 2
+                        lambda params, *a, **k: (torch.tensor(float("inf")) if trainer.position.iteration == 2
                                                  else real(params, *a, **k)))
     trainer.fit()
     assert rec.metrics[3].get("skipped") == 1.0
@@ -762,7 +763,7 @@ def test_nonfinite_gradient_skips_the_step(tmp_path, monkeypatch):
 
 def test_nonfinite_masker_loss_skips_the_masker_update(tmp_path, monkeypatch):
     """The MAE step came first with a finite loss and stays; the masking module's update is dropped."""
-    import clmae.maskers.learned as trainer_module  # where the masking module's loss terms are assembled
+    import clmae.maskers.clmae as trainer_module  # where the masking module's loss terms are assembled
 
     trainer = Trainer(tiny_config(tmp_path / "run", epochs=1))
     rec = Recorder(trainer)
@@ -771,7 +772,7 @@ def test_nonfinite_masker_loss_skips_the_masker_update(tmp_path, monkeypatch):
 
     def terms(*args, **kwargs):
         out = real(*args, **kwargs)
-        if trainer.iteration == 1:
+        if trainer.position.iteration == 1:
             out["loss_div"] = out["loss_div"] * float("nan")
         return out
 
@@ -803,7 +804,7 @@ def test_repeated_bad_batches_stop_the_run_with_the_last_good_state_saved(tmp_pa
 
 def test_repeated_masker_faults_also_stop_the_run(tmp_path, monkeypatch):
     """A masking module that keeps producing non-finite losses must not be trained around forever."""
-    import clmae.maskers.learned as trainer_module  # where the masking module's loss terms are assembled
+    import clmae.maskers.clmae as trainer_module  # where the masking module's loss terms are assembled
 
     trainer = Trainer(tiny_config(tmp_path / "run", epochs=2, max_nonfinite=3))
     rec = Recorder(trainer)
@@ -812,7 +813,7 @@ def test_repeated_masker_faults_also_stop_the_run(tmp_path, monkeypatch):
 
     def terms(*args, **kwargs):
         out = real(*args, **kwargs)
-        if trainer.iteration >= 5:
+        if trainer.position.iteration >= 5:
             out["loss_rec"] = out["loss_rec"] * float("nan")
         return out
 
@@ -836,7 +837,7 @@ BAD_VALUES = [
     ("model", "vit_nope", "one of vit_base_patch16_224"), ("patch_size", 0, "a positive integer"),
     ("norm_pix_loss", "yes", "type bool"), ("mask_ratio", 0.0, "strictly between 0 and 1"),
     ("mask_ratio", 1.0, "strictly between 0 and 1"), ("mask_ratio", float("nan"), "strictly between 0 and 1"),
-    ("init_from", 5, "a value of type str"), ("curriculum", "random", "one of official"),
+    ("init_from", 5, "a value of type str"), ("curriculum", "random", "'official', 'linear'"),
     ("curriculum_value", float("inf"), "a finite number"), ("lambda_gauss", -1.0, "a finite number >= 0"),
     ("lambda_kl", float("nan"), "a finite number >= 0"), ("lambda_div", float("inf"), "a finite number >= 0"),
     ("kl_reduction", "max", "'sum' or 'mean'"), ("masker_every", 0, ">= 1"),
@@ -857,14 +858,15 @@ BAD_VALUES = [
     ("output_dir", 1, "a value of type str"), ("resume", 1, "a value of type str"), ("save_every", -1, ">= 0"),
     ("log_every", 0, ">= 1"), ("eval_every", -1, ">= 0"), ("max_nonfinite", 0, ">= 1"), ("compile", 1, "type bool"),
     ("probe_every", -5, ">= 0"), ("probe_images", 1, ">= 2"), ("snapshot_every", -1, ">= 0"),
-    ("progress", "no", "type bool"), ("extra", "notes", "a mapping"),
+    ("progress", "no", "type bool"),
 ]
 
 
 @pytest.mark.parametrize("option, value, allowed", BAD_VALUES, ids=[f"{o}={v!r}" for o, v, _ in BAD_VALUES])
 def test_bad_option_value_is_rejected_naming_the_option_and_range(option, value, allowed):
+    method = {"method": option_owners()[option][0]} if option in option_owners() else {}  # a strategy's own option
     with pytest.raises(ConfigError) as info:
-        make_config({option: value})
+        make_config({**method, option: value})
     msg = str(info.value)
     assert msg.startswith(f"--{option.replace('_', '-')}: got "), msg
     assert allowed in msg and "\n" not in msg, msg
@@ -872,7 +874,7 @@ def test_bad_option_value_is_rejected_naming_the_option_and_range(option, value,
 
 def test_every_option_has_a_bad_value_in_the_table():
     covered = {o for o, _, _ in BAD_VALUES}
-    missing = sorted(set(FIELDS) - covered)
+    missing = sorted((set(FIELDS) | set(option_owners())) - covered)
     assert not missing, f"options without a validation test (add a row to BAD_VALUES): {missing}"
 
 

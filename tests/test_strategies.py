@@ -21,19 +21,20 @@ import random
 import pytest
 import torch
 
-from clmae.checkpoint import load_pretrained
 from clmae.config import make_config
-from clmae.data import load_dataset
-from clmae.images import normalize
-from clmae.losses import per_patch_error
+from clmae.data.datasets import load_dataset
+from clmae.data.images import normalize
+from clmae.evaluation.splits import choose_indices, eval_images
+from clmae.io.checkpoint import load_pretrained
+from clmae.io.records import read_metrics
 from clmae.maskers import METHODS, MaskingBatch, create_masker, random_keep_indices
 from clmae.maskers.attmask import cls_attention
 from clmae.maskers.block import block_mask, default_min_patches
+from clmae.maskers.clmae import per_patch_error
 from clmae.maskers.hpm import relative_loss
-from clmae.metrics import read_metrics
-from clmae.model import MaskedAutoencoderViT, model_config
-from clmae.splits import choose_indices, eval_images
-from clmae.trainer import Trainer, pretrain
+from clmae.models.configs import model_config
+from clmae.models.mae import MaskedAutoencoderViT
+from clmae.train.trainer import Trainer, pretrain
 
 STRATEGIES = ("block", "hpm", "attmask")
 
@@ -322,13 +323,14 @@ def test_hpm_predictor_learns_to_rank_held_out_patches(tmp_path):
 
 
 COMMON = dict(data="digits", subset=192, batch_size=32, progress=False, seed=3, warmup_epochs=1, log_every=1,
-              probe_every=3, snapshot_every=1, hpm_ema_ramp_epochs=3.0)
+              probe_every=3, snapshot_every=1)
+OWN = {"hpm": {"hpm_ema_ramp_epochs": 3.0}}  # a strategy's own options: given to that method only
 
 
 @pytest.fixture(scope="module")
 def full_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("strategies")
-    return {m: pretrain(method=m, epochs=3, output_dir=str(root / m), **COMMON) for m in STRATEGIES}
+    return {m: pretrain(method=m, epochs=3, output_dir=str(root / m), **COMMON, **OWN.get(m, {})) for m in STRATEGIES}
 
 
 @pytest.mark.parametrize("method", STRATEGIES)
@@ -336,10 +338,11 @@ def test_strategy_trains_and_resumes_bit_identically(method, full_runs, tmp_path
     full = full_runs[method]
     losses = [r["loss_mae"] for r in read_metrics(full.metrics) if r["kind"] == "epoch"]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
-    part = Trainer(make_config(dict(method=method, epochs=3, output_dir=str(tmp_path / "part"), **COMMON)))
+    part = Trainer(make_config(dict(method=method, epochs=3, output_dir=str(tmp_path / "part"), **COMMON,
+                                    **OWN.get(method, {}))))
     part.callbacks.append(stop_after_first_epoch)
     part.fit()
-    assert part.epoch == 1
+    assert part.position.epoch == 1
     resumed = pretrain(resume=str(tmp_path / "part"), progress=False)
     assert resumed.epochs_done == 3
     a = torch.load(full.checkpoint, weights_only=True)
@@ -353,8 +356,8 @@ def test_strategy_trains_and_resumes_bit_identically(method, full_runs, tmp_path
 
 @pytest.mark.parametrize("method", STRATEGIES)
 def test_strategy_checkpoint_reaches_load_pretrained_visualize_report_and_export(method, full_runs, tmp_path):
-    from clmae import report, visualize
-    from clmae.export import export_timm
+    from clmae.io.export import export_timm
+    from clmae.viz import report, visualize
 
     run = full_runs[method]
     mae, masker, cfg = load_pretrained(run.output_dir)
@@ -412,26 +415,23 @@ def test_the_documented_custom_masker_trains_for_two_epochs(tmp_path, monkeypatc
         METHODS.pop("hardpos", None)
 
 
-def test_strategy_defaults_agree_between_the_config_and_the_python_api():
-    """A strategy's option defaults live on its class (the Python API) and on the config fields (the CLI):
-    the two must be the same numbers, and a config that sets an option must reach the strategy."""
+def test_strategy_options_are_declared_once_and_reach_the_strategy():
+    """A strategy's options live on its options dataclass alone (defaults, checks, help); each field is a flag of
+    its method's group, refused for another method, and a configuration that sets one reaches the strategy."""
     import dataclasses
-    import inspect
 
-    from clmae.config import PretrainConfig
-    from clmae.maskers.attmask import AttentionMasker
-    from clmae.maskers.block import BlockMasker
-    from clmae.maskers.hpm import HardPatchesMasker
+    from clmae.cli import build_parser
+    from clmae.errors import ConfigError
 
-    fields = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
-    checked = set()
-    for prefix, cls in (("block", BlockMasker), ("hpm", HardPatchesMasker), ("attmask", AttentionMasker)):
-        for name, parameter in inspect.signature(cls).parameters.items():
-            if f"{prefix}_{name}" in fields:
-                assert fields[f"{prefix}_{name}"] == parameter.default, f"{prefix}_{name}"
-                checked.add(f"{prefix}_{name}")
-    # Every strategy option of the config is a parameter of its class (none is silently dropped).
-    assert checked == {k for k in fields if k.startswith(("block_", "hpm_", "attmask_"))} and len(checked) == 11
+    pretrain_help = build_parser()._subparsers._group_actions[0].choices["pretrain"].format_help()
+    for method in METHODS.values():
+        for key in method.options.keys():
+            assert f"--{key.replace('_', '-')}" in pretrain_help, key
+        assert dataclasses.fields(method.options) == () or f"--method {method.name} options" in pretrain_help
+        defaults = method.options()
+        assert make_config({"method": method.name}).options == defaults  # the one place the defaults are
+    with pytest.raises(ConfigError, match="--hpm-hard-max applies to --method hpm, not block"):
+        make_config({"method": "block", "hpm_hard_max": 0.3})
 
     c = model_config("vit_micro_patch2_8")
     cfg = make_config({"method": "hpm", "hpm_hard_max": 0.25, "epochs": 7, "model": "vit_micro_patch2_8"})

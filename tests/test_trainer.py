@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from clmae.config import make_config
-from clmae.losses import binarization_loss, diversity_loss, mask_ratio_kl_loss, soft_reconstruction_loss
-from clmae.metrics import read_metrics
-from clmae.trainer import Trainer, pretrain
+from clmae.io.records import read_metrics
+from clmae.runtime import frozen
+from clmae.train.trainer import Trainer, pretrain
 
 
 def tiny_trainer(tmp_path, **options) -> Trainer:
@@ -33,45 +34,53 @@ def test_each_step_updates_only_its_own_part(tmp_path):
     trainer = tiny_trainer(tmp_path)
     imgs = next(iter(trainer.batches.epoch(0)))
     seen = {}
-    original = trainer._masker_step
+    own_step_terms = trainer.masker.own_step_terms  # the strategy's public hook, observed
 
-    def spy(*args, **kwargs):
+    def observed(batch):
         seen["mae_at_masker_step"] = params(trainer.mae)
         seen["masker_at_masker_step"] = params(trainer.masker)
-        result = original(*args, **kwargs)
-        seen["mae_grads"] = [p.grad for p in trainer.mae.parameters()]
-        return result
+        return own_step_terms(batch)
 
-    trainer._masker_step = spy
+    trainer.masker.own_step_terms = observed
     mae0, masker0 = params(trainer.mae), params(trainer.masker)
-    trainer.train_step(imgs, lr=1e-3)
-    # MAE step: the MAE moved, the masking module did not.
+    trainer.train_step([imgs], lr=1e-3)
+    # MAE step first: the MAE moved, the masking module did not.
     assert not same(mae0, seen["mae_at_masker_step"])
     assert same(masker0, seen["masker_at_masker_step"])
-    # Masking-module step: the MAE did not move and got no gradient; the masking module moved.
+    # Masking-module step: the MAE did not move; the masking module moved.
     assert same(seen["mae_at_masker_step"], params(trainer.mae))
-    assert all(g is None for g in seen["mae_grads"])
     assert not same(masker0, params(trainer.masker))
+
+
+def test_each_steps_backward_reaches_only_its_own_part(tmp_path):
+    """The public steps, one at a time: the MAE step gives the masking module no gradient, and the masking
+    module's step gives the MAE none (``backward(inputs=...)``, the MAE frozen)."""
+    trainer = tiny_trainer(tmp_path)
+    imgs = next(iter(trainer.batches.epoch(0)))
+    assert "loss_mae" in trainer.mae_step(trainer.masking_batch(imgs, trainer.progress()))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.mae.parameters())
+    assert all(p.grad is None for p in trainer.masker.parameters())
+    trainer.opt_mae.zero_grad(set_to_none=True)
+    assert "loss_masker" in trainer.strategy_step(trainer.masking_batch(imgs, trainer.progress()))
+    assert all(p.grad is None for p in trainer.mae.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.masker.parameters())
 
 
 def test_masker_gradient_flows_only_through_the_scores(tmp_path):
     """d loss/d θ equals (d loss/d s)·(d s/d θ): the scores are the only path into the masking module."""
     trainer = tiny_trainer(tmp_path)
-    mae, masker, cfg = trainer.mae, trainer.masker, trainer.cfg
+    masker = trainer.masker
     imgs = next(iter(trainer.batches.epoch(0)))
+    batch = trainer.masking_batch(imgs, 0.5)
     theta = list(masker.parameters())
-    with torch.no_grad():
-        tokens = mae.embed(imgs)
 
     def loss_of(scores):
-        pred = mae.forward_soft(imgs, scores, tokens)
-        target = mae.target(imgs)
-        return (0.7 * soft_reconstruction_loss(pred, target, scores) + cfg.lambda_gauss * binarization_loss(scores)
-                + cfg.lambda_kl * mask_ratio_kl_loss(scores, 0.25) + cfg.lambda_div * diversity_loss(scores))
+        with frozen(trainer.mae):
+            return masker.objective(batch, scores)[0]
 
-    scores = masker(tokens)
+    scores = masker(batch.tokens)
     direct = torch.autograd.grad(loss_of(scores), theta)
-    scores = masker(tokens)
+    scores = masker(batch.tokens)
     leaf = scores.detach().requires_grad_(True)
     g_scores = torch.autograd.grad(loss_of(leaf), leaf)[0]
     chained = torch.autograd.grad(scores, theta, grad_outputs=g_scores)
@@ -110,7 +119,7 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, stop_after_first_epoch)
     part = Trainer(make_config(dict(epochs=3, output_dir=str(tmp_path / "part2"), **common)))
     part.callbacks.append(stop_after_first_epoch)
     part.fit()
-    assert part.epoch == 1
+    assert part.position.epoch == 1
     resumed = pretrain(resume=str(tmp_path / "part2"), progress=False)
     assert resumed.epochs_done == 3
     a = torch.load(full.checkpoint, weights_only=True)["weights"]
@@ -187,7 +196,7 @@ def test_a_signal_during_the_final_save_is_handled_gracefully(tmp_path):
     trainer.save_checkpoint = save_with_signal
     result = trainer.fit()  # before the fix: KeyboardInterrupt from the default handler
     assert (result.stopped_by, result.exit_code) == ("request_stop", 128 + signal.SIGINT)
-    assert trainer.iteration == 1 and (trainer.output_dir / "checkpoint-last.pt").is_file()
+    assert trainer.position.iteration == 1 and (trainer.output_dir / "checkpoint-last.pt").is_file()
 
 
 def _window_with_a_bad_second_micro_step(tmp_path, name, method, factor, in_masker_step):
@@ -213,11 +222,7 @@ def _window_with_a_bad_second_micro_step(tmp_path, name, method, factor, in_mask
 
         trainer.mae_forward = scaled
     batches = iter(trainer.batches.epoch(0))
-    metrics = []
-    for _ in range(2):
-        metrics.append(trainer.train_step(next(batches), lr=1e-3))
-        trainer.iteration += 1
-    return trainer, metrics
+    return trainer, trainer.train_step([next(batches), next(batches)], lr=1e-3)  # one iteration, two micro-steps
 
 
 def test_a_non_finite_loss_late_in_an_accumulation_window_keeps_the_earlier_gradients(tmp_path):
@@ -227,9 +232,8 @@ def test_a_non_finite_loss_late_in_an_accumulation_window_keeps_the_earlier_grad
         bad, bad_metrics = _window_with_a_bad_second_micro_step(tmp_path, f"{method}-nan", method, float("nan"),
                                                                 in_masker_step)
         ref, _ = _window_with_a_bad_second_micro_step(tmp_path, f"{method}-zero", method, 0.0, in_masker_step)
-        assert bad_metrics[1].get("skipped") == 1.0 and bad.skipped_steps == 1
-        assert "skipped" not in bad_metrics[0]
-        assert bad.masker_updates == ref.masker_updates == (1 if in_masker_step else 0)
+        assert bad_metrics.get("skipped") == 1.0 and bad.position.skipped_steps == 1  # the second micro-step only
+        assert bad.position.masker_updates == ref.position.masker_updates == (1 if in_masker_step else 0)
         assert same(params(bad.mae), params(ref.mae)), method
         assert same(params(bad.masker), params(ref.masker)), method
         fresh = tiny_trainer(tmp_path / f"{method}-fresh", method=method, subset=64, batch_size=16, accum_iter=2)
@@ -241,7 +245,7 @@ def test_epoch_record_console_line_and_probe_snapshot_give_the_schedule_of_the_e
     """One notion, the values the epoch's last training step used: λ moves every step under the linear curriculum."""
     import math
 
-    from clmae.probe import read_snapshots
+    from clmae.viz.probe import read_snapshots
 
     trainer = tiny_trainer(tmp_path, subset=64, batch_size=16, curriculum="linear", probe_every=1, snapshot_every=1,
                            probe_images=4)
@@ -261,3 +265,32 @@ def test_epoch_record_console_line_and_probe_snapshot_give_the_schedule_of_the_e
         assert snap["epoch"] == e + 1 and snap["curriculum_factor"] == lam
         assert snap["progress"] == e + (steps - 1) / steps
     assert snaps[0]["progress"] == 0.0 and snaps[0]["curriculum_factor"] == 1.0
+
+
+def test_gradient_accumulation_of_two_halves_equals_one_batch_of_both(tmp_path):
+    """``--accum-iter 2`` with batch B is one batch of 2B: the same images and masks give the same loss and the
+    same gradient at the optimiser step (the mean over equal halves is the mean of their means)."""
+    from clmae.maskers import topk_keep_indices
+    from clmae.models.layers import patchify
+
+    one = tiny_trainer(tmp_path / "one", method="mae", subset=64, batch_size=32)
+    two = tiny_trainer(tmp_path / "two", method="mae", subset=64, batch_size=16, accum_iter=2)
+    two.mae.load_state_dict(one.mae.state_dict())
+    x = next(iter(one.batches.epoch(0)))
+    grads = {}
+    for name, t in (("one", one), ("two", two)):
+        # masks from the images' content, so both runs hide the same patches of every image
+        t.masker.keep_indices = lambda b: topk_keep_indices(patchify(b.imgs, 2).sum(-1), b.num_keep)
+        step = t.opt_mae.step
+
+        def captured(*a, name=name, t=t, step=step, **k):
+            grads[name] = [p.grad.clone() for p in t.mae.parameters()]
+            return step(*a, **k)
+
+        t.opt_mae.step = captured
+    out_one = one.train_step([x], lr=1e-3)
+    out_two = two.train_step([x[:16], x[16:]], lr=1e-3)
+    assert out_two["loss_mae"] == pytest.approx(out_one["loss_mae"], rel=1e-6)
+    for a, b in zip(grads["one"], grads["two"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
+    assert any(float(g.abs().sum()) > 0 for g in grads["one"])

@@ -18,14 +18,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import clmae
-from clmae.checkpoint import file_sha256, load_checkpoint, load_pretrained, read_training_state, weights_file
-from clmae.cli import main
+from clmae.cli.app import main
 from clmae.config import make_config
 from clmae.errors import CheckpointError, ConfigError
-from clmae.evaluation import EvalOptions, clear_caches, prepare, run_protocols
-from clmae.model import MaskedAutoencoderViT, create_model
-from clmae.protocols import knn_class_scores, linear_probe_metrics
-from clmae.trainer import Trainer, pretrain
+from clmae.evaluation.protocols import knn_class_scores, linear_probe_metrics
+from clmae.evaluation.runner import EvalOptions, prepare, run_protocols
+from clmae.io.checkpoint import file_sha256, load_checkpoint, load_pretrained, read_training_state, weights_file
+from clmae.models.mae import MaskedAutoencoderViT, create_model
+from clmae.train.trainer import Trainer, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 TENSOR = "mae.blocks.0.attn.qkv.weight"
@@ -116,7 +116,7 @@ def test_nan_in_optimizer_state_is_refused_on_resume(run, tmp_path):
 
 def test_torn_pair_report_takes_everything_from_the_newer_file(tmp_path, monkeypatch):
     """Killed between the two files of epoch 2 of 3: the report's sha256, position and weights are the .pt's."""
-    import clmae.run_folder as run_folder_module
+    import clmae.train.run_folder as run_folder_module
 
     class Killed(BaseException):
         pass
@@ -199,7 +199,6 @@ def test_eval_all_extracts_features_once_per_encoder_and_reuses_the_cache(run, t
     args = ["eval", "all", "--checkpoint", str(run), "--data", "digits", "--max-train", "300", "--max-test", "100",
             "--extract-batch-size", "128", "--no-progress", "--num-workers", "0", "--linear-min-steps", "100",
             "--fewshot-steps", "30", "--fewshot-draws", "2"]
-    clear_caches()
     assert main(args) == 0
     # 300 train images in 3 batches + 100 test images in 1, for each of the two encoders, for all three protocols
     assert sorted(calls.values()) == [4, 4]
@@ -211,9 +210,8 @@ def test_eval_all_extracts_features_once_per_encoder_and_reuses_the_cache(run, t
     cached = sorted(p.name for p in (run / "features").iterdir())
     assert len(cached) == 4 and all(name.endswith(".pt") for name in cached)
 
-    # A new process (memory cleared): the files are reused, no forward pass, the same numbers.
+    # A new command (its own memory): the files are reused, no forward pass, the same numbers.
     calls.clear()
-    clear_caches()
     assert main(args) == 0
     assert calls == {}
     again = json.loads((run / "eval-knn-digits.json").read_text())
@@ -221,18 +219,16 @@ def test_eval_all_extracts_features_once_per_encoder_and_reuses_the_cache(run, t
     assert any(k.endswith("_cached") for k in again["timings"])
 
     # Other pooling or subset: other features. A damaged cache file: recomputed, not trusted.
-    clear_caches()
     victim = run / "features" / cached[0]
     victim.write_bytes(victim.read_bytes()[:100])
     assert main(args) == 0 and sum(calls.values()) == 1  # only the damaged split, one batch of 100 test images
     calls.clear()
-    clear_caches()
     assert main(args + ["--pool", "mean"]) == 0 and sorted(calls.values()) == [4, 4]
     assert len(list((run / "features").iterdir())) == 8
 
 
 def test_feature_cache_refuses_pickled_code(run, tmp_path):
-    from clmae.features import read_cached
+    from clmae.evaluation.features import read_cached
 
     class Evil:
         def __reduce__(self):
@@ -273,7 +269,7 @@ def test_compare_refuses_reports_of_different_test_subsets(run, tmp_path, capsys
 
 
 def test_compare_keeps_a_random_init_row_per_run_unless_provably_the_same(run, tmp_path):
-    from clmae.compare import comparison_table
+    from clmae.evaluation.compare import comparison_table
 
     base = json.loads(knn_report(run, tmp_path / "base.json", max_train=300, max_test=100).read_text())
 
@@ -318,7 +314,7 @@ def test_python_api_writes_the_report_like_the_cli(run, tmp_path, capsys):
     assert not (run / "eval-knn-digits.json").exists()
     names = {f.name for f in dataclasses.fields(EvalOptions)}
     for protocol in ("knn", "linear", "fewshot", "finetune"):  # one keyword, one meaning
-        assert not names & {f.name for f in dataclasses.fields(clmae.evaluation.config_class(protocol))}
+        assert not names & {f.name for f in dataclasses.fields(clmae.evaluation.runner.config_class(protocol))}
     with pytest.raises(ConfigError, match="unknown option.*max_trian"):
         clmae.evaluate("knn", run, "digits", max_trian=300)
     with pytest.raises(ConfigError, match="--max-train"):
@@ -342,7 +338,7 @@ def test_documented_snippets_run(run, tmp_path, monkeypatch):
 
 
 def test_long_evaluations_announce_their_estimate_first(run, capsys, monkeypatch):
-    import clmae.evaluation as ev
+    import clmae.evaluation.runner as ev
 
     setup = prepare(run, "digits", options=opts(max_train=300, max_test=100))
     assert ev.estimate_seconds(setup, {"knn": None}) is None  # surely short: not even timed
@@ -350,7 +346,6 @@ def test_long_evaluations_announce_their_estimate_first(run, capsys, monkeypatch
     assert 0 < rate < float("inf")
     monkeypatch.setattr(ev, "SLOWEST_FLOPS", 0.0)  # pretend every evaluation could be long: time it
     monkeypatch.setattr(ev, "measure_throughput", lambda model, s: 1.0)  # and a slow machine
-    clear_caches()
     capsys.readouterr()
     run_protocols(setup, {"knn": None})
     err = capsys.readouterr().err
@@ -375,7 +370,8 @@ def test_a_32px_checkpoint_evaluates_at_48_and_64_px(tmp_path):
         assert report["features"] == {"pool": "cls", "img_size": size, "pretrain_img_size": 32}
         assert report["results"]["pretrained"]["knn_majority_top1"] > 40.0  # chance: 10
     setup = prepare(out, "digits", options=opts(img_size=48, max_train=500, max_test=200, random_reference=False))
-    config = clmae.evaluation.protocol_config("finetune", epochs=3, warmup_epochs=0.5, crop_scale=1.0, flip=False)
+    config = clmae.evaluation.runner.protocol_config("finetune", epochs=3, warmup_epochs=0.5, crop_scale=1.0,
+                                                     flip=False)
     tuned = run_protocols(setup, {"finetune": config})["finetune"]
     assert tuned["features"]["img_size"] == 48
     # 24 steps from a 1-epoch encoder: measured 9.5 -> 19.5 at 48 px (27.5 at the pretraining size, 32 px)
@@ -467,7 +463,7 @@ def test_linear_probe_comes_within_a_point_of_logistic_regression(run):
 
 
 def test_failed_export_leaves_nothing_and_says_what_differs(run, tmp_path, monkeypatch):
-    import clmae.export as export
+    import clmae.io.export as export
 
     target = tmp_path / "out" / "timm"
     real = export.timm_state_dict

@@ -14,17 +14,20 @@ import torch
 from PIL import Image
 
 from clmae import cli
-from clmae import report as report_mod
-from clmae import visualize as vis
-from clmae.callbacks import RunView
 from clmae.config import make_config
-from clmae.data import load_dataset
+from clmae.data.datasets import load_dataset
+from clmae.data.images import normalize, resize_images
 from clmae.errors import ClmaeError
-from clmae.images import normalize, resize_images
+from clmae.io.records import read_metrics
 from clmae.maskers import Masker, create_masker, topk_keep_indices
-from clmae.metrics import read_metrics
-from clmae.model import create_model, patchify, per_patch_target
-from clmae.probe import (
+from clmae.models.layers import patchify, per_patch_target
+from clmae.models.mae import create_model
+from clmae.train.callbacks import RunView
+from clmae.train.trainer import Trainer
+from clmae.viz import pictures
+from clmae.viz import report as report_mod
+from clmae.viz import visualize as vis
+from clmae.viz.probe import (
     CurriculumProbe,
     keep_overlap,
     pairwise_overlap,
@@ -32,7 +35,6 @@ from clmae.probe import (
     read_snapshots,
     score_entropy,
 )
-from clmae.trainer import Trainer
 
 RUN = dict(data="digits", subset=64, batch_size=32, epochs=2, progress=False, log_every=1, seed=3)
 
@@ -113,7 +115,7 @@ def test_visible_patch_statistics_never_read_hidden_pixels():
     assert torch.allclose(std[0, visible], own_std[0, visible])
     # ... and changing the hidden pixels changes nothing at all.
     y = x.clone()
-    hidden_pixels = vis.pixel_mask(mask, 2).bool()
+    hidden_pixels = pictures.pixel_mask(mask, 2).bool()
     y[hidden_pixels] = torch.randn(int(hidden_pixels.sum()), generator=g) * 10
     mean2, std2 = vis.visible_patch_stats(patchify(y, 2), mask, grid=4)
     assert torch.equal(mean, mean2) and torch.equal(std, std2)
@@ -183,11 +185,12 @@ def test_grid_layout_and_size(tmp_path, method, norm_pix):
     if method == "clmae":
         assert np.asarray(axes["r0c1"].images[0].get_array()).shape == (4, 4)  # the 4×4 score grid
     # Size in pixels: CELL inches per panel, header and caption above/below.
-    path = vis.save_figure(fig, tmp_path / "grid.png")
+    path = pictures.save_figure(fig, tmp_path / "grid.png")
     width, height = Image.open(path).size
-    assert width == round(len(columns) * vis.CELL * vis.DPI)
-    assert 3 * vis.CELL * vis.DPI + vis.HEADER * vis.DPI < height < (3 * vis.CELL + vis.HEADER + 1.5) * vis.DPI
-    assert (width, height) == tuple(round(v * vis.DPI) for v in fig.get_size_inches())
+    assert width == round(len(columns) * pictures.CELL * pictures.DPI)
+    cell, dpi, header = pictures.CELL, pictures.DPI, pictures.HEADER
+    assert 3 * cell * dpi + header * dpi < height < (3 * cell + header + 1.5) * dpi
+    assert (width, height) == tuple(round(v * pictures.DPI) for v in fig.get_size_inches())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +399,7 @@ def test_visualize_and_report_commands(runs, tmp_path):
                         "--output", str(tmp_path / "v.png"), "--device", "cpu"])
     assert args.func(args) == 0
     width, height = Image.open(tmp_path / "v.png").size
-    assert width == round(6 * vis.CELL * vis.DPI) and height > 2 * vis.CELL * vis.DPI
+    assert width == round(6 * pictures.CELL * pictures.DPI) and height > 2 * pictures.CELL * pictures.DPI
     args = _parse(["report", str(run), "--output", str(tmp_path / "rep" / "r.html")])
     assert args.func(args) == 0
     assert (tmp_path / "rep" / "r.html").is_file() and (tmp_path / "rep" / "r-curriculum.png").is_file()

@@ -61,7 +61,7 @@ def random_keeps(n: int, num_patches: int, num_keep: int, draws: int, seed: int)
 @functools.lru_cache(maxsize=4)
 def test_images(data: str, data_dir: str | None, channels: int):
     """The test split, loaded once per dataset for all arms and seeds."""
-    from clmae.data import load_dataset
+    from clmae.data.datasets import load_dataset
 
     return load_dataset(data, data_dir, "test", channels)
 
@@ -74,10 +74,10 @@ class MeasureError(Exception):
 def run_masks(mae, masker, run_cfg: dict[str, Any], x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """The visible patches ``(N, K)`` this run's masking strategy picks for the normalised images ``x``.
 
-    ``masker`` is what :func:`clmae.checkpoint.load_pretrained` returned (the strategy with its saved state);
+    ``masker`` is what :func:`clmae.io.checkpoint.load_pretrained` returned (the strategy with its saved state);
     it chooses as it would in its last epoch (schedules such as HPM's hard share at their last value).
     """
-    from clmae.visualize import strategy_masks
+    from clmae.maskers.base import strategy_masks
 
     if masker is None:
         raise MeasureError(f"the {run_cfg['method']} checkpoint gave no masker to measure; is it a run of this study?")
@@ -97,8 +97,8 @@ def random_masks(run_cfg: dict[str, Any]) -> bool:
 @torch.no_grad()
 def measure(run_dir: Path, reference: torch.nn.Module, images: int, draws: int) -> dict[str, float]:
     """The four numbers of one arm and seed; ``reference`` is the seed's random-mask MAE."""
-    from clmae.checkpoint import load_pretrained
-    from clmae.images import normalize, resize_images
+    from clmae.data.images import normalize, resize_images
+    from clmae.io.checkpoint import load_pretrained
 
     mae, masker, cfg = load_pretrained(run_dir)
     test = test_images(cfg["data"], cfg.get("data_dir"), mae.config.in_chans)
@@ -148,7 +148,7 @@ def measure_study(args: argparse.Namespace) -> int:
     if args.reference not in arms:
         print(f"mask_difficulty: error: no {args.reference!r} arm in {path}", file=sys.stderr)
         return 2
-    from clmae.checkpoint import load_pretrained
+    from clmae.io.checkpoint import load_pretrained
 
     table: dict[str, dict[str, Any]] = {arm: {} for arm in arms if arm != args.reference}
     uniform = set()

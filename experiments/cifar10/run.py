@@ -165,8 +165,8 @@ def count_flops_per_iteration(values: dict[str, Any], iterations: int, device: s
     The probe and the k-NN passes are off; they are measurement, not training.
     """
     from clmae.config import make_config
-    from clmae.flops import flop_counter
-    from clmae.trainer import Trainer
+    from clmae.runtime import flop_counter
+    from clmae.train.trainer import Trainer
 
     counter = flop_counter()
     with tempfile.TemporaryDirectory(prefix="clmae-study-flops-") as tmp:
@@ -179,8 +179,8 @@ def count_flops_per_iteration(values: dict[str, Any], iterations: int, device: s
             trainer.callbacks.append(StopAfter(iterations))
             with counter:
                 trainer.fit()
-        if trainer.iteration != iterations:
-            raise RuntimeError(f"FLOP count ran {trainer.iteration} iterations, expected {iterations}")
+        if trainer.position.iteration != iterations:
+            raise RuntimeError(f"FLOP count ran {trainer.position.iteration} iterations, expected {iterations}")
     return counter.get_total_flops() / iterations
 
 
@@ -334,9 +334,9 @@ def study_values(plan_values: dict[str, Any], seed: int, run_dir: Path, data_dir
 
 def train_arm(arm: str, seed: int, values: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Pretrain one arm (or resume it); return wall-clock and throughput."""
-    from clmae.checkpoint import LAST, read_training_state
     from clmae.config import make_config
-    from clmae.trainer import Trainer
+    from clmae.io.checkpoint import LAST, read_training_state
+    from clmae.train.trainer import Trainer
 
     values = dict(values)
     marker = run_dir / "study-run.json"
@@ -362,10 +362,10 @@ def train_arm(arm: str, seed: int, values: dict[str, Any], run_dir: Path) -> dic
     clock = TimingFile(timing_file, spent)
     trainer.callbacks.append(clock)
     result = trainer.fit()
-    if trainer.epoch < trainer.cfg.epochs:
-        raise StudyStopped(f"{arm} seed {seed} stopped at epoch {trainer.epoch}/{trainer.cfg.epochs}",
+    if trainer.position.epoch < trainer.cfg.epochs:
+        raise StudyStopped(f"{arm} seed {seed} stopped at epoch {trainer.position.epoch}/{trainer.cfg.epochs}",
                            result.exit_code or 130)
-    return clock.write(trainer)
+    return clock.write(trainer.view)
 
 
 def same_evaluation(report: dict[str, Any], sha: str, config: Any, options: Any) -> bool:
@@ -384,15 +384,16 @@ def same_evaluation(report: dict[str, Any], sha: str, config: Any, options: Any)
 
 
 def evaluate_arm(run_dir: Path, evaluation: dict[str, Any], data: str, data_dir: str | None, device: str,
-                 reference: bool = True) -> dict[str, dict[str, Any]]:
+                 reference: bool = True, caches: Any = None) -> dict[str, dict[str, Any]]:
     """k-NN (both protocols), linear probe and n-shot on the run's checkpoint, cached as JSON.
 
     ``reference``: also evaluate the random-init encoder. Every arm of a seed starts from the same
     weights (same model, same seed), so the study evaluates that encoder once per seed, with the first arm.
+    ``caches``: the study's :class:`clmae.evaluation.runner.EvalCaches` (the data is decoded once per study).
     """
-    from clmae import evaluation as ev
-    from clmae.checkpoint import file_sha256, weights_file
-    from clmae.reports import write_report
+    from clmae.evaluation import runner as ev
+    from clmae.evaluation.results import write_report
+    from clmae.io.checkpoint import file_sha256, weights_file
 
     options = ev.EvalOptions(max_train=evaluation.get("max_train"), max_test=evaluation.get("max_test"),
                              progress=False, random_reference=reference, device=device)
@@ -407,7 +408,7 @@ def evaluate_arm(run_dir: Path, evaluation: dict[str, Any], data: str, data_dir:
                 reports[protocol] = cached
                 continue
         if setup is None:
-            setup = ev.prepare(run_dir, data, data_dir, options)
+            setup = ev.prepare(run_dir, data, data_dir, options, caches=caches)
         reports[protocol] = ev.run_protocol(setup, protocol, config)
         write_report(reports[protocol], out)
     return reports
@@ -416,7 +417,7 @@ def evaluate_arm(run_dir: Path, evaluation: dict[str, Any], data: str, data_dir:
 def collect_curves(run_dir: Path) -> dict[str, Any]:
     """The run's curriculum and k-NN curves from metrics.jsonl, so results.json alone can redraw curves.png;
     also the median training throughput of its log windows."""
-    from clmae.metrics import read_metrics
+    from clmae.io.records import read_metrics
 
     records = read_metrics(run_dir / "metrics.jsonl")
     probe_keys = ("step", "epoch", "curriculum_factor", "mask_difficulty", "mask_difficulty_shuffled",
@@ -457,7 +458,7 @@ def training_images(data: str, data_dir: str | None) -> int:
     """How many training images ``--data`` has, checked up front: the study needs in-memory images (shared
     crops) with labels in both splits (evaluation). An npz is checked from its zip directory and array header,
     without decompressing it; anything unreadable is left to the library's loader and its error."""
-    from clmae.data import data_dirs, load_dataset
+    from clmae.data.datasets import data_dirs, load_dataset
 
     if data == "digits":
         return len(load_dataset(data, data_dir, "train"))
@@ -595,6 +596,9 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
             "estimate": est, "arms": {},
         }
         (out / "results.json").write_text(json.dumps(results, indent=2))  # the FLOP cache survives an interrupt
+        from clmae.evaluation.runner import EvalCaches
+
+        caches = EvalCaches()  # the study's: every arm is evaluated on the same data
         for seed in seeds:  # seed-major: a study cut short still has every arm for the first seeds
             for arm in arms:
                 run_dir = out / "runs" / f"{arm}-s{seed}"
@@ -603,7 +607,7 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
                 timing = train_arm(arm, seed, values, run_dir)
                 print(f"[study] {arm} seed {seed}: evaluating", file=sys.stderr)
                 reports = evaluate_arm(run_dir, cfg["evaluation"], data, data_dir, device,
-                                       reference=arm == arms[0])
+                                       reference=arm == arms[0], caches=caches)
                 metrics = {p: {"pretrained": r["results"]["pretrained"], "random_init": r["results"].get("random_init")}
                            for p, r in reports.items()}
                 results["arms"].setdefault(arm, {})[str(seed)] = {"run_dir": str(run_dir.relative_to(out)),

@@ -16,18 +16,20 @@ from .lazy import lazy_attributes
 from .version import __version__
 
 if TYPE_CHECKING:
-    from .checkpoint import load_pretrained
     from .config import PretrainConfig
-    from .evaluation import evaluate, evaluate_all
+    from .evaluation.options import EvalOptions
+    from .evaluation.runner import evaluate, evaluate_all
+    from .io.checkpoint import load_pretrained
     from .maskers import create_masker
-    from .model import create_model, list_models
-    from .tool_options import EvalOptions
-    from .trainer import Trainer, pretrain
+    from .models.configs import list_models
+    from .models.mae import create_model
+    from .train.trainer import Trainer, pretrain
 
 # The API's names and the module each is imported from on first use.
-_API = {"load_pretrained": "checkpoint", "PretrainConfig": "config", "EvalOptions": "tool_options",
-        "evaluate": "evaluation", "evaluate_all": "evaluation", "create_masker": "maskers", "create_model": "model",
-        "list_models": "model", "Trainer": "trainer", "pretrain": "trainer"}
+_API = {"load_pretrained": "io.checkpoint", "PretrainConfig": "config", "EvalOptions": "evaluation.options",
+        "evaluate": "evaluation.runner", "evaluate_all": "evaluation.runner", "create_masker": "maskers",
+        "create_model": "models.mae", "list_models": "models.configs", "Trainer": "train.trainer",
+        "pretrain": "train.trainer"}
 
 
 __getattr__, __dir__ = lazy_attributes(__name__, _API)

@@ -3,13 +3,14 @@
 Each field is a ``clmae pretrain`` flag (``batch_size`` → ``--batch-size``) and carries its help text,
 so the CLI, the docs and the error messages read one definition. The config holds what the user
 asked for; values resolved at run time (the model chosen for the data, the output folder, the
-warmup length) live in :class:`clmae.run_folder.RunState`.
+warmup length) live in :class:`clmae.train.run_folder.RunState`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,13 +18,11 @@ from typing import Any
 
 import yaml
 
-from .curriculum import SCHEDULES
 from .errors import ConfigError
-from .maskers import ATTMASK_VARIANTS, METHODS
-from .model_configs import MODEL_CONFIGS
+from .maskers import DEFAULT_METHOD, METHODS, option_owners
+from .maskers.options import StrategyOptions
+from .models.configs import MODEL_CONFIGS
 from .options import DEVICE_CHOICES, check_option, flag, one_of, opt
-
-KL_REDUCTIONS = ("sum", "mean")
 
 
 @dataclass
@@ -38,8 +37,9 @@ class PretrainConfig:
                                      "given alone, the model and patch size follow it")
     num_workers: int = opt(2, "DataLoader workers for image folders")
     # method and model
-    method: str = opt("clmae", "masking strategy: clmae (learned curriculum masking), mae (random), block (BEiT), "
-                               "hpm (hard patches mining) or attmask (attention-guided); see `clmae methods`")
+    method: str = opt(DEFAULT_METHOD, "masking strategy: clmae (learned curriculum masking), mae (random), block "
+                                      "(BEiT), hpm (hard patches mining) or attmask (attention-guided); see `clmae "
+                                      "methods`")
     model: str | None = opt(None, "named configuration, see `clmae models` (default: chosen from the data's image "
                                   "size)")
     patch_size: int | None = opt(None, "patch size in px (default: the model's); given alone, the image size is the "
@@ -48,34 +48,6 @@ class PretrainConfig:
     mask_ratio: float = opt(0.75, "fraction of patches hidden from the encoder, in (0, 1)")
     init_from: str | None = opt(None, "start from an MAE checkpoint (facebookresearch/mae .pth, clmae run, or timm "
                                       "export)")
-    # CL-MAE masking module
-    curriculum: str = opt("official", "λ schedule: official (per epoch, +1→−1), linear (per step), constant, "
-                                      "partner, neutral, adversary")
-    curriculum_value: float = opt(1.0, "λ for --curriculum constant")
-    lambda_gauss: float = opt(1.0, "weight of the binarization (Gaussian) loss")
-    lambda_kl: float = opt(0.1, "weight of the mask-ratio KL loss")
-    lambda_div: float = opt(2.0, "weight of the diversity loss")
-    kl_reduction: str = opt("sum", "sum (authors') or mean of the KL loss over the batch")
-    masker_every: int = opt(1, "update the masking module every K iterations (1 = authors')")
-    masker_batch_fraction: float = opt(1.0, "masking-module step on this random fraction of the batch (1 = authors')")
-    # block masking (BEiT), --method block
-    block_min_patches: int | None = opt(None, "smallest block, in patches (default (grid//3)², BEiT's 16 on 14x14)")
-    block_max_patches: int | None = opt(None, "largest block, in patches (default: no limit, BEiT's)")
-    block_min_aspect: float = opt(0.3, "blocks' aspect ratios lie between this and its inverse (BEiT's 0.3)")
-    # HPM, --method hpm
-    hpm_hard_max: float = opt(0.5, "share of the hidden patches chosen by predicted loss in the last epoch; it grows "
-                                   "linearly from 0 (HPM's 0.5)")
-    hpm_loss_weight: float = opt(1.0, "weight of the loss predictor's ranking loss in the MAE step (HPM's 1)")
-    hpm_ema_decay: float = opt(0.999, "EMA decay of the model that chooses the masks, at the start (HPM's 0.999)")
-    hpm_ema_decay_end: float = opt(0.9999, "EMA decay reached after --hpm-ema-ramp-epochs (HPM's 0.9999)")
-    hpm_ema_ramp_epochs: float = opt(100.0, "epochs over which the EMA decay rises (HPM's 100, however long the run; "
-                                            "set it to --epochs to scale it to the run, 0: the end value throughout)")
-    # AttMask, --method attmask
-    attmask_prob: float = opt(0.5, "share of the images masked by the teacher's attention; the others get random "
-                                   "masks (AttMask's 0.5)")
-    attmask_momentum: float = opt(0.996, "teacher (EMA encoder) momentum at the start, rising to 1 on a cosine "
-                                         "(AttMask's 0.996)")
-    attmask_variant: str = opt("high", "high: hide the most attended patches (AttMask's); low: the least attended")
     # optimisation
     epochs: int = opt(30, "training epochs")
     batch_size: int = opt(64, "images per iteration (per device)")
@@ -95,13 +67,19 @@ class PretrainConfig:
     eval_every: int = opt(0, "quick k-NN evaluation every N epochs (0 = off)")
     max_nonfinite: int = opt(5, "stop after this many non-finite steps in a row")
     compile: bool = opt(False, "torch.compile the model and the masking module")
-    # curriculum probe (clmae.probe): difficulty of the learned masks on a fixed batch
+    # curriculum probe (clmae.viz.probe): difficulty of the learned masks on a fixed batch
     probe_every: int = opt(50, "iterations between curriculum-probe measurements (mask_difficulty etc.; 0 = off)")
     probe_images: int = opt(16, "fixed training images the curriculum probe measures on")
     snapshot_every: int | None = opt(None, "save the probe images' scores and masks every N epochs (0 = off; "
                                            "default: about 10 per run)")
     progress: bool = opt(True, "show a progress bar")
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with the run
+    # The method's own options (clmae.maskers.options; the flags of its group in `clmae pretrain --help`);
+    # None: the method's defaults.
+    options: StrategyOptions | None = field(default=None, metadata={"help": "the masking strategy's options"})
+
+    def __post_init__(self) -> None:
+        if self.options is None and self.method in METHODS:
+            self.options = METHODS[self.method].options()
 
     @property
     def effective_batch_size(self) -> int:
@@ -119,7 +97,9 @@ class PretrainConfig:
         return max(1, math.ceil(self.epochs / 10)) if self.snapshot_every is None else self.snapshot_every
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every option as one flat mapping of configuration keys (what config.json and checkpoints record)."""
+        values = {name: getattr(self, name) for name in FIELDS}
+        return {**values, **(self.options.to_values() if self.options is not None else {})}
 
     def validate(self) -> PretrainConfig:
         """Check every option; the error names the option and its allowed range."""
@@ -129,26 +109,11 @@ class PretrainConfig:
 
         need(self.method in METHODS, "method", one_of(METHODS))
         need(0.0 < self.mask_ratio < 1.0, "mask_ratio", "a number strictly between 0 and 1")
-        need(self.curriculum in SCHEDULES, "curriculum", "one of " + ", ".join(SCHEDULES))
-        need(math.isfinite(self.curriculum_value), "curriculum_value", "a finite number")
-        for name in ("lambda_gauss", "lambda_kl", "lambda_div"):
-            need(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, "a finite number >= 0")
-        need(self.kl_reduction in KL_REDUCTIONS, "kl_reduction", "'sum' or 'mean'")
-        need(self.masker_every >= 1, "masker_every", "an integer >= 1")
-        need(0.0 < self.masker_batch_fraction <= 1.0, "masker_batch_fraction", "a number in (0, 1]")
-        need(self.block_min_patches is None or self.block_min_patches >= 1, "block_min_patches", "an integer >= 1")
-        need(self.block_max_patches is None or self.block_max_patches >= (self.block_min_patches or 1),
-             "block_max_patches", "an integer >= --block-min-patches (and >= 1)")
-        need(0.0 < self.block_min_aspect <= 1.0, "block_min_aspect", "a number in (0, 1]")
-        need(0.0 <= self.hpm_hard_max <= 1.0, "hpm_hard_max", "a number in [0, 1]")
-        need(math.isfinite(self.hpm_loss_weight) and self.hpm_loss_weight >= 0, "hpm_loss_weight",
-             "a finite number >= 0")
-        for name in ("hpm_ema_decay", "hpm_ema_decay_end", "attmask_momentum"):
-            need(0.0 <= getattr(self, name) <= 1.0, name, "a number in [0, 1]")
-        need(math.isfinite(self.hpm_ema_ramp_epochs) and self.hpm_ema_ramp_epochs >= 0, "hpm_ema_ramp_epochs",
-             "a finite number >= 0")
-        need(0.0 <= self.attmask_prob <= 1.0, "attmask_prob", "a number in [0, 1]")
-        need(self.attmask_variant in ATTMASK_VARIANTS, "attmask_variant", one_of(ATTMASK_VARIANTS))
+        expected = METHODS[self.method].options
+        if type(self.options) is not expected:
+            raise ConfigError(f"options: --method {self.method} takes {expected.__name__}, got "
+                              f"{type(self.options).__name__}")
+        self.options.validate()
         need(self.epochs >= 1, "epochs", "an integer >= 1")
         need(self.batch_size >= 1, "batch_size", "an integer >= 1")
         need(self.accum_iter >= 1, "accum_iter", "an integer >= 1")
@@ -173,18 +138,37 @@ class PretrainConfig:
         return self
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
-CHOICES = {"method": list(METHODS), "curriculum": list(SCHEDULES), "kl_reduction": list(KL_REDUCTIONS),
-           "attmask_variant": list(ATTMASK_VARIANTS)}
+# The run-wide options (each a flag); a method's own options are its StrategyOptions fields.
+FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig) if f.name != "options"}
+CHOICES = {"method": list(METHODS)}
+
+
+def option_field(key: str, method: str) -> dataclasses.Field | None:
+    """The dataclass field behind configuration ``key`` for ``method`` (a run-wide one or the method's own)."""
+    if key in FIELDS:
+        return FIELDS[key]
+    if method in METHODS:
+        cls = METHODS[method].options
+        name = cls.keys().get(key)
+        if name is not None:
+            return next(f for f in dataclasses.fields(cls) if f.name == name)
+    return None
 
 
 def config_from_record(values: dict[str, Any]) -> PretrainConfig:
     """The configuration a checkpoint or ``config.json`` recorded, as it ran (not validated again).
 
-    Options it lacks (an older version) take their defaults; options this version does not know
-    are dropped.
+    Options it lacks (an older version) take their defaults; options this version does not know and
+    options of other methods (an older version recorded every method's) are dropped.
     """
-    return PretrainConfig(**{k: v for k, v in values.items() if k in FIELDS})
+    method = values.get("method", FIELDS["method"].default)
+    options = METHODS[method].options.from_values(values) if method in METHODS else None
+    return PretrainConfig(**{k: v for k, v in values.items() if k in FIELDS}, options=options)
+
+
+def known_keys() -> set[str]:
+    """Every configuration key some method of this clmae understands (stored records may hold any of them)."""
+    return set(FIELDS) | set(option_owners())
 
 
 def preset_names() -> list[str]:
@@ -214,36 +198,56 @@ def load_config_file(path_or_preset: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"--config: {where} must be a mapping of option: value")
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - set(FIELDS))
+    unknown = sorted(set(values) - known_keys())
     if unknown:
         raise ConfigError(f"--config: {where} has unknown options {unknown}; see `clmae pretrain --help`")
     return values
 
 
-def make_config(values: dict[str, Any]) -> PretrainConfig:
-    """Build and validate a config from a dict (e.g. YAML values overridden by CLI flags)."""
-    unknown = sorted(set(values) - set(FIELDS))
+def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """A YAML or keyword value as its field's type (YAML ints to floats, ...); a wrong type names the flag."""
+    if value is None:
+        return None
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    try:
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("int"):
+            if isinstance(value, bool) or float(value) != int(value):
+                raise ValueError
+            return int(value)
+        if kind.startswith("bool") and not isinstance(value, bool):
+            raise ValueError
+        if kind.startswith("str") and not isinstance(value, str):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{flag(key)}: got {value!r}, expected a value of type {kind}") from None
+    return value
+
+
+def make_config(values: dict[str, Any], defaults: dict[str, Any] | None = None) -> PretrainConfig:
+    """Build and validate a config from flat configuration keys (CLI flags, keywords).
+
+    ``defaults`` (a YAML file or preset) fill what ``values`` does not give. An option of another
+    method than the one that runs is an error when given (``--lambda-kl applies to --method clmae,
+    not mae``) and dropped when it only comes from ``defaults`` (a preset written for another method).
+    """
+    merged = {**(defaults or {}), **values}
+    method = merged.get("method", FIELDS["method"].default)
+    owners = option_owners()
+    unknown = sorted(set(merged) - set(FIELDS) - set(owners))
     if unknown:
-        raise ConfigError(f"unknown options {unknown}")
-    cfg = PretrainConfig(**values)
-    for name, f in FIELDS.items():  # coerce YAML ints to floats etc. and reject wrong types
-        value = getattr(cfg, name)
-        if name == "extra" and not isinstance(value, dict):
-            raise ConfigError(f"--extra: got {value!r}, expected a mapping of notes")
-        if value is None or name == "extra":
-            continue
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-        try:
-            if kind.startswith("float"):
-                setattr(cfg, name, float(value))
-            elif kind.startswith("int"):
-                if isinstance(value, bool) or float(value) != int(value):
-                    raise ValueError
-                setattr(cfg, name, int(value))
-            elif kind.startswith("bool") and not isinstance(value, bool):
-                raise ValueError
-            elif kind.startswith("str") and not isinstance(value, str):
-                raise ValueError
-        except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"{flag(name)}: got {value!r}, expected a value of type {kind}") from None
-    return cfg.validate()
+        raise ConfigError(f"unknown options {unknown}; see `clmae pretrain --help`")
+    own = set(METHODS[method].options.keys()) if method in METHODS else set()
+    for key in values:
+        if key in owners and key not in own:
+            raise ConfigError(f"{flag(key)} applies to --method {' or '.join(owners[key])}, not {method}")
+    dropped = sorted(k for k in merged if k in owners and k not in own)
+    if dropped:
+        print(f"clmae: note: {', '.join(flag(k) for k in dropped)} from the configuration file apply to another "
+              f"method than --method {method}; ignored", file=sys.stderr)
+    merged = {k: _coerce(k, v, option_field(k, method)) for k, v in merged.items() if k in FIELDS or k in own}
+    if method not in METHODS:
+        check_option(False, "method", method, one_of(METHODS))
+    options = METHODS[method].options.from_values(merged)
+    return PretrainConfig(**{k: v for k, v in merged.items() if k in FIELDS}, options=options).validate()

@@ -9,7 +9,7 @@ Design, so that N ranks with batch B train exactly like one process with batch N
 * Each step's random numbers are drawn for the *global* batch and each rank keeps its slice, so a
   rank's images and masks are the rows ``rank·B … (rank+1)·B`` of the global batch a single process
   would see: crop boxes and flips from a generator seeded by (seed, epoch, step)
-  (:func:`clmae.batches.augmentation_seed`), random masks from the trainer's generator, the same on
+  (:func:`clmae.data.loader.augmentation_seed`), random masks from the trainer's generator, the same on
   every rank (same seed, same draws). The epoch order is one permutation from ``seed + epoch``;
   global step ``s`` covers ``order[s·N·B : (s+1)·N·B]`` and each rank takes its block.
 * The MAE is wrapped in DDP; the MAE step runs through the wrapped MAE. A masking strategy's

@@ -16,13 +16,17 @@ from .errors import ConfigError
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"  # what --device takes (its help; resolve_device's errors)
 
 
-def opt(default: Any, help: str) -> Any:
-    """A dataclass field with the help text of its flag."""
-    return field(default=default, metadata={"help": help})
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with the help text of its flag (and its allowed values, for a choice)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 def help_of(f: dataclasses.Field) -> str:
     return f.metadata.get("help", "")
+
+
+def choices_of(f: dataclasses.Field) -> tuple[str, ...] | None:
+    return f.metadata.get("choices")
 
 
 def flag(option: str) -> str:

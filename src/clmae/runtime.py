@@ -1,4 +1,4 @@
-"""Where and how tensors run: the device rule, the autocast rule, and module-state context managers.
+"""Where and how tensors run: the device rule, the autocast rule, module-state context managers, FLOP counting.
 
 Every part of clmae (training, evaluation, pictures, DDP ranks) picks its device and its mixed
 precision here, so one rule holds everywhere: CUDA computes in bf16 autocast, every other device
@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from .errors import ConfigError
 from .options import DEVICE_CHOICES
@@ -108,3 +109,26 @@ def few_threads(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting training FLOPs: FlopCounterMode plus the CPU flash-attention kernels it does not know.
+# Equal-compute comparisons (the CIFAR-10 study, benchmarks/throughput.py) need the FLOPs of a real
+# training iteration; on CPU, scaled-dot-product attention runs a kernel FlopCounterMode would count
+# as zero, so its forward and backward get the standard SDPA formulas.
+def _cpu_flash_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_flash_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def flop_counter() -> FlopCounterMode:
+    """A silent ``FlopCounterMode`` that also counts CPU flash attention (use as a context manager)."""
+    mapping = {}
+    aten = torch.ops.aten
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_flops
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_flash_backward_flops
+    return FlopCounterMode(display=False, custom_mapping=mapping)

@@ -23,107 +23,130 @@ names is first used (``from clmae.maskers import LearnedMasker`` works as before
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..lazy import lazy_attributes
 from ..options import check_option, one_of
-from .choices import ATTMASK_VARIANTS
+from .options import AttmaskOptions, BlockOptions, ClmaeOptions, HpmOptions, StrategyOptions
 
 if TYPE_CHECKING:
     from .attmask import AttentionMasker
     from .base import Masker, MaskingBatch
     from .block import BlockMasker
+    from .clmae import LearnedMasker, MaskingModule
     from .hpm import HardPatchesMasker
     from .indices import keep_from_mask, mask_from_keep, random_keep_indices, topk_keep_indices
-    from .learned import CurriculumObjective, LearnedMasker, MaskingModule
     from .random import RandomMasker
 
 
 @dataclass(frozen=True)
 class Method:
-    """A pretraining method: its ``--method`` name, a one-line summary and how to build its masker.
+    """A pretraining method: its ``--method`` name, a one-line summary, its options and how to build its masker.
 
-    ``build(run_config, model_config)``: the run's :class:`~clmae.config.PretrainConfig` (None when
-    the caller has none: use the strategy's defaults) and the model's
-    :class:`~clmae.model.ModelConfig`.
+    ``build(options, model_config, run_config)``: an instance of ``options`` (the method's
+    :class:`~clmae.maskers.options.StrategyOptions`), the model's :class:`~clmae.models.configs.ModelConfig`
+    and the run's :class:`~clmae.config.PretrainConfig` (None from the Python API without one: the
+    run-wide settings then take their defaults). ``cost``: what the strategy adds to MAE's training
+    compute, as ``clmae methods`` lists it (measured in benchmarks/throughput.py).
     """
 
     name: str
     summary: str
-    build: Callable[[Any, Any], Masker]
+    build: Callable[[Any, Any, Any], Masker]
+    options: type[StrategyOptions] = StrategyOptions
+    cost: str = ""
 
 
-def _options(run, prefix: str, cls: type, shared: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The keyword arguments of ``cls`` that the run configuration sets: ``{prefix}_{name}`` fields (and the
-    ``shared`` ones by their own name, e.g. ``epochs``). Anything the run does not set (``run`` None: the
-    Python API without a config) keeps the class's default, so each default lives on the class and the
-    config field (tests/test_strategies.py checks the two agree)."""
-    names = inspect.signature(cls).parameters
-    fields = {name: (name if name in shared else f"{prefix}_{name}") for name in names}
-    return {name: getattr(run, field) for name, field in fields.items() if hasattr(run, field)}
+def _epochs(run) -> int:
+    return 30 if run is None else run.epochs  # PretrainConfig's default
 
 
-def _learned(run, c) -> LearnedMasker:
-    from .learned import CurriculumObjective, LearnedMasker
+def _learned(options: ClmaeOptions, c, run) -> LearnedMasker:
+    from .clmae import LearnedMasker
 
-    return LearnedMasker(c.num_patches, c.embed_dim, c.masker_dim, c.masker_depth, c.masker_num_heads,
-                         CurriculumObjective.from_config(run))
+    return LearnedMasker(c.num_patches, c.embed_dim, c.masker_dim, c.masker_depth, c.masker_num_heads, options,
+                         epochs=_epochs(run), mask_ratio=0.75 if run is None else run.mask_ratio)
 
 
-def _random(run, c) -> RandomMasker:
+def _random(options, c, run) -> RandomMasker:
     from .random import RandomMasker
 
     return RandomMasker()
 
 
-def _block(run, c) -> BlockMasker:
+def _block(options: BlockOptions, c, run) -> BlockMasker:
     from .block import BlockMasker
 
-    return BlockMasker(c.grid_size, **_options(run, "block", BlockMasker))
+    return BlockMasker(c.grid_size, options)
 
 
-def _hpm(run, c) -> HardPatchesMasker:
+def _hpm(options: HpmOptions, c, run) -> HardPatchesMasker:
     from .hpm import HardPatchesMasker
 
-    return HardPatchesMasker(c, **_options(run, "hpm", HardPatchesMasker, shared=("epochs",)))
+    return HardPatchesMasker(c, _epochs(run), options)
 
 
-def _attmask(run, c) -> AttentionMasker:
+def _attmask(options: AttmaskOptions, c, run) -> AttentionMasker:
     from .attmask import AttentionMasker
 
-    return AttentionMasker(**_options(run, "attmask", AttentionMasker, shared=("epochs",)))
+    return AttentionMasker(_epochs(run), options)
 
 
 METHODS: dict[str, Method] = {
-    "clmae": Method("clmae", "CL-MAE: a masking module learns the masks, easy to hard (curriculum)", _learned),
-    "mae": Method("mae", "MAE: uniformly random masks", _random),
-    "block": Method("block", "BEiT block masking: rectangles of patches, at the MAE's mask ratio", _block),
-    "hpm": Method("hpm", "HPM: a loss predictor learns which patches are hard; hide those plus random ones", _hpm),
-    "attmask": Method("attmask", "AttMask-High: hide the patches an EMA teacher's CLS attends to most", _attmask),
+    "clmae": Method("clmae", "CL-MAE: a masking module learns the masks, easy to hard (curriculum)", _learned,
+                    ClmaeOptions, "4.5x (a masking-module step through the whole MAE every iteration)"),
+    "mae": Method("mae", "MAE: uniformly random masks", _random, StrategyOptions, "1x"),
+    "block": Method("block", "BEiT block masking: rectangles of patches, at the MAE's mask ratio", _block,
+                    BlockOptions, "1.0x"),
+    "hpm": Method("hpm", "HPM: a loss predictor learns which patches are hard; hide those plus random ones", _hpm,
+                  HpmOptions, "2.3x (loss predictor; an EMA model scores whole images)"),
+    "attmask": Method("attmask", "AttMask-High: hide the patches an EMA teacher's CLS attends to most", _attmask,
+                      AttmaskOptions, "1.8x (an EMA teacher reads whole images)"),
 }
 
 
-def register_method(name: str, summary: str, build: Callable[[Any, Any], Masker]) -> Method:
-    """Make a strategy available as ``method=name`` (Python API; the CLI lists the built-in ones)."""
+DEFAULT_METHOD = "clmae"  # the faithful CL-MAE: what `clmae pretrain` runs without --method
+REFERENCE_METHOD = "mae"  # plain MAE: what every cost is relative to
+
+
+def register_method(name: str, summary: str, build: Callable[[Any, Any, Any], Masker],
+                    options: type[StrategyOptions] = StrategyOptions, cost: str = "") -> Method:
+    """Make a strategy available as ``method=name`` (Python API; the CLI lists the built-in ones).
+
+    ``build(options, model_config, run_config)`` returns the masker; ``options`` is its option
+    dataclass (a :class:`~clmae.maskers.options.StrategyOptions` subclass; none by default).
+    """
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"method name {name!r}: use letters, digits, '-' and '_'")
-    METHODS[name] = Method(name, summary, build)
+    METHODS[name] = Method(name, summary, build, options, cost)
     return METHODS[name]
 
 
-def create_masker(method: str, model_config, run_config=None) -> Masker:
-    """The masker a pretraining method uses (see :data:`METHODS`); ``run_config`` holds its options."""
+def option_owners() -> dict[str, list[str]]:
+    """``{configuration key: methods that take it}`` over every registered method's options."""
+    owners: dict[str, list[str]] = {}
+    for method in METHODS.values():
+        for key in method.options.keys():
+            owners.setdefault(key, []).append(method.name)
+    return owners
+
+
+def create_masker(method: str, model_config, run_config=None, options: StrategyOptions | None = None) -> Masker:
+    """The masker of a pretraining method (see :data:`METHODS`), with ``options`` (default: the run's, else
+    the method's defaults)."""
     if method not in METHODS:
         check_option(False, "method", method, one_of(METHODS))
-    return METHODS[method].build(run_config, model_config)
+    entry = METHODS[method]
+    if options is None:
+        options = run_config.options if run_config is not None and run_config.options is not None else entry.options()
+    return entry.build(options, model_config, run_config)
 
 
 # Names the package offers from its strategy modules, imported on first use (PEP 562): module of each.
-_LAZY = {"Masker": "base", "MaskingBatch": "base", "RandomMasker": "random", "LearnedMasker": "learned",
-         "MaskingModule": "learned", "CurriculumObjective": "learned", "BlockMasker": "block",
+_LAZY = {"Masker": "base", "MaskingBatch": "base", "RandomMasker": "random", "LearnedMasker": "clmae",
+         "MaskingModule": "clmae", "BlockMasker": "block",
          "HardPatchesMasker": "hpm", "AttentionMasker": "attmask", "keep_from_mask": "indices",
          "mask_from_keep": "indices", "random_keep_indices": "indices", "topk_keep_indices": "indices"}
 
@@ -131,7 +154,10 @@ _LAZY = {"Masker": "base", "MaskingBatch": "base", "RandomMasker": "random", "Le
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
-__all__ = ["METHODS", "Method", "Masker", "MaskingBatch", "RandomMasker", "LearnedMasker", "MaskingModule",
-           "CurriculumObjective", "BlockMasker", "HardPatchesMasker", "AttentionMasker", "ATTMASK_VARIANTS",
+__all__ = ["METHODS", "DEFAULT_METHOD", "REFERENCE_METHOD", "Method", "Masker", "MaskingBatch", "RandomMasker",
+           "LearnedMasker",
+           "MaskingModule",
+           "BlockMasker", "HardPatchesMasker", "AttentionMasker", "StrategyOptions", "ClmaeOptions", "BlockOptions",
+           "HpmOptions", "AttmaskOptions", "option_owners",
            "create_masker", "register_method", "keep_from_mask", "mask_from_keep", "random_keep_indices",
            "topk_keep_indices"]

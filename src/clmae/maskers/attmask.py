@@ -20,16 +20,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import Masker, MaskingBatch
-from .choices import ATTMASK_VARIANTS as VARIANTS
 from .ema import ema_update, encoder_copy
 from .indices import topk_keep_indices
+from .options import AttmaskOptions
 
 
 @torch.no_grad()
 def cls_attention(encoder: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
     """The CLS token's attention over the patches in the encoder's last block, mean over heads: ``(N, L)``, fp32.
 
-    ``encoder``: a :class:`~clmae.model.MaskedAutoencoderViT` (or a copy of its encoder). The last
+    ``encoder``: a :class:`~clmae.models.mae.MaskedAutoencoderViT` (or a copy of its encoder). The last
     block's query/key projection and softmax run in fp32, outside autocast, so bf16 rounding cannot
     create ties in the ranking; only the CLS query is computed.
     """
@@ -61,11 +61,10 @@ class AttentionMasker(Masker):
     mask_label = "AttMask mask"
     score_label = "CLS attention"
 
-    def __init__(self, epochs: int = 100, prob: float = 0.5, momentum: float = 0.996, variant: str = "high"):
+    def __init__(self, epochs: int = 100, options: AttmaskOptions | None = None):
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        self.epochs, self.prob, self.momentum, self.variant = epochs, prob, momentum, variant
+        o = (options or AttmaskOptions()).validate()
+        self.epochs, self.prob, self.momentum, self.variant = epochs, o.prob, o.momentum, o.variant
 
     def attach(self, mae: nn.Module) -> None:
         self.teacher = encoder_copy(mae)

@@ -6,7 +6,8 @@ required hook and a few optional ones, each a no-op by default:
 * :meth:`Masker.keep_indices` — which patches each image keeps visible (required);
 * :meth:`Masker.attach` — once the autoencoder's starting weights are in place (EMA copies);
 * :meth:`Masker.mae_step_terms` — extra loss terms added to the MAE step's loss (HPM's predictor);
-* :meth:`Masker.own_step_terms` — the loss of a step of its own on its parameters (CL-MAE);
+* :meth:`Masker.own_step_terms` — the loss of a step of its own on its parameters (CL-MAE), in the
+  iterations :meth:`Masker.own_step_due` says;
 * :meth:`Masker.after_optimizer_step` — after each MAE optimiser step (EMA updates);
 * :meth:`Masker.scores` — a per-patch map for pictures; :meth:`Masker.schedule` — values to log.
 
@@ -18,7 +19,6 @@ parameters) and hands every hook a :class:`MaskingBatch`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -133,15 +133,17 @@ class Masker(nn.Module):
         """
         return {}
 
-    def own_step_terms(self, batch: MaskingBatch, forward_soft: Callable[..., torch.Tensor]
-                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def own_step_terms(self, batch: MaskingBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(loss, terms to log)`` of a step of this strategy's own, after the MAE step, on its parameters.
 
-        The MAE is frozen (no weight gradients); ``forward_soft`` is the MAE's
-        :meth:`~clmae.model.MaskedAutoencoderViT.forward_soft` as the run executes it (compiled
-        with ``--compile``). Only strategies that override this have such a step.
+        Called with the MAE frozen (no weight gradients) and ``batch.tokens`` embedded by the MAE as the
+        MAE step left it. Only strategies that override this have such a step.
         """
         raise NotImplementedError
+
+    def own_step_due(self, iteration: int) -> bool:
+        """Whether the own step runs in this iteration (0-based optimiser steps); every iteration by default."""
+        return True
 
     def after_optimizer_step(self, batch: MaskingBatch) -> None:
         """After each optimiser step of the MAE (once per accumulation window): EMA updates."""
@@ -168,3 +170,12 @@ class Masker(nn.Module):
     def has_state(self) -> bool:
         """Whether checkpoints must carry this masker (weights, EMA copies, buffers)."""
         return len(self.state_dict()) > 0
+
+
+@torch.no_grad()
+def strategy_masks(mae, masker, x: torch.Tensor, num_keep: int, generator: torch.Generator, progress: float,
+                   epochs: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A strategy's scores (or None) and kept indices on the normalised images ``x``, at a point of its run."""
+    batch = MaskingBatch(x, mae.embed(x), num_keep, generator, mae, progress, epochs)
+    scores = masker.scores(batch)
+    return (None if scores is None else scores.float()), masker.keep_indices(batch)

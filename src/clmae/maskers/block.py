@@ -23,6 +23,7 @@ import torch
 
 from .base import Masker, MaskingBatch
 from .indices import keep_from_mask
+from .options import BlockOptions
 
 ATTEMPTS = 10  # tries per block before giving up (BEiT's)
 
@@ -93,13 +94,13 @@ class BlockMasker(Masker):
 
     mask_label = "block mask"
 
-    def __init__(self, grid: int, min_patches: int | None = None, max_patches: int | None = None,
-                 min_aspect: float = 0.3):
+    def __init__(self, grid: int, options: BlockOptions | None = None):
         super().__init__()
+        o = (options or BlockOptions()).validate()
         self.grid = grid
-        self.min_patches = min_patches or default_min_patches(grid)
-        self.max_patches = max_patches
-        self.min_aspect = min_aspect
+        self.min_patches = o.min_patches or default_min_patches(grid)
+        self.max_patches = o.max_patches
+        self.min_aspect = o.min_aspect
 
     def masks(self, seeds: list[int], num_hidden: int) -> list[BlockMask]:
         return [block_mask(self.grid, self.grid, num_hidden, random.Random(s), self.min_patches, self.max_patches,

@@ -19,11 +19,12 @@ import torch
 import torch.nn as nn
 
 from ..distributed import split_mean
-from ..losses import per_patch_error
-from ..model import LAYER_NORM_EPS, init_weights, transformer_blocks
+from ..models.layers import LAYER_NORM_EPS, init_weights, transformer_blocks
+from ..models.mae import per_patch_error
 from .base import Masker, MaskingBatch
 from .ema import ema_update, encoder_copy, frozen_copy
 from .indices import topk_keep_indices
+from .options import HpmOptions
 
 PAIR_EPS = 1e-6  # the authors' log(σ + 1e-6)
 
@@ -76,14 +77,13 @@ class HardPatchesMasker(Masker):
     mask_label = "HPM mask"
     score_label = "predicted loss"
 
-    def __init__(self, model_config, epochs: int = 200, hard_max: float = 0.5, loss_weight: float = 1.0,
-                 ema_decay: float = 0.999, ema_decay_end: float = 0.9999, ema_ramp_epochs: float = 100.0):
+    def __init__(self, model_config, epochs: int = 200, options: HpmOptions | None = None):
         super().__init__()
-        c = model_config
+        c, o = model_config, (options or HpmOptions()).validate()
         self.predictor = LossPredictor(c.decoder_embed_dim, c.decoder_depth, c.decoder_num_heads, c.mlp_ratio,
                                        c.patch_dim)
-        self.epochs, self.hard_max, self.loss_weight = epochs, hard_max, loss_weight
-        self.ema_decay, self.ema_decay_end, self.ema_ramp_epochs = ema_decay, ema_decay_end, ema_ramp_epochs
+        self.epochs, self.hard_max, self.loss_weight = epochs, o.hard_max, o.loss_weight
+        self.ema_decay, self.ema_decay_end, self.ema_ramp_epochs = o.ema_decay, o.ema_decay_end, o.ema_ramp_epochs
 
     def attach(self, mae: nn.Module) -> None:
         self.ema_mae = encoder_copy(mae, with_decoder_input=True)

@@ -1,0 +1,198 @@
+"""Images: decoding any common file, the evaluation view, normalisation and the per-image transforms.
+
+One place for the facts about pixels: the ImageNet mean/std used for folders and shards, the file
+extensions read as images, how odd modes (16-bit, RGBA, palette) become RGB or L, and the torchvision
+transforms applied to decoded images (random-resized-crop + flip for training, resize + centre crop
+for evaluation). Batched augmentation of in-memory tensors lives in :mod:`clmae.data.augment`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GRAY_MEAN, GRAY_STD = (0.5,), (0.5,)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def default_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation for data whose statistics are not computed (folders, shards): ImageNet's for RGB."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (GRAY_MEAN, GRAY_STD)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixels
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Deterministic evaluation view: ``uint8 (N, C, H, W)`` → floats in [0, 1] at ``size``×``size``."""
+    x = images.float().div(255.0)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    return x.clamp_(0.0, 1.0)
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(x − mean) / std`` per channel of ``(N, C, H, W)`` images."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Inverse of :func:`normalize`: ``x · std + mean`` per channel."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return x * s + m
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (in [0, 1] units) of a uint8 image tensor, computed in chunks."""
+    c = images.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    total_sq = torch.zeros(c, dtype=torch.float64)
+    count = 0
+    for chunk in images.split(4096):
+        x = chunk.double().div(255.0).transpose(0, 1).reshape(c, -1)
+        total += x.sum(1)
+        total_sq += (x * x).sum(1)
+        count += x.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(max(v, 1e-3), 4) for v in std.tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and decoding files
+
+
+def _scan(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def list_image_folder(root: Path) -> tuple[list[Path], list[int] | None, list[str]]:
+    """``(files, labels, classes)`` of an ImageFolder layout (one sub-folder per class) or a flat folder.
+
+    A flat folder (images directly in ``root``) is unlabeled: ``labels`` is None, ``classes`` empty.
+    """
+    if not root.exists():
+        raise DataError(f"{root}: folder not found")
+    if not root.is_dir():
+        raise DataError(f"{root}: is not a folder or a known dataset (digits, cifar10, *.npz)")
+    direct = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files: list[Path] = []
+    labels: list[int] | None = None
+    classes: list[str] = []
+    if subdirs and not direct:
+        classes, labels = [d.name for d in subdirs], []
+        for label, d in enumerate(subdirs):
+            found = _scan(d)
+            files += found
+            labels += [label] * len(found)
+    else:
+        files = _scan(root)
+    if not files:
+        raise DataError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}); put images in the folder "
+                        "or in one sub-folder per class")
+    return files, labels, classes
+
+
+class ImageTooLarge(ValueError):
+    """More pixels than ``PIL.Image.MAX_IMAGE_PIXELS``: Pillow's decompression-bomb guard."""
+
+
+def skip_reason(exc: BaseException) -> str:
+    """``"category: detail"`` for a file that could not be used; the category is what gets counted."""
+    from PIL import UnidentifiedImageError
+
+    detail = f"{exc.__class__.__name__}: {str(exc)[:120]}"
+    if isinstance(exc, (ImageTooLarge, Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"too large: {detail} (Pillow's decompression-bomb guard; raise PIL.Image.MAX_IMAGE_PIXELS to allow)"
+    if isinstance(exc, UnidentifiedImageError):
+        return f"not an image: {detail}"
+    if isinstance(exc, (OSError, SyntaxError, EOFError, ValueError, IndexError)):
+        return f"truncated or corrupt: {detail}"
+    return f"{exc.__class__.__name__}: {str(exc)[:120]}"
+
+
+def _draft_size(width: int, height: int, min_side: int) -> tuple[int, int]:
+    """The smallest size of the same aspect whose shorter side is at least ``min_side``."""
+    short = min(width, height)
+    return max(1, math.ceil(width * min_side / short)), max(1, math.ceil(height * min_side / short))
+
+
+def open_image(path, channels: int = 3, min_side: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Decode any common image and convert it to RGB (or L): grayscale, RGBA, palette, 16-bit.
+
+    ``min_side``: images whose shorter side is over twice that are decoded at reduced scale
+    (JPEG ``draft``, free) or box-reduced right after decoding, so a huge photo costs little memory
+    downstream. ``max_pixels`` (default: ``PIL.Image.MAX_IMAGE_PIXELS``) refuses bigger images
+    before decoding them; Pillow's own decompression-bomb error is never silenced.
+    """
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's harmless format warnings (EXIF, palette transparency, …)
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # …but never the size guard
+        with Image.open(path) as img:
+            if limit and img.width * img.height > limit:
+                raise ImageTooLarge(f"{img.width}x{img.height} = {img.width * img.height} pixels > {limit}")
+            if min_side and min(img.size) > 2 * min_side and img.format == "JPEG":
+                img.draft(None, _draft_size(img.width, img.height, min_side))  # decode at 1/2, 1/4 or 1/8 scale
+            img.load()
+            mode = img.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                arr = np.asarray(img, dtype=np.float64)
+                peak = float(arr.max()) if arr.size else 0.0
+                if mode.startswith("I;16") or peak > 255:
+                    hi = 65535.0
+                elif mode == "F" and peak <= 1.0:
+                    hi = 1.0  # float images in [0, 1]
+                else:
+                    hi = 255.0
+                img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), mode="L")
+            elif mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, rgba)
+            out = img.convert("RGB" if channels == 3 else "L")
+    if min_side and min(out.size) >= 2 * min_side:
+        out = out.reduce(min(out.size) // min_side)  # box filter: anti-aliased, shorter side stays >= min_side
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image transforms (DataLoader workers)
+
+
+def train_transform(size: int, scale: tuple[float, float] = (0.2, 1.0), flip: bool = True):
+    """Random-resized-crop (bicubic) and horizontal flip of a PIL image to a ``uint8 (C, size, size)`` tensor."""
+    from torchvision.transforms import v2
+
+    steps = [v2.PILToTensor(),
+             v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
+
+
+def eval_transform(size: int):
+    """The deterministic evaluation view of a PIL image: shorter side to ``size`` (bicubic), centre crop."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(size),
+    ])

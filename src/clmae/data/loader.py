@@ -1,0 +1,301 @@
+"""Training batches: one interface over in-memory data, image folders and tar shards, for one rank.
+
+Every source yields normalised ``(N, C, H, W)`` float batches of exactly ``batch_size`` on the
+training device, epoch by epoch, reproducibly:
+
+* :class:`TrainBatches` — in-memory sets (gathered and augmented on the
+  device in one batched call) and image folders (decoded by DataLoader workers). The order of an
+  epoch is a permutation drawn from ``seed`` and the epoch alone, so a run resumed in the middle of
+  an epoch sees exactly the batches an uninterrupted run would. Under torchrun each rank takes its
+  block of every global batch (see :mod:`clmae.distributed`).
+* :class:`ShardBatches` — tar shards streamed by DataLoader workers (:mod:`clmae.data.shards`).
+
+Unreadable files never stop a run: :class:`BatchSource` drops and counts them, once per file, by
+reason. :func:`make_loader` is the one place DataLoaders are configured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import sys
+from collections import Counter
+from collections.abc import Iterator
+
+import torch
+
+from ..distributed import SINGLE, DistContext, all_true, gather_objects
+from ..errors import DataError
+from .augment import crop_flip, sample_crop_boxes
+from .datasets import Dataset, InMemoryImages, skip_summary
+from .images import train_transform
+from .shards import SHUFFLE_BUFFER, ShardData, ShardStream
+
+# ---------------------------------------------------------------------------------------------
+# DataLoaders
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: leave SIGINT/SIGTERM to the training process.
+
+    Ctrl-C and SLURM's or torchrun's SIGTERM reach the whole process group. The training process
+    then finishes its step and saves a checkpoint; workers that died on the signal would make the
+    DataLoader raise in the middle of that. Workers still exit when the training process does.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def collate_skipping(batch):
+    """Stack the good samples; return ``(images, labels, skipped)`` with the skipped reasons."""
+    good = [b for b in batch if b[0] is not None]
+    skipped = [(b[1], b[2]) for b in batch if b[0] is None]
+    if not good:
+        return None, None, skipped
+    images = torch.stack([b[0] for b in good])
+    labels = torch.tensor([b[1] for b in good], dtype=torch.long)
+    return images, labels, skipped
+
+
+def make_loader(dataset, batch_size: int, device: torch.device, num_workers: int, *, sampler=None,
+                shuffle: bool = False, drop_last: bool = False, seed: int | None = None,
+                prefetch: int = 4) -> torch.utils.data.DataLoader:
+    """A DataLoader over a dataset that yields ``(x, label, None)`` or ``(None, key, reason)`` samples.
+
+    Batches come out of :func:`collate_skipping`; workers ignore stop signals (the training process
+    saves a checkpoint first); memory is pinned for CUDA. ``seed`` fixes the workers' random streams.
+    """
+    workers = num_workers > 0
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle, drop_last=drop_last,
+        num_workers=num_workers, collate_fn=collate_skipping, pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=prefetch if workers else None,
+        generator=None if seed is None else torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_stop_signals if workers else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def augmentation_seed(seed: int, epoch: int, step: int = -1) -> int:
+    """The seed of one step's crops and flips (``step=-1``: of an epoch's DataLoader workers).
+
+    A function of the run's seed, the epoch and the step alone: augmentation shares no random stream
+    with the masking strategy, so every strategy run with one seed sees the same crops, and a run
+    resumed in the middle of an epoch the same as an uninterrupted one.
+    """
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # below 2**63: a valid torch seed
+
+
+class BatchSource:
+    """What every batch source shares: its settings, normalisation, skip bookkeeping, full-size batching.
+
+    Unreadable inputs are counted once per file however many epochs see them.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, img_size: int, device: torch.device, seed: int,
+                 num_workers: int) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.img_size = img_size
+        self.device = device
+        self.seed = seed
+        self.num_workers = num_workers
+        self._mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
+        self._std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
+        self.bad_files: dict[str, str] = {}  # path (or shard key) → reason
+
+    def record(self, skipped: list[tuple[str, str]]) -> None:
+        for path, reason in skipped:
+            self.bad_files.setdefault(path, reason)
+
+    @property
+    def skipped(self) -> Counter:
+        """How many distinct files were skipped, by reason (``empty file``, ``not an image``, …)."""
+        return Counter(reason.split(":")[0] for reason in self.bad_files.values())
+
+    @property
+    def skipped_examples(self) -> list[tuple[str, str]]:
+        return list(self.bad_files.items())[:20]
+
+    def full_batches(self, loader) -> Iterator[torch.Tensor]:
+        """Normalised batches of exactly ``batch_size`` on the device from ``collate_skipping`` output.
+
+        Skipped files shrink a loader batch; it is topped up from the next one so every step is full.
+        """
+        pending: list[torch.Tensor] = []
+        count = 0
+        for images, _, skipped in loader:
+            self.record(skipped)
+            if images is None:
+                continue
+            pending.append(images)
+            count += images.shape[0]
+            while count >= self.batch_size:
+                cat = torch.cat(pending)
+                batch, rest = cat[: self.batch_size], cat[self.batch_size :]
+                pending, count = ([rest] if rest.shape[0] else []), rest.shape[0]
+                x = batch.to(self.device, non_blocking=True).float().div_(255.0)
+                yield (x - self._mean) / self._std
+
+
+class TrainBatches(BatchSource):
+    """This rank's augmented, normalised training batches on ``device``, reproducibly per epoch.
+
+    The order of epoch ``e`` is a permutation drawn from ``seed`` and ``e`` alone, so a run resumed
+    at step ``s`` of an epoch sees exactly the batches an uninterrupted run would; the last
+    incomplete global batch is dropped (as with ``drop_last``), so every step has full size.
+    ``batch_size`` is per rank: each of ``world_size`` ranks takes its block of every global batch.
+    For in-memory data, N ranks together yield bit for bit the batches one process with batch N·B
+    would (the crops are drawn for the global batch); for image folders each rank decodes only its
+    own files, and its workers' augmentation seeds differ per rank.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, img_size: int, device: torch.device, seed: int,
+                 num_workers: int = 2, ctx: DistContext = SINGLE):
+        self.ctx = ctx
+        self.global_batch = batch_size * ctx.world_size
+        if len(dataset) < self.global_batch:
+            many = f"one global batch ({batch_size} per rank x {ctx.world_size} ranks)" if ctx.enabled else \
+                f"--batch-size {batch_size}"
+            raise DataError(f"{dataset.name}: {len(dataset)} training images, fewer than {many}; lower --batch-size "
+                            "or use more data")
+        super().__init__(dataset, batch_size, img_size, device, seed, num_workers)
+        if isinstance(dataset, InMemoryImages):
+            self._images = dataset.images.to(device)
+
+    def __len__(self) -> int:
+        return len(self.dataset) // self.global_batch
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(len(self.dataset), generator=g)
+
+    def rank_indices(self, epoch: int, start_step: int = 0) -> torch.Tensor:
+        """This rank's sample indices for the rest of ``epoch``, step after step."""
+        g, b = self.global_batch, self.batch_size
+        order = self._order(epoch)[: len(self) * g].view(len(self), g)
+        return order[start_step:, self.ctx.rows(b)].reshape(-1)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        """Batches of ``epoch`` from ``start_step`` on; crops and flips come from :func:`augmentation_seed`."""
+        if isinstance(self.dataset, InMemoryImages):
+            yield from self._memory_epoch(epoch, start_step)
+        else:
+            # The epoch's worker seed, offset per rank so that ranks decode with different random streams.
+            seed = augmentation_seed(self.seed, epoch) + 7919 * self.ctx.rank
+            batches = self._folder_epoch(self.rank_indices(epoch, start_step), seed)
+            yield from in_step(batches, len(self) - start_step, self.ctx)
+
+    def _memory_epoch(self, epoch: int, start_step: int) -> Iterator[torch.Tensor]:
+        b, g = self.batch_size, self.global_batch
+        rows = self.ctx.rows(b)
+        _, _, height, width = self.dataset.images.shape
+        idx_all = self.rank_indices(epoch, start_step).view(-1, b)
+        for step, idx in enumerate(idx_all, start=start_step):
+            # Random numbers for the whole global batch; keep this rank's rows.
+            crops = torch.Generator().manual_seed(augmentation_seed(self.seed, epoch, step))
+            boxes = sample_crop_boxes(g, height, width, crops)
+            flips = torch.rand(g, generator=crops) < 0.5
+            images = self._images.index_select(0, idx.to(self.device))
+            x = crop_flip(images, boxes[rows], flips[rows], self.img_size)
+            yield (x - self._mean) / self._std
+
+    def _folder_epoch(self, order: torch.Tensor, seed: int) -> Iterator[torch.Tensor]:
+        files = self.dataset.files
+        files.transform = train_transform(self.img_size)
+        if files.min_side is None:
+            # Random crops cover >= 20% of the area: 3x the input size keeps them sharp.
+            files.min_side = 3 * self.img_size
+        loader = make_loader(files, self.batch_size, self.device, self.num_workers, sampler=order.tolist(), seed=seed)
+        yielded = 0
+        for batch in self.full_batches(loader):
+            yielded += 1
+            yield batch
+        if yielded == 0 and len(order) >= self.batch_size:
+            raise DataError(
+                f"{files.root}: fewer than one batch of {self.batch_size} readable images among the {len(order)} "
+                f"files tried ({skip_summary(self.skipped)}); check the folder or lower --batch-size"
+            )
+
+
+def map_position(step_in_epoch: int, saved_global_batch: int, global_batch: int) -> int:
+    """The step to resume at after the global batch changed (other world size or --batch-size).
+
+    Keeps the number of images of the epoch already seen, rounded down to whole new batches:
+    no image of the epoch is skipped; at most one new batch's worth is seen again.
+    """
+    if saved_global_batch == global_batch:
+        return step_in_epoch
+    return (step_in_epoch * saved_global_batch) // global_batch
+
+
+def in_step(batches: Iterator[torch.Tensor], steps: int, ctx: DistContext) -> Iterator[torch.Tensor]:
+    """At most ``steps`` batches, ending on every rank as soon as one rank runs out.
+
+    Skipped unreadable files can leave a rank one batch short at the end of an epoch; the others
+    must not wait for it in the next gradient all-reduce.
+    """
+    it = iter(batches)
+    for _ in range(steps):
+        batch = next(it, None)
+        if not all_true(batch is not None, ctx):
+            return
+        yield batch
+
+
+class ShardBatches(BatchSource):
+    """Training batches from tar shards for one rank: the :class:`TrainBatches` interface.
+
+    ``len()`` is the epoch length in steps (``samples // (batch · world_size)``). Decoding and
+    augmentation run in ``num_workers`` DataLoader processes, each with ``prefetch`` batches in
+    flight; pinned memory and non-blocking copies keep the GPU fed.
+    """
+
+    def __init__(self, dataset: ShardData, batch_size: int, img_size: int, device: torch.device, seed: int,
+                 num_workers: int = 2, ctx=None, prefetch: int = 4, buffer: int = SHUFFLE_BUFFER):
+        self.ctx = ctx or SINGLE
+        if len(dataset) < batch_size * self.ctx.world_size:
+            raise DataError(f"{dataset.name}: {len(dataset)} training images, fewer than one global batch "
+                            f"({batch_size} x {self.ctx.world_size}); lower --batch-size or use more data")
+        super().__init__(dataset, batch_size, img_size, device, seed, num_workers)
+        self.prefetch = prefetch
+        self.buffer = buffer
+
+    def __len__(self) -> int:
+        return len(self.dataset) // (self.batch_size * self.ctx.world_size)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        """The remaining batches of ``epoch``. A resumed epoch restarts the stream with a new shuffle."""
+        seed = augmentation_seed(self.seed, epoch, start_step)
+        stream = ShardStream(self.dataset.shards, self.ctx.rank, self.ctx.world_size,
+                             seed=(self.seed * 100_003 + epoch) * 1_000 + start_step,
+                             transform=train_transform(self.img_size), channels=self.dataset.channels,
+                             buffer=self.buffer)
+        loader = make_loader(stream, self.batch_size, self.device, self.num_workers, prefetch=self.prefetch,
+                             seed=seed + 7919 * self.ctx.rank)
+        yield from in_step(self.full_batches(loader), len(self) - start_step, self.ctx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting skipped files
+
+
+def report_skipped_files(batches, ctx: DistContext, logger) -> Counter:
+    """Print every rank's skipped files on rank 0 (stderr) and log them as a ``"kind": "data"`` record."""
+    parts = gather_objects((dict(getattr(batches, "skipped", {})), getattr(batches, "skipped_examples", [])[:5]), ctx)
+    skipped: Counter = Counter()
+    examples: list[tuple[str, str]] = []
+    for counts, some in parts:
+        skipped.update(counts)
+        examples += some
+    if ctx.is_main and skipped:
+        total = sum(skipped.values())
+        print(f"clmae: {skip_summary(skipped)} (unreadable; each counted once)", file=sys.stderr)
+        for path, reason in examples[:5]:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        logger.log({"kind": "data", "skipped_files": total, **{f"skipped_{r}": n for r, n in skipped.items()}})
+    return skipped
