@@ -842,6 +842,7 @@ BAD_VALUES = [
     ("lambda_kl", float("nan"), "a finite number >= 0"), ("lambda_div", float("inf"), "a finite number >= 0"),
     ("kl_reduction", "max", "'sum' or 'mean'"), ("masker_every", 0, ">= 1"),
     ("masker_batch_fraction", 0.0, "in (0, 1]"), ("masker_batch_fraction", 1.5, "in (0, 1]"),
+    ("soft_path", "drop", "'scale' or 'hide'"),
     ("block_min_patches", 0, "an integer >= 1"), ("block_max_patches", 0, ">= --block-min-patches"),
     ("block_min_aspect", 0.0, "in (0, 1]"), ("block_min_aspect", 3.0, "in (0, 1]"), ("hpm_hard_max", 1.5, "in [0, 1]"),
     ("hpm_loss_weight", -1.0, "a finite number >= 0"), ("hpm_ema_decay", 1.5, "in [0, 1]"),

@@ -169,14 +169,39 @@ def curriculum_factor(epoch: float, epochs: int, schedule: str = "official", val
 
 def scaled_soft_forward(mae: nn.Module, imgs: torch.Tensor, scores: torch.Tensor,
                         tokens: torch.Tensor) -> torch.Tensor:
-    """The authors' soft path: each patch token times its score, the encoder on all patches, the
+    """``--soft-path scale``, the authors': each patch token times its score, the encoder on all patches, the
     decoder on all of them without mask tokens. Returns the prediction ``(N, L, p·p·C)``.
 
-    Gradients reach the scores through every activation. LayerNorm undoes most of the scaling, so
-    a patch scored 0 still reaches the others (docs/method.md).
+    Pre-norm LayerNorm undoes most of the scaling, so a patch scored 0 still reaches every other
+    patch through attention (docs/method.md): what this path rewards is not what the hard masks do.
     """
     latent = mae.encode_tokens(tokens * scores.unsqueeze(-1).to(tokens.dtype))
     return mae.decode(latent)
+
+
+def hiding_soft_forward(mae: nn.Module, imgs: torch.Tensor, scores: torch.Tensor,
+                        tokens: torch.Tensor) -> torch.Tensor:
+    """``--soft-path hide``: a score hides its patch as the MAE's hard masks do, continuously.
+
+    Every encoder block attends with the additive key bias ``log s_j`` (the CLS key 0), so a patch of
+    score 0 is attended by nobody, exactly a dropped token; the decoder's input for patch j is
+    ``s_j·embed(enc_j) + (1 − s_j)·mask_token`` plus its position, as the hard path builds it. With
+    binary scores the soft loss is the MAE's own loss on those masks (tests/test_mechanism.py).
+    """
+    n = scores.shape[0]
+    log_s = torch.log(scores.float().clamp_min(1e-30))  # ≈ −69 for a score of 0: weight 1e-30, i.e. hidden
+    bias = torch.cat([log_s.new_zeros(n, 1), log_s], dim=1)[:, None, None, :].to(tokens.dtype)
+    cls = (mae.cls_token + mae.pos_embed[:, :1]).expand(n, -1, -1)
+    x = torch.cat([cls.to(tokens.dtype), tokens], dim=1)
+    for blk in mae.blocks:
+        x = blk(x, attn_mask=bias)
+    y = mae.decoder_embed(mae.norm(x))
+    s = scores.unsqueeze(-1).to(y.dtype)
+    patches = s * y[:, 1:] + (1 - s) * mae.mask_token.to(y.dtype)
+    return mae.decode_tokens(torch.cat([y[:, :1], patches], dim=1) + mae.decoder_pos_embed.to(y.dtype))
+
+
+SOFT_FORWARDS = {"scale": scaled_soft_forward, "hide": hiding_soft_forward}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +239,7 @@ class LearnedMasker(Masker):
         self.network = MaskingModule(num_patches, in_dim, dim, depth, num_heads)
         self.options = (options or ClmaeOptions()).validate()
         self.epochs, self.mask_ratio = epochs, mask_ratio
-        self.soft_forward: Callable[..., torch.Tensor] = scaled_soft_forward
+        self.soft_forward: Callable[..., torch.Tensor] = SOFT_FORWARDS[self.options.soft_path]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Soft scores ``(N, L)``; the tokens are detached so no gradient reaches the encoder."""

@@ -19,6 +19,7 @@ from ..options import check_option, one_of, opt
 
 CURRICULA = ("official", "linear", "constant", "partner", "neutral", "adversary")  # --curriculum (λ schedules)
 KL_REDUCTIONS = ("sum", "mean")
+SOFT_PATHS = ("scale", "hide")  # --soft-path: how a score hides a patch in the masking module's step
 ATTMASK_VARIANTS = ("high", "low")  # --attmask-variant: hide the most (AttMask-High) or the least attended patches
 
 
@@ -62,6 +63,10 @@ class ClmaeOptions(StrategyOptions):
     kl_reduction: str = opt("sum", "sum (authors') or mean of the KL loss over the batch", KL_REDUCTIONS)
     masker_every: int = opt(1, "masking-module step every K iterations (optimiser steps; 1 = authors')")
     masker_batch_fraction: float = opt(1.0, "masking-module step on this random fraction of the batch (1 = authors')")
+    soft_path: str = opt("scale", "how a score hides its patch in the masking module's step: scale (the authors': "
+                                  "tokens x scores; LayerNorm undoes it, nothing is hidden) or hide (keys biased by "
+                                  "log score, decoder input blended to the mask token: binary scores = the MAE's "
+                                  "own loss); see docs/method.md", SOFT_PATHS)
 
     def validate(self) -> ClmaeOptions:
         self.need(self.curriculum in CURRICULA, "curriculum", one_of(CURRICULA))
@@ -71,6 +76,7 @@ class ClmaeOptions(StrategyOptions):
         self.need(self.kl_reduction in KL_REDUCTIONS, "kl_reduction", one_of(KL_REDUCTIONS))
         self.need(self.masker_every >= 1, "masker_every", "an integer >= 1")
         self.need(0.0 < self.masker_batch_fraction <= 1.0, "masker_batch_fraction", "a number in (0, 1]")
+        self.need(self.soft_path in SOFT_PATHS, "soft_path", one_of(SOFT_PATHS))
         return self
 
 
