@@ -172,7 +172,7 @@ def known_keys() -> set[str]:
 
 
 def preset_names() -> list[str]:
-    folder = resources.files("clmae") / "presets"
+    folder = resources.files(__package__) / "presets"
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -183,7 +183,7 @@ def load_config_file(path_or_preset: str) -> dict[str, Any]:
         text = path.read_text()
         where = str(path)
     else:
-        preset = resources.files("clmae") / "presets" / f"{path_or_preset}.yaml"
+        preset = resources.files(__package__) / "presets" / f"{path_or_preset}.yaml"
         if not preset.is_file():
             raise ConfigError(
                 f"--config: {path_or_preset!r} is neither a YAML file nor a preset; "
