@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -362,3 +363,47 @@ def test_images_smaller_than_the_smallest_grid_say_they_are_upscaled(tmp_path, c
     header = capsys.readouterr().err.splitlines()[0]
     assert ("model vit_micro_patch2_8 at 8 px (the data's 4 px upscaled to the smallest size of this model, 4x4 "
             "patches of 2 px; --model/--img-size to override)") in header, header
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 3: EXIF orientation, in training, evaluation and pictures alike
+
+
+def test_exif_orientation_is_applied_in_training_evaluation_and_pictures(tmp_path):
+    """A phone's portrait: 48x32 stored pixels with orientation 6 are seen (PIL.ImageOps.exif_transpose) as 32x48."""
+    from PIL import ImageOps
+
+    from clmae.data.images import eval_transform
+    from clmae.evaluation.splits import eval_batches, eval_images, labeled_split
+
+    rng = np.random.default_rng(0)
+    stored = np.zeros((32, 48, 3), np.uint8)
+    stored[:, :12] = 255  # a bright band on the stored image's left: at the top once turned upright
+    stored += rng.integers(0, 40, stored.shape, dtype=np.uint8)
+    folder = tmp_path / "photos" / "train" / "portraits"
+    folder.mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for i in range(2):
+        Image.fromarray(stored).save(folder / f"p{i}.jpg", quality=95, exif=exif.tobytes())
+    (tmp_path / "photos" / "val").mkdir()
+    shutil.copytree(folder, tmp_path / "photos" / "val" / "portraits")
+    with Image.open(folder / "p0.jpg") as raw:
+        assert raw.size == (48, 32)
+        upright = ImageOps.exif_transpose(raw).convert("RGB")
+        sideways = raw.convert("RGB")
+    assert upright.size == (32, 48)
+
+    train = load_dataset(str(tmp_path / "photos"), split="train")
+    image, label, reason = train.files[0]  # what the training DataLoader's workers decode
+    assert reason is None and image.size == (32, 48)
+    assert np.array_equal(np.asarray(image), np.asarray(upright))
+
+    view = eval_transform(16)
+    want, wrong = view(upright).float().div(255), view(sideways).float().div(255)
+    test = load_dataset(str(tmp_path / "photos"), split="test")
+    split = labeled_split(test, "test", None, 0)
+    x, _ = next(eval_batches(split, 16, (0.0,) * 3, (1.0,) * 3, torch.device("cpu"), 2, num_workers=0))
+    assert torch.allclose(x[0], want, atol=1e-6) and not torch.allclose(x[0], wrong, atol=0.1)  # evaluation
+    _, pictures = eval_images(test, [0, 1], 16)  # what clmae visualize and the curriculum probe draw
+    assert torch.allclose(pictures[0], want, atol=1e-6)
