@@ -294,3 +294,57 @@ def test_gradient_accumulation_of_two_halves_equals_one_batch_of_both(tmp_path):
     for a, b in zip(grads["one"], grads["two"]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
     assert any(float(g.abs().sum()) > 0 for g in grads["one"])
+
+
+def test_a_signal_during_the_end_of_epoch_save_stops_before_the_next_epoch_starts_a_step(tmp_path):
+    """Ctrl-C while epoch 1's checkpoint is written (the trial's 224 px run): no step of epoch 2 may start; the run
+    stops at the epoch boundary with that checkpoint, exit code 130."""
+    import os
+    import signal
+
+    from clmae.io.checkpoint import read_training_state
+
+    trainer = tiny_trainer(tmp_path, subset=64, batch_size=16, epochs=3, method="mae", probe_every=0)
+    original, saves = trainer.save_checkpoint, []
+
+    def save_with_signal(*args, **kwargs):
+        saves.append(trainer.position.iteration)
+        if len(saves) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    trainer.save_checkpoint = save_with_signal
+    result = trainer.fit()
+    assert (result.stopped_by, result.exit_code) == ("SIGINT", 130)
+    assert (trainer.position.epoch, trainer.position.iteration) == (1, 4)  # before the fix: iteration 5
+    state = read_training_state(trainer.output_dir / "checkpoint-last.pt")
+    assert (state["epoch"], state["step_in_epoch"], state["iteration"]) == (1, 0, 4)
+
+
+def test_a_signal_while_a_batch_is_loaded_stops_before_that_step(tmp_path):
+    """A signal that arrives while the next batch is prepared (DataLoader workers starting, decoding) is honoured
+    before the step it would feed."""
+    import os
+    import signal
+
+    trainer = tiny_trainer(tmp_path, subset=64, batch_size=16, epochs=2, method="mae", probe_every=0)
+    real = trainer.batches
+
+    class SignalOnSecondBatch:
+        def __len__(self):
+            return len(real)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def epoch(self, epoch, start_step=0):
+            for i, batch in enumerate(real.epoch(epoch, start_step)):
+                if i == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield batch
+
+    trainer.batches = SignalOnSecondBatch()
+    result = trainer.fit()
+    assert (result.stopped_by, result.exit_code) == ("SIGTERM", 143)
+    assert trainer.position.iteration == 1 and trainer.position.step_in_epoch == 1
+
