@@ -348,3 +348,27 @@ def test_a_signal_while_a_batch_is_loaded_stops_before_that_step(tmp_path):
     assert (result.stopped_by, result.exit_code) == ("SIGTERM", 143)
     assert trainer.position.iteration == 1 and trainer.position.step_in_epoch == 1
 
+
+def test_resuming_with_more_epochs_says_how_lambda_and_lr_change_at_that_point(tmp_path, capsys,
+                                                                                stop_after_first_epoch):
+    """λ and the learning rate are functions of the planned epochs: the note's 'before' values are what the planned
+    run used at that iteration, its 'after' values what the resumed run uses."""
+    common = dict(data="digits", subset=64, batch_size=16, method="clmae", probe_every=0, snapshot_every=0,
+                  progress=False, log_every=1, device="cpu")
+    full = pretrain(**common, epochs=2, output_dir=str(tmp_path / "full"))
+    part = Trainer(make_config({**common, "epochs": 2, "output_dir": str(tmp_path / "part")}))
+    part.callbacks.append(stop_after_first_epoch)
+    part.fit()
+    capsys.readouterr()
+    resumed = pretrain(resume=str(tmp_path / "part"), epochs=4, progress=False)
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "instead of the 2 the run planned" in ln]
+
+    def at_iteration_5(metrics):
+        return next(r for r in read_metrics(metrics) if r["kind"] == "train" and r["step"] == 5)
+
+    planned, now = at_iteration_5(full.metrics), at_iteration_5(resumed.metrics)
+    assert notes == [f"clmae: note: --epochs 4 instead of the 2 the run planned: the learning rate and the masking "
+                     f"schedules follow the new length from epoch 1.00 on (the old plan → the new): λ "
+                     f"{planned['curriculum_factor']:+.3f} → {now['curriculum_factor']:+.3f}, lr {planned['lr']:.4g} "
+                     f"→ {now['lr']:.4g}; resume with --epochs 2 to keep the plan"], notes
+    assert planned["curriculum_factor"] != now["curriculum_factor"] and planned["lr"] != now["lr"]

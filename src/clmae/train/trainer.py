@@ -110,8 +110,8 @@ class Trainer:
         # >1: a strategy's losses are the mean of this many per-group losses, as DDP over that many ranks
         # computes them; lets one process reproduce an N-rank run (per-device semantics).
         self.loss_groups = 1
-        self.position = (resume_position(self.resume_path, *self.parts(), self.generator, self.cfg, self.dist)
-                         if self.resume_path else Position())
+        self.position = (resume_position(self.resume_path, *self.parts(), self.generator, self.cfg, self.dist,
+                                         len(self.batches)) if self.resume_path else Position())
         self.nonfinite = NonFinite(self.cfg.max_nonfinite)
         self.stop_requested = False
         self.mae_ddp, self.mae_forward = build_forward(self.cfg, self.mae, self.masker, self.dist)
