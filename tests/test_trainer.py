@@ -372,3 +372,37 @@ def test_resuming_with_more_epochs_says_how_lambda_and_lr_change_at_that_point(t
                      f"{planned['curriculum_factor']:+.3f} → {now['curriculum_factor']:+.3f}, lr {planned['lr']:.4g} "
                      f"→ {now['lr']:.4g}; resume with --epochs 2 to keep the plan"], notes
     assert planned["curriculum_factor"] != now["curriculum_factor"] and planned["lr"] != now["lr"]
+
+
+def test_a_large_training_process_gets_workers_from_a_fork_server_and_the_same_batches(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """Workers forked from a large training process keep copies of every page it rewrites (benchmarks/
+    worker_memory.py): such a process starts them from a fork server instead, which changes no batch."""
+    import sys
+    import types
+
+    from clmae.data import loader
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    trainer = tiny_trainer(tmp_path, data=str(folder), model="vit_micro_patch2_8", img_size=16, batch_size=8, epochs=1,
+                           num_workers=2, method="mae")
+    monkeypatch.setattr(loader, "anonymous_mib", lambda: 100)
+    assert loader.worker_context() is None  # small: forked, as before
+    forked = list(trainer.batches.epoch(0))
+    monkeypatch.setattr(loader, "anonymous_mib", lambda: 4096)
+    assert loader.worker_context().get_start_method() == "forkserver"  # pytest runs as `python -m`: importable
+    served = list(trainer.batches.epoch(0))
+    assert len(forked) == len(served) == 3 and all(torch.equal(a, b) for a, b in zip(forked, served))
+
+    script = tmp_path / "train.py"  # a script without a main guard: each worker would import it and train again
+    script.write_text("import clmae\nclmae.pretrain(data='photos')\n")
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__file__=str(script), __spec__=None))
+    assert loader.worker_context() is None and loader.worker_context() is None
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "DataLoader workers are forked" in ln]
+    assert len(notes) == 1 and "(4096 MiB) because" in notes[0] and "guard" in notes[0]  # said once
+    script.write_text("import clmae\n\nif __name__ == '__main__':\n    clmae.pretrain(data='photos')\n")
+    assert loader.worker_context().get_start_method() == "forkserver"
