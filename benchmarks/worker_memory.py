@@ -10,7 +10,8 @@ once with workers forked from the training process (the old way: ``worker_contex
 default) and once as clmae starts them now (from a fork server), and samples every 0.5 s, from
 /proc/PID/smaps_rollup, the training process and every process below it: RSS, PSS (each shared page divided
 among the processes sharing it) and USS (pages of that process alone). What the workers really cost is the
-process tree's PSS minus the training process's own PSS at the same moment.
+process tree's PSS minus the training process's own PSS at the same moment (``workers_cost``); ``worker_*`` are
+the largest process below the training process (with a fork server, that is the server itself).
 
     python benchmarks/worker_memory.py --output benchmarks/results/worker_memory.json
 """
@@ -132,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
               "model": "vit_base_patch16_224 (chosen for the 200 px photos)", "runs": runs}
     for r in runs:
         p = r["peak_mib"]
-        print(f"{r['start']:>10}: training process RSS {p['main_rss']} MiB; a worker RSS {p['worker_rss']} / PSS "
-              f"{p['worker_pss']} / USS {p['worker_uss']} MiB; workers' real cost (tree PSS - training PSS) "
+        print(f"{r['start']:>10}: training process RSS {p['main_rss']} MiB; largest process below it RSS "
+              f"{p['worker_rss']} / PSS {p['worker_pss']} / USS {p['worker_uss']} MiB; workers' real cost (tree PSS "
+              "- training PSS) "
               f"{p['workers_cost']} MiB; {r['seconds']} s, exit {r['exit_code']}")
     if args.output:
         write_json(args.output, result)

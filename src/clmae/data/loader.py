@@ -101,11 +101,11 @@ def worker_context():
     On Linux, a worker forked from the training process maps all of its memory (the model, the optimiser
     moments, the allocator's freed activations), and every page the training then rewrites (every parameter
     and moment, every step) is copied for the training while the worker keeps the old one. For ViT-B at 224 px
-    on CPU with 2 workers, at batch 16, that was 2.1 GB beyond the run's own 3.6 GB (``benchmarks/
-    worker_memory.py``). So a large training process (:data:`FORK_BELOW_MIB`) gets its workers from a fork
-    server instead: a small process started once (torch and clmae's decoders imported, a few seconds), never
-    running the user's script. Its workers import a script's ``__main__`` as spawn's do, so an unguarded script
-    keeps forked workers, with a note.
+    on CPU with 2 workers, at batch 16, the workers held 2072 MiB beyond the run's own 3.6 GiB; from a fork
+    server, 479 MiB, the server included (``benchmarks/worker_memory.py``). So a large training process
+    (:data:`FORK_BELOW_MIB`) gets its workers from a fork server instead: a small process started once (torch
+    and clmae's decoders imported, a few seconds), never running the user's script. Its workers import a
+    script's ``__main__`` as spawn's do, so an unguarded script keeps forked workers, with a note.
     """
     import multiprocessing
 
