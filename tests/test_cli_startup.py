@@ -91,6 +91,15 @@ def test_usage_errors_answer_in_one_line_without_torch(argv, message):
     assert heavy(imported) == []
 
 
+def test_import_clmae_lists_the_api_without_importing_torch():
+    code = "import clmae; print(' '.join(sorted(set(clmae.__all__) & set(dir(clmae)))))"
+    proc, imported, stderr = run_python("-c", code)
+    assert proc.returncode == 0, stderr
+    names = set(proc.stdout.split())
+    assert {"pretrain", "evaluate", "evaluate_all", "report", "visualize", "export", "compare"} <= names
+    assert heavy(imported) == []
+
+
 def test_the_lazy_package_still_offers_its_whole_api():
     """``clmae`` and ``clmae.maskers`` import their names on first use; every name they list resolves."""
     for module in (clmae, maskers):
@@ -101,5 +110,13 @@ def test_the_lazy_package_still_offers_its_whole_api():
 
     assert clmae.EvalOptions is EvalOptions
     assert maskers.LearnedMasker.__module__ == "clmae.maskers.clmae"
+    # One Python function per command: report, visualize, export, compare (offered under the command's name).
+    from clmae.evaluation.compare import compare
+    from clmae.io.export import export_encoder
+    from clmae.viz.report import build_report
+    from clmae.viz.visualize import visualize_checkpoint
+
+    assert (clmae.report, clmae.visualize, clmae.export, clmae.compare) == (build_report, visualize_checkpoint,
+                                                                          export_encoder, compare)
     with pytest.raises(AttributeError, match="no_such_name"):
         _ = clmae.no_such_name

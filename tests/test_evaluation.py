@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -324,3 +326,88 @@ def test_cli_errors_are_one_line_and_exit_2(run_dir, tmp_path, capsys):
     with pytest.raises(DataError, match="no evaluation reports"):
         compare([tmp_path])
     assert format_markdown  # imported for the API surface
+
+
+# ---------------------------------------------------------------------------------------------
+# What evaluation says, and where (bars only in a terminal, a note below random init), the Python API
+
+
+def _report(protocol: str, pretrained: dict, random_init: dict, epochs: int = 3) -> dict:
+    return {"protocol": protocol, "results": {"pretrained": pretrained, "random_init": random_init},
+            "pretrain": {"epochs_completed": epochs, "epochs_planned": 30}}
+
+
+def test_below_random_init_is_said_in_one_line_with_the_reason_and_what_to_try():
+    from clmae.evaluation.results import below_random_init
+
+    knn = _report("knn", {"knn_majority_top1": 50.8, "knn_majority_top5": 99.0, "knn_weighted_top1": 51.0},
+                  {"knn_majority_top1": 56.2, "knn_majority_top5": 90.0, "knn_weighted_top1": 55.0})
+    linear = _report("linear", {"linear_top1": 70.4}, {"linear_top1": 75.2})
+    better = _report("linear", {"linear_top1": 80.0}, {"linear_top1": 75.2})
+    line = below_random_init([knn, linear])
+    assert line == ("clmae: note: the pretrained encoder is below its own random initialisation (top-1, knn 50.90 vs "
+                    "55.60; linear 70.40 vs 75.20): most likely pretraining was too short (3 epochs) to learn more "
+                    "than the random features offer; train longer (--epochs, --resume), on more images, or check "
+                    "that loss_mae fell (clmae report RUN)")
+    assert below_random_init([better]) is None
+    assert below_random_init([_report("knn", {"knn_majority_top1": 50.0}, {})]) is None  # no reference: no claim
+    fewshot = _report("fewshot", {"fewshot_1shot_top1": 20.0, "fewshot_1shot_top1_std": 9.0},
+                      {"fewshot_1shot_top1": 21.0, "fewshot_1shot_top1_std": 0.0})
+    assert "fewshot 20.00 vs 21.00" in below_random_init([fewshot, better])
+
+
+def test_eval_says_below_random_init_exactly_when_its_numbers_are(run_dir, tmp_path, capsys):
+    out = tmp_path / "knn.json"
+    assert main(["eval", "knn", "--checkpoint", str(run_dir), "--output", str(out), "--no-progress",
+                 "--num-workers", "0", "--max-train", "400", "--max-test", "200"]) == 0
+    err = capsys.readouterr().err
+    res = json.loads(out.read_text())["results"]
+    names = [n for n in res["pretrained"] if n.endswith("top1")]
+    below = sum(res["pretrained"][n] for n in names) < sum(res["random_init"][n] for n in names)
+    assert ("below its own random initialisation" in err) == below, (res, err)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_are_drawn_in_a_terminal_only_cli_and_python(run_dir, tmp_path, capsys, monkeypatch):
+    """`eval knn` with its default --progress into a log file, and the Python API off a terminal, print no bar."""
+    import clmae
+
+    argv = ["eval", "knn", "--checkpoint", str(run_dir), "--num-workers", "0", "--max-train", "300",
+            "--max-test", "100", "--no-feature-cache"]
+    assert main([*argv, "--output", str(tmp_path / "a.json")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "features pretrained" not in err, err
+    clmae.evaluate("knn", run_dir, max_train=300, max_test=100, num_workers=0, feature_cache=False, write=False)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "features pretrained" not in err, err
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)  # the same call in a terminal draws its bars
+    clmae.evaluate("knn", run_dir, max_train=300, max_test=100, num_workers=0, feature_cache=False, write=False)
+    assert "features pretrained train" in terminal.getvalue()
+
+
+def test_evaluate_all_through_evaluate_and_the_python_functions_of_every_command(run_dir, tmp_path):
+    import clmae
+
+    reports = clmae.evaluate("all", run_dir, protocols=("knn", "fewshot"), configs={"fewshot": {"shots": (1,)}},
+                             max_train=300, max_test=100, num_workers=0, progress=False, feature_cache=False)
+    assert set(reports) == {"knn", "fewshot"} and reports["fewshot"]["hyperparameters"]["shots"] == (1,)
+    assert (run_dir / "eval-knn-digits.json").is_file() and (run_dir / "eval-summary-digits.md").is_file()
+    with pytest.raises(ConfigError, match="writes one report per protocol"):
+        clmae.evaluate("all", run_dir, output=tmp_path / "x.json")
+    with pytest.raises(ConfigError, match="'knn', 'linear', 'fewshot', 'finetune' or 'all'"):
+        clmae.evaluate("nearest", run_dir)
+    html = clmae.report(run_dir, tmp_path / "report.html")
+    assert html == tmp_path / "report.html" and "<html" in html.read_text()
+    png = clmae.visualize(run_dir, num_images=2, output=tmp_path / "v.png", device="cpu")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    exported = clmae.export(run_dir, "timm", tmp_path / "timm")
+    assert (tmp_path / "timm" / "model.safetensors") in exported.files and "timm" in exported.verified
+    table = clmae.compare([run_dir / "eval-knn-digits.json"], markdown=tmp_path / "c.md")
+    assert "knn_majority_top1" in (tmp_path / "c.md").read_text() and table is not None
+    for name in ("eval-knn-digits.json", "eval-fewshot-digits.json", "eval-summary-digits.md"):
+        (run_dir / name).unlink()

@@ -207,6 +207,17 @@ def test_a_no_progress_run_prints_a_line_per_epoch_and_a_summary(tmp_path, capsy
     assert (recorded["model"], recorded["img_size"], recorded["patch_size"]) == ("vit_micro_patch2_8", 8, 2)
 
 
+def test_the_python_api_says_which_model_it_chose_and_why_as_the_command_does(tmp_path, capsys):
+    import clmae
+
+    clmae.pretrain(data="digits", subset=32, batch_size=16, epochs=1, probe_every=0, snapshot_every=0, num_workers=0,
+                   progress=False, device="cpu", output_dir=str(tmp_path / "run"))
+    header = capsys.readouterr().err.splitlines()[0]
+    assert header == ("clmae: clmae on digits (32 images, 8 px, gray), model vit_micro_patch2_8 at 8 px (native size "
+                      f"of the data; --model/--img-size to override), 4x4 patches of 2 px, device cpu, output "
+                      f"{tmp_path / 'run'}"), header
+
+
 def test_a_run_estimated_at_hours_on_cpu_gets_a_warning_saying_how_to_make_it_smaller():
     from types import SimpleNamespace
 
@@ -222,12 +233,46 @@ def test_a_run_estimated_at_hours_on_cpu_gets_a_warning_saying_how_to_make_it_sm
         console = Console(run_on(device), progress=False, out=out, err=err)
         console._say_eta(run_on(device), per_iteration=90.0)  # 30,000 iterations of 90 s: 31 days
         lines = err.getvalue().splitlines()
-        assert lines[0].startswith("clmae: 90 s per iteration (1 img/s): about 31d05h for the whole run (30000 ")
+        assert lines[0].startswith("clmae: 90 s per iteration (0.71 img/s): about 31d05h for the whole run (30000 "
+                                   "iterations), 31d05h to go (29995 iterations left)"), lines[0]
         assert (len(lines) == 2) == warned, lines
         if warned:
             for hint in ("--epochs (now 30)", "--subset N (now 64000 images)", "--img-size (now 224 px)",
                          "--method mae", "--device cuda"):
                 assert hint in lines[1], hint
+
+
+def test_a_run_of_a_few_slow_iterations_says_its_eta_after_the_first_with_the_iterations_left(monkeypatch):
+    """The trial's 160 photos at 224 px: 2 iterations of 142 s. The estimate comes after the first iteration
+    (there is no second to time before the end), counts the one left, and speeds under 1 img/s keep decimals."""
+    from types import SimpleNamespace
+
+    from clmae.models.configs import ModelChoice
+    from clmae.train import console as console_module
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(console_module, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    mc = SimpleNamespace(img_size=224, grid_size=14, patch_size=16)
+    photos = type("Photos", (), {"name": "photos", "channels": 3, "notes": [], "__len__": lambda self: 160})()
+    run = SimpleNamespace(iteration=0, epoch=0, epochs=1, steps_per_epoch=2, global_batch=64,
+                          device=torch.device("cpu"), dataset=photos, model_config=mc,
+                          cfg=SimpleNamespace(method="clmae", model=None), data_scan=SimpleNamespace(size=200),
+                          resumed=False, output_dir=Path("runs/photos"), last_records={}, schedule_done=lambda: {},
+                          model_choice=ModelChoice("vit_base_patch16_224", 224, 16, "the data is 200 px"))
+    out, err = io.StringIO(), io.StringIO()
+    console = console_module.Console(run, progress=False, out=out, err=err)
+    console.begin()
+    for step in (1, 2):
+        clock.now, run.iteration = 142.0 * step, step
+        console.on_step(run, {"loss_mae": 1.0})
+    run.epoch = 1
+    console.on_epoch_end(run)
+    lines = err.getvalue().splitlines()
+    assert lines[0].startswith("clmae: clmae on photos (160 images, 200 px, RGB), model vit_base_patch16_224 at 224 px")
+    eta = [ln for ln in lines if "per iteration" in ln]
+    assert eta == ["clmae: 142 s per iteration (0.45 img/s, from the first iteration): about 4m44s for the whole run "
+                   "(2 iterations), 2m22s to go (1 iteration left)"], lines
+    assert "  0.45 img/s  " in out.getvalue() and " 0 img/s" not in out.getvalue(), out.getvalue()
 
 
 class Terminal(io.StringIO):

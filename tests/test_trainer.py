@@ -294,3 +294,115 @@ def test_gradient_accumulation_of_two_halves_equals_one_batch_of_both(tmp_path):
     for a, b in zip(grads["one"], grads["two"]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
     assert any(float(g.abs().sum()) > 0 for g in grads["one"])
+
+
+def test_a_signal_during_the_end_of_epoch_save_stops_before_the_next_epoch_starts_a_step(tmp_path):
+    """Ctrl-C while epoch 1's checkpoint is written (the trial's 224 px run): no step of epoch 2 may start; the run
+    stops at the epoch boundary with that checkpoint, exit code 130."""
+    import os
+    import signal
+
+    from clmae.io.checkpoint import read_training_state
+
+    trainer = tiny_trainer(tmp_path, subset=64, batch_size=16, epochs=3, method="mae", probe_every=0)
+    original, saves = trainer.save_checkpoint, []
+
+    def save_with_signal(*args, **kwargs):
+        saves.append(trainer.position.iteration)
+        if len(saves) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    trainer.save_checkpoint = save_with_signal
+    result = trainer.fit()
+    assert (result.stopped_by, result.exit_code) == ("SIGINT", 130)
+    assert (trainer.position.epoch, trainer.position.iteration) == (1, 4)  # before the fix: iteration 5
+    state = read_training_state(trainer.output_dir / "checkpoint-last.pt")
+    assert (state["epoch"], state["step_in_epoch"], state["iteration"]) == (1, 0, 4)
+
+
+def test_a_signal_while_a_batch_is_loaded_stops_before_that_step(tmp_path):
+    """A signal that arrives while the next batch is prepared (DataLoader workers starting, decoding) is honoured
+    before the step it would feed."""
+    import os
+    import signal
+
+    trainer = tiny_trainer(tmp_path, subset=64, batch_size=16, epochs=2, method="mae", probe_every=0)
+    real = trainer.batches
+
+    class SignalOnSecondBatch:
+        def __len__(self):
+            return len(real)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def epoch(self, epoch, start_step=0):
+            for i, batch in enumerate(real.epoch(epoch, start_step)):
+                if i == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield batch
+
+    trainer.batches = SignalOnSecondBatch()
+    result = trainer.fit()
+    assert (result.stopped_by, result.exit_code) == ("SIGTERM", 143)
+    assert trainer.position.iteration == 1 and trainer.position.step_in_epoch == 1
+
+
+def test_resuming_with_more_epochs_says_how_lambda_and_lr_change_at_that_point(tmp_path, capsys,
+                                                                                stop_after_first_epoch):
+    """λ and the learning rate are functions of the planned epochs: the note's 'before' values are what the planned
+    run used at that iteration, its 'after' values what the resumed run uses."""
+    common = dict(data="digits", subset=64, batch_size=16, method="clmae", probe_every=0, snapshot_every=0,
+                  progress=False, log_every=1, device="cpu")
+    full = pretrain(**common, epochs=2, output_dir=str(tmp_path / "full"))
+    part = Trainer(make_config({**common, "epochs": 2, "output_dir": str(tmp_path / "part")}))
+    part.callbacks.append(stop_after_first_epoch)
+    part.fit()
+    capsys.readouterr()
+    resumed = pretrain(resume=str(tmp_path / "part"), epochs=4, progress=False)
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "instead of the 2 the run planned" in ln]
+
+    def at_iteration_5(metrics):
+        return next(r for r in read_metrics(metrics) if r["kind"] == "train" and r["step"] == 5)
+
+    planned, now = at_iteration_5(full.metrics), at_iteration_5(resumed.metrics)
+    assert notes == [f"clmae: note: --epochs 4 instead of the 2 the run planned: the learning rate and the masking "
+                     f"schedules follow the new length from epoch 1.00 on (the old plan → the new): λ "
+                     f"{planned['curriculum_factor']:+.3f} → {now['curriculum_factor']:+.3f}, lr {planned['lr']:.4g} "
+                     f"→ {now['lr']:.4g}; resume with --epochs 2 to keep the plan"], notes
+    assert planned["curriculum_factor"] != now["curriculum_factor"] and planned["lr"] != now["lr"]
+
+
+def test_a_large_training_process_gets_workers_from_a_fork_server_and_the_same_batches(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """Workers forked from a large training process keep copies of every page it rewrites (benchmarks/
+    worker_memory.py): such a process starts them from a fork server instead, which changes no batch."""
+    import sys
+    import types
+
+    from clmae.data import loader
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    trainer = tiny_trainer(tmp_path, data=str(folder), model="vit_micro_patch2_8", img_size=16, batch_size=8, epochs=1,
+                           num_workers=2, method="mae")
+    monkeypatch.setattr(loader, "anonymous_mib", lambda: 100)
+    assert loader.worker_context() is None  # small: forked, as before
+    forked = list(trainer.batches.epoch(0))
+    monkeypatch.setattr(loader, "anonymous_mib", lambda: 4096)
+    assert loader.worker_context().get_start_method() == "forkserver"  # pytest runs as `python -m`: importable
+    served = list(trainer.batches.epoch(0))
+    assert len(forked) == len(served) == 3 and all(torch.equal(a, b) for a, b in zip(forked, served))
+
+    script = tmp_path / "train.py"  # a script without a main guard: each worker would import it and train again
+    script.write_text("import clmae\nclmae.pretrain(data='photos')\n")
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__file__=str(script), __spec__=None))
+    assert loader.worker_context() is None and loader.worker_context() is None
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "DataLoader workers are forked" in ln]
+    assert len(notes) == 1 and "(4096 MiB) because" in notes[0] and "guard" in notes[0]  # said once
+    script.write_text("import clmae\n\nif __name__ == '__main__':\n    clmae.pretrain(data='photos')\n")
+    assert loader.worker_context().get_start_method() == "forkserver"

@@ -14,12 +14,14 @@ from typing import Any
 
 
 def lazy_attributes(package: str, where: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-    """``(__getattr__, __dir__)`` for ``package``: ``where`` maps a name to its submodule (relative)."""
+    """``(__getattr__, __dir__)`` for ``package``: ``where`` maps a name to its submodule (relative), or to
+    ``"submodule:attribute"`` when the package offers the attribute under another name."""
 
     def __getattr__(name: str) -> Any:
         if name in where:
             namespace = sys.modules[package].__dict__
-            value = getattr(importlib.import_module(f".{where[name]}", package), name)
+            module, _, attribute = where[name].partition(":")
+            value = getattr(importlib.import_module(f".{module}", package), attribute or name)
             namespace[name] = value  # later lookups find it directly
             return value
         raise AttributeError(f"module {package!r} has no attribute {name!r}")

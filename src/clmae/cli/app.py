@@ -70,27 +70,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     recorded = cfg.to_dict()  # a preset's options for another method were dropped: not overrides either
     overrides = {k: v for k, v in {**(defaults or {}), **given}.items() if k in recorded}
     trainer = Trainer(cfg, overrides=overrides if cfg.resume else None)
-    if trainer.dist.is_main:
-        print(header_line(trainer), file=sys.stderr)
-    return trainer.fit().exit_code  # the summary is printed by the run's console
-
-
-def header_line(trainer) -> str:
-    """What runs on what, and why this model: ``clmae: clmae on x.npz (2048 images, 28 px, gray), model …``."""
-    cfg, choice, scan, mc = trainer.cfg, trainer.model_choice, trainer.data_scan, trainer.model_config
-    native = f", {scan.size} px" if scan.size else ""
-    colour = "gray" if trainer.dataset.channels == 1 else "RGB"
-    if trainer.resume_path is not None:
-        why = "as the run started"
-    else:
-        why = choice.reason
-        if cfg.model is None:
-            why += "; --model/--img-size to override"
-        elif scan.size and scan.size != mc.img_size:
-            why += f"; the data is {scan.size} px"
-    return (f"clmae: {cfg.method} on {trainer.dataset.name} ({len(trainer.dataset)} images{native}, {colour}), "
-            f"model {choice.name} at {mc.img_size} px ({why}), {mc.grid_size}x{mc.grid_size} patches of "
-            f"{mc.patch_size} px, device {trainer.device}, output {trainer.output_dir}")
+    return trainer.fit().exit_code  # the run's console prints what runs, a line per epoch and the summary
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:

@@ -77,6 +77,12 @@ def _announce(setup: EvalSetup, what: str) -> None:
     print(f"clmae: {what} on {setup.data} ({len(setup.train)} train / {len(setup.test)} test, "
           f"{setup.num_classes} classes, {setup.img_size} px), {setup.model_name} from {setup.checkpoint_file}, "
           f"device {setup.device}", file=sys.stderr)
+    for note in setup.notes:
+        print(f"clmae: note: {note}", file=sys.stderr)
+    if setup.options.holdout is not None:
+        print(f"clmae: note: {len(setup.test)} images of the training split held out at random (--holdout "
+              f"{setup.options.holdout}, seed {setup.options.seed}) as the test split; the report records it",
+              file=sys.stderr)
     p = pretrain_position(setup)
     if p["interrupted"]:
         print(f"clmae: note: this checkpoint was saved after {p['epochs_completed']} of {p['epochs_planned']} "
@@ -85,7 +91,7 @@ def _announce(setup: EvalSetup, what: str) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from ..evaluation.results import default_output, summary_lines, write_report
-    from ..evaluation.runner import prepare, run_protocols
+    from ..evaluation.runner import prepare, run_protocols, say_if_below_random
 
     options = EvalOptions(**collect(args, "opt__"))
     config = protocol_config(args.protocol, **collect(args, "cfg__"))
@@ -103,12 +109,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     for line in summary_lines(report):
         print(line)
     print(where, file=sys.stderr)
+    say_if_below_random([report])
     return 0
 
 
 def _run_all(args: argparse.Namespace) -> int:
     from ..evaluation.results import default_output, summary_output, summary_table, write_report, write_summary
-    from ..evaluation.runner import prepare, run_protocols
+    from ..evaluation.runner import prepare, run_protocols, say_if_below_random
 
     names = args.protocols
     check_option(len(names) >= 1 and len(set(names)) == len(names), "protocols", ",".join(names),
@@ -129,4 +136,5 @@ def _run_all(args: argparse.Namespace) -> int:
     print(table)
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
+    say_if_below_random(list(reports.values()))
     return 0

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import statistics
 import warnings
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,10 @@ from .images import ImageTooLarge, channel_stats, default_stats, list_image_fold
 from .shards import ShardData, is_shard_spec, load_shards
 
 BUILTIN = ("digits", "cifar10")  # dataset names --data accepts besides paths
+
+
+class NoHeldOutSplit(DataError):
+    """The data has only a training split (an image folder without ``val/``, an .npz without ``x_test``)."""
 
 
 def dataset_label(data: str) -> str:
@@ -54,6 +60,8 @@ class InMemoryImages:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     skipped: Counter = field(default_factory=Counter)
+    classes: list[str] | None = None  # the names of text labels, by class index (None: integer labels)
+    notes: list[str] = field(default_factory=list)  # how the arrays were read (layout, labels), said once per run
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -64,42 +72,95 @@ class InMemoryImages:
 
     @property
     def num_classes(self) -> int | None:
-        return None if self.labels is None else int(self.labels.max()) + 1
+        if self.labels is None:
+            return None
+        return len(self.classes) if self.classes else int(self.labels.max()) + 1
 
     def subset(self, n: int | None) -> InMemoryImages:
         if n is None or n >= len(self):
             return self
         labels = None if self.labels is None else self.labels[:n]
-        return InMemoryImages(self.name, self.images[:n], labels, self.mean, self.std)
+        return InMemoryImages(self.name, self.images[:n], labels, self.mean, self.std, classes=self.classes,
+                              notes=self.notes)
 
 
-def _from_arrays(name: str, x: np.ndarray, y: np.ndarray | None,
-                 stats_from: np.ndarray | None = None) -> InMemoryImages:
-    """NHWC or NHW uint8 arrays → :class:`InMemoryImages` (NCHW)."""
+def _channels_last(name: str, x: np.ndarray, notes: list[str]) -> np.ndarray:
+    """``(N, C, H, W)`` arrays (PyTorch's layout) become ``(N, H, W, C)``, with a note; others pass unchanged."""
+    if x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
+        notes.append(f"{name}: images are channels-first {tuple(x.shape)}; read as (N, H, W, C) = "
+                     f"{(x.shape[0], x.shape[2], x.shape[3], x.shape[1])}")
+        return np.moveaxis(x, 1, -1)
+    return x
+
+
+def _pixels(name: str, x: np.ndarray) -> np.ndarray:
+    """Any numeric array of pixels as ``uint8`` 0..255: floats in 0..1 are scaled; what cannot be pixels is refused."""
+    if x.dtype == np.uint8:
+        return x
+    if x.dtype == np.bool_:
+        return x.astype(np.uint8) * 255
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise DataError(f"{name}: images must be numbers (uint8 0..255 or floats 0..1); got dtype {x.dtype}")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        raise DataError(f"{name}: the images contain NaN or infinite values")
+    lo, hi = (x.min().item(), x.max().item()) if x.size else (0, 0)
+    if lo < 0 or hi > 255:
+        raise DataError(f"{name}: pixel values range from {lo:g} to {hi:g}, outside 0..255; store uint8 0..255 or "
+                        "floats 0..1 (not normalised or 16-bit values)")
+    if np.issubdtype(x.dtype, np.floating) and hi <= 1.0:
+        x = np.round(x * 255)
+    return x.astype(np.uint8)
+
+
+def _labels(name: str, y: np.ndarray, n: int, classes: list[str] | None, notes: list[str]) -> torch.Tensor:
+    """Class indices ``0..C-1`` from integer labels, whole-number floats, one-hot rows or strings (via ``classes``)."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[0] == n and y.shape[1] > 1:  # one-hot (N, C)
+        if not (np.isin(y, (0, 1)).all() and (y.sum(1) == 1).all()):
+            raise DataError(f"{name}: labels of shape {y.shape} are not one-hot rows; store one class index per image")
+        notes.append(f"{name}: one-hot labels {y.shape} read as class indices")
+        y = y.argmax(1)
+    y = y.reshape(-1)
+    if y.shape[0] != n:
+        raise DataError(f"{name}: {n} images but {y.shape[0]} labels")
+    if y.dtype.kind in "US":  # text labels: 'cat', 'dog', ... (classes: sorted, from every split)
+        names = [v.decode() if isinstance(v, bytes) else str(v) for v in y.tolist()]
+        index = {c: i for i, c in enumerate(classes or sorted(set(names)))}
+        missing = sorted(set(names) - set(index))
+        if missing:
+            raise DataError(f"{name}: labels {missing[:5]} are not among the classes {sorted(index)[:10]}")
+        return torch.tensor([index[v] for v in names], dtype=torch.int64)
+    if y.dtype == np.bool_:
+        y = y.astype(np.int64)
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise DataError(f"{name}: labels must be integers 0..C-1 or text; got dtype {y.dtype}")
+    if np.issubdtype(y.dtype, np.floating):
+        if not np.isfinite(y).all() or (y != np.round(y)).any():
+            raise DataError(f"{name}: labels must be whole numbers (class indices 0..C-1); found fractions, NaN or "
+                            "infinite values")
+    if y.size and y.min() < 0:
+        raise DataError(f"{name}: labels must be class indices 0..C-1; found {y.min():g}")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def _from_arrays(name: str, x: np.ndarray, y: np.ndarray | None, stats_from: np.ndarray | None = None,
+                 classes: list[str] | None = None, notes: list[str] | None = None) -> InMemoryImages:
+    """NHWC, NCHW or NHW arrays → :class:`InMemoryImages` (NCHW uint8); ``notes`` collects what was converted."""
+    notes = [] if notes is None else notes
+    x = _channels_last(name, np.asarray(x), notes)
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise DataError(f"{name}: images must have shape (N, H, W), (N, H, W, 1) or (N, H, W, 3); got {x.shape}")
+        raise DataError(f"{name}: images must have shape (N, H, W), (N, H, W, 1), (N, H, W, 3) or (N, 1|3, H, W); "
+                        f"got {x.shape}")
     if x.shape[0] == 0:
         raise DataError(f"{name}: the image array is empty")
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-        raise DataError(f"{name}: images must be numbers (uint8 0..255 or floats 0..1); got dtype {x.dtype}")
-    if x.dtype != np.uint8:
-        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-            raise DataError(f"{name}: the images contain NaN or infinite values")
-        if np.issubdtype(x.dtype, np.floating) and x.max() <= 1.0:
-            x = np.round(x * 255)
-        x = np.clip(x, 0, 255).astype(np.uint8)
+    x = _pixels(name, x)
     images = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
-    labels = None
-    if y is not None:
-        y = np.asarray(y).reshape(-1)
-        if y.shape[0] != images.shape[0]:
-            raise DataError(f"{name}: {images.shape[0]} images but {y.shape[0]} labels")
-        labels = torch.from_numpy(y.astype(np.int64))
+    labels = None if y is None else _labels(name, y, images.shape[0], classes, notes)
     stats_images = images if stats_from is None else _from_arrays(name, stats_from, None).images
     mean, std = channel_stats(stats_images)
-    return InMemoryImages(name, images, labels, mean, std)
+    return InMemoryImages(name, images, labels, mean, std, classes=classes, notes=notes)
 
 
 def load_digits(split: str) -> InMemoryImages:
@@ -127,6 +188,9 @@ def load_npz(path: Path, split: str, name: str | None = None) -> InMemoryImages:
     name = name or path.name
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    if not zipfile.is_zipfile(path):  # np.load would try it as a pickle and answer about allow_pickle
+        raise DataError(f"{path}: not a readable .npz archive (not a zip file: cut short, or not written by "
+                        "numpy.savez)")
     try:
         archive = np.load(path, allow_pickle=False)
         keys = set(archive.files)
@@ -135,7 +199,7 @@ def load_npz(path: Path, split: str, name: str | None = None) -> InMemoryImages:
     xk, yk = ("x_train", "y_train") if split == "train" else ("x_test", "y_test")
     if xk not in keys:
         if split != "train" and "x_train" in keys:
-            raise DataError(f"{path}: has no {xk!r} array, so there is no held-out split; add x_test/y_test")
+            raise NoHeldOutSplit(f"{path}: has no {xk!r} array, so there is no held-out split; add x_test/y_test")
         raise DataError(
             f"{path}: missing key {xk!r} (found {sorted(keys)}); an .npz needs x_train (N,H,W[,C]) uint8 "
             "and optionally y_train, x_test, y_test"
@@ -144,43 +208,103 @@ def load_npz(path: Path, split: str, name: str | None = None) -> InMemoryImages:
         x = archive[xk]
         y = archive[yk] if yk in keys else None
         stats = archive["x_train"] if split != "train" else None
+        classes = _text_classes(archive, keys, path) if y is not None and y.dtype.kind in "US" else None
+    except DataError:
+        raise
     except Exception as exc:  # noqa: BLE001 — numpy raises ValueError, zip and OS errors alike for a bad member
         if "allow_pickle" in str(exc):
             raise DataError(f"{path}: {xk!r} holds pickled Python objects, which are never loaded (they could run "
                             "code); store plain numeric arrays") from None
         raise DataError(f"{path}: could not read {xk!r} ({exc.__class__.__name__}: {exc}); "
                         "the file may be truncated") from None
-    return _from_arrays(name, x, y, stats_from=stats)
+    notes: list[str] = []
+    if classes:
+        shown = ", ".join(f"{c}={i}" for i, c in enumerate(classes[:12])) + (", …" if len(classes) > 12 else "")
+        notes.append(f"{name}: text labels read as {len(classes)} classes in sorted order ({shown})")
+    return _from_arrays(name, x, y, stats_from=stats, classes=classes, notes=notes)
+
+
+def _text_classes(archive, keys: set[str], path: Path) -> list[str]:
+    """The sorted names of text labels over every split, so train and test number the classes alike."""
+    names: set[str] = set()
+    for key in ("y_train", "y_test"):
+        if key in keys:
+            y = archive[key]
+            if y.dtype.kind not in "US":
+                raise DataError(f"{path}: {key!r} holds numbers but another split's labels are text; use one kind")
+            names.update(v.decode() if isinstance(v, bytes) else str(v) for v in y.reshape(-1).tolist())
+    return sorted(names)
+
+
+CIFAR_BATCHES = "cifar-10-batches-py"
+CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 
 
 def load_cifar10(data_dir: str | None, split: str) -> InMemoryImages:
-    """CIFAR-10 from ``cifar10.npz`` or torchvision's ``cifar-10-batches-py`` in the data dirs.
-
-    Downloads through torchvision only when neither is found (and the network allows).
-    """
+    """CIFAR-10 from ``cifar10.npz`` or the ``cifar-10-batches-py`` folder (the official Python version, as
+    torchvision downloads it) in the data dirs. Nothing is downloaded: a missing copy is one line saying how."""
     candidates = data_dirs(data_dir)
     for d in candidates:
         if (d / "cifar10.npz").is_file():
             return load_npz(d / "cifar10.npz", split, name="cifar10")
-        if (d / "cifar-10-batches-py").is_dir():
-            return _torchvision_cifar(d, split, download=False)
-    target = candidates[0] if candidates else Path("data")
+        if (d / CIFAR_BATCHES).is_dir():
+            return load_cifar_batches(d / CIFAR_BATCHES, split)
+    looked = ", ".join(str(d) for d in candidates)
+    raise DataError(
+        f"cifar10: not found in {looked} (looked for cifar10.npz or {CIFAR_BATCHES}/); clmae downloads nothing: "
+        "fetch it with `python -c \"import torchvision; torchvision.datasets.CIFAR10('data', download=True)\"`, "
+        "then pass --data-dir DIR or set CLMAE_DATA"
+    )
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles the CIFAR-10 batch files' dicts, lists and numpy arrays, and refuses every other object (a pickle
+    can name any function to call; these files need only numpy's array rebuilders)."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name} (only numpy arrays are read)")
+        if name == "_reconstruct":  # numpy 2 moved numpy.core to numpy._core; both names are one function
+            return np.ndarray.__reduce__(np.zeros(0))[0]
+        return super().find_class(module, name)
+
+
+def _read_batch(path: Path) -> dict:
     try:
-        return _torchvision_cifar(target, split, download=True)
-    except Exception as exc:  # noqa: BLE001 — no network, disk full, …: one clear message
-        looked = ", ".join(str(d) for d in candidates)
-        raise DataError(
-            f"cifar10: not found in {looked} (looked for cifar10.npz or cifar-10-batches-py) and the download "
-            f"failed ({exc.__class__.__name__}); pass --data-dir DIR or set CLMAE_DATA"
-        ) from None
+        with open(path, "rb") as f:
+            batch = _ArraysOnly(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; {path.parent} should hold "
+                        f"{', '.join(CIFAR_FILES['train'] + CIFAR_FILES['test'])}") from None
+    except Exception as exc:  # noqa: BLE001 — truncated, not a pickle, a refused object: one message
+        raise DataError(f"{path}: not a readable CIFAR-10 batch file ({exc.__class__.__name__}: {exc})") from None
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()} if isinstance(batch, dict) else {}
+    if not isinstance(batch.get("data"), np.ndarray) or "labels" not in batch:
+        raise DataError(f"{path}: not a CIFAR-10 batch file (no 'data' array and 'labels' list)")
+    return batch
 
 
-def _torchvision_cifar(root: Path, split: str, download: bool) -> InMemoryImages:
-    from torchvision.datasets import CIFAR10
+def _cifar_arrays(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(x (N, 32, 32, 3) uint8, y (N,))`` of one split from the batch files: rows of 3072 bytes, R then G then B."""
+    xs, ys = [], []
+    for file in CIFAR_FILES[split]:
+        batch = _read_batch(folder / file)
+        data = batch["data"]
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise DataError(f"{folder / file}: 'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072)")
+        xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(np.asarray(batch["labels"], dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
 
-    train = CIFAR10(str(root), train=True, download=download)
-    ds = train if split == "train" else CIFAR10(str(root), train=False, download=download)
-    return _from_arrays("cifar10", ds.data, np.asarray(ds.targets), stats_from=train.data if split != "train" else None)
+
+def load_cifar_batches(folder: Path, split: str) -> InMemoryImages:
+    """CIFAR-10's ``cifar-10-batches-py`` folder, read without running its pickles' code (:class:`_ArraysOnly`)."""
+    x, y = _cifar_arrays(folder, split)
+    stats = _cifar_arrays(folder, "train")[0] if split != "train" else None
+    return _from_arrays("cifar10", x, y, stats_from=stats)
 
 
 # -- image folders ----------------------------------------------------------------------------
@@ -295,7 +419,7 @@ def load_dataset(data: str, data_dir: str | None = None, split: str = "train", c
             break
     else:
         if split == "test":
-            raise DataError(f"{data}: no val/ or test/ sub-folder, so there is no held-out split")
+            raise NoHeldOutSplit(f"{data}: no val/ or test/ sub-folder, so there is no held-out split")
     files = ImageFiles(path, channels=channels)
     mean, std = default_stats(channels)
     return FolderData(str(data), files, mean, std)

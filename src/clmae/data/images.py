@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_MEAN, GRAY_STD = (0.5,), (0.5,)
+ORIENTATION = 0x0112  # the EXIF tag: how the stored pixels must be turned to be seen upright
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
@@ -133,10 +134,19 @@ def _draft_size(width: int, height: int, min_side: int) -> tuple[int, int]:
     return max(1, math.ceil(width * min_side / short)), max(1, math.ceil(height * min_side / short))
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: cameras store a portrait photo sideways with an EXIF orientation tag,
+    which viewers apply (``ImageOps.exif_transpose``); images without one are returned as they are, uncopied."""
+    if img.getexif().get(ORIENTATION, 1) in (0, 1):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
 def open_image(path, channels: int = 3, min_side: int | None = None, max_pixels: int | None = None) -> Image.Image:
     """Decode any common image and convert it to RGB (or L): grayscale, RGBA, palette, 16-bit.
 
-    ``min_side``: images whose shorter side is over twice that are decoded at reduced scale
+    The EXIF orientation is applied (:func:`upright`), so training, evaluation and pictures all see a
+    phone's portrait upright. ``min_side``: images whose shorter side is over twice that are decoded at reduced scale
     (JPEG ``draft``, free) or box-reduced right after decoding, so a huge photo costs little memory
     downstream. ``max_pixels`` (default: ``PIL.Image.MAX_IMAGE_PIXELS``) refuses bigger images
     before decoding them; Pillow's own decompression-bomb error is never silenced.
@@ -151,6 +161,7 @@ def open_image(path, channels: int = 3, min_side: int | None = None, max_pixels:
             if min_side and min(img.size) > 2 * min_side and img.format == "JPEG":
                 img.draft(None, _draft_size(img.width, img.height, min_side))  # decode at 1/2, 1/4 or 1/8 scale
             img.load()
+            img = upright(img)
             mode = img.mode
             if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
                 arr = np.asarray(img, dtype=np.float64)

@@ -21,7 +21,8 @@ from .results import REPORT_FORMAT
 
 PRIMARY_ORDER = ("knn_majority_top1", "knn_weighted_top1", "linear_top1")
 # What must be equal for two reports' numbers to share a table, in the order messages name them.
-SETUP_FIELDS = ("dataset", "train size", "test size", "train subset seed", "test subset seed", "pooling", "image size")
+SETUP_FIELDS = ("dataset", "train size", "test size", "train subset seed", "test subset seed", "held-out split",
+                "pooling", "image size")
 
 
 def _read_reports(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
@@ -62,6 +63,7 @@ def evaluation_setup(report: dict[str, Any]) -> dict[str, Any]:
     d = report.get("data", {})
     return {"dataset": d.get("name"), "train size": d.get("train_size"), "test size": d.get("test_size"),
             "train subset seed": _subset_seed(report, "train"), "test subset seed": _subset_seed(report, "test"),
+            "held-out split": d.get("holdout"),
             "pooling": report.get("features", {}).get("pool"),
             "image size": report.get("features", {}).get("img_size", d.get("img_size"))}
 

@@ -30,7 +30,7 @@ from ..data.loader import make_loader
 from ..errors import ConfigError
 from ..optim import lr_at
 from ..runtime import autocast
-from .options import FinetuneConfig  # the configuration, torch-free there
+from .options import FinetuneConfig, show_progress  # the configuration, torch-free there
 from .protocols import topk_accuracy
 from .splits import eval_batches
 
@@ -160,8 +160,8 @@ def finetune_metrics(setup, encoder, config: FinetuneConfig | None = None) -> tu
     opt = torch.optim.AdamW(layer_decay_groups(model, c.weight_decay, c.layer_decay), lr=c.absolute_lr(),
                             betas=(0.9, 0.999))
     steps_per_epoch = len(batches)
-    bar = tqdm(total=c.epochs * steps_per_epoch, desc=f"finetune {encoder.role}", unit="it", disable=not o.progress,
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(total=c.epochs * steps_per_epoch, desc=f"finetune {encoder.role}", unit="it",
+               disable=not show_progress(o.progress), leave=False, dynamic_ncols=True)
     start, seen, losses = time.perf_counter(), 0, []
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(o.seed)  # drop-path masks

@@ -37,6 +37,8 @@ class EvalOptions:
     seed: int = opt(0, "seed of data caps, validation split, support sets and classifier init")
     max_train: int | None = opt(None, "use a random (seeded) subset of this many training images")
     max_test: int | None = opt(None, "use a random (seeded) subset of this many test images")
+    holdout: float | None = opt(None, "for data without a held-out split (an image folder without val/, an .npz "
+                                      "without x_test): hold out this seeded random fraction of it, e.g. 0.1")
     num_workers: int = opt(2, "DataLoader workers for image folders")
     progress: bool = opt(True, "show progress bars")
     feature_cache: bool = opt(True, "keep extracted features on disk and reuse them when checkpoint, data, "
@@ -52,7 +54,18 @@ class EvalOptions:
             value = getattr(self, name)
             check_option(value is None or value >= 1, name, value, "an integer >= 1")
         check_option(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        check_option(self.holdout is None or 0 < self.holdout < 1, "holdout", self.holdout,
+                     "a fraction strictly between 0 and 1 (e.g. 0.1)")
         return self
+
+
+def show_progress(progress: bool) -> bool:
+    """Whether to draw a progress bar: when asked and stderr is a terminal (or a notebook shows it); a log
+    file or a pipe gets no bars, whatever ``progress`` says."""
+    import sys
+
+    stream = sys.stderr
+    return bool(progress) and (getattr(stream, "isatty", lambda: False)() or "ipykernel" in sys.modules)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ def assemble_report(setup, protocol: str, config, results: dict[str, Any], detai
                  "test_size": test["size"], "train_total": train["total"], "test_total": test["total"],
                  "train_subset_seed": train["subset_seed"], "test_subset_seed": test["subset_seed"],
                  "train_subset_digest": train["subset_digest"], "test_subset_digest": test["subset_digest"],
+                 "holdout": None if o.holdout is None else {"fraction": o.holdout, "seed": o.seed},
                  "num_classes": setup.num_classes, "img_size": setup.img_size,
                  "mean": list(setup.mean), "std": list(setup.std)},
         "features": {"pool": o.pool, "img_size": setup.img_size, "pretrain_img_size": setup.pretrain_img_size},
@@ -167,3 +168,29 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             line += f"   (random init {_fmt(ref.get(name))}%" + (f" ± {rstd:5.2f}" if rstd is not None else "") + ")"
         lines.append(line)
     return lines
+
+
+def below_random_init(reports: list[dict[str, Any]]) -> str | None:
+    """One line when the pretrained encoder does worse than its own random initialisation, else None.
+
+    Per report, the mean of its top-1 accuracies (k-NN's two protocols, the probe's, every shot count) is
+    compared; the line names each protocol below with its numbers, the likely reason and what to try.
+    """
+    below = []
+    for rep in reports:
+        pre, ref = rep["results"].get("pretrained") or {}, rep["results"].get("random_init") or {}
+        names = [n for n in pre if n.endswith("top1") and pre.get(n) is not None and ref.get(n) is not None]
+        if not names:
+            continue
+        mine, theirs = (sum(m[n] for n in names) / len(names) for m in (pre, ref))
+        if mine < theirs:
+            below.append(f"{rep['protocol']} {mine:.2f} vs {theirs:.2f}")
+    if not below:
+        return None
+    p = reports[0].get("pretrain") or {}
+    done = p.get("epochs_completed")
+    how_long = f" ({done} epoch{'s' if done != 1 else ''})" if done is not None else ""
+    return (f"clmae: note: the pretrained encoder is below its own random initialisation (top-1, "
+            f"{'; '.join(below)}): most likely pretraining was too short{how_long} to learn more than the random "
+            "features offer; train longer (--epochs, --resume), on more images, or check that loss_mae fell "
+            "(clmae report RUN)")

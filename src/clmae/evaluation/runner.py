@@ -62,7 +62,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..data.datasets import FolderData, load_dataset
+from ..data.datasets import FolderData, InMemoryImages, NoHeldOutSplit, load_dataset
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io.checkpoint import load_checkpoint
 from ..models.configs import ModelConfig
@@ -74,8 +74,24 @@ from .features import FeatureCache, Features, extract_features
 from .finetune import finetune_metrics
 from .options import FROZEN_PROTOCOLS, PROTOCOLS, EvalOptions, KnnConfig, config_class, protocol_config
 from .protocols import fewshot_metrics, knn_metrics, linear_probe_metrics, sample_support
-from .results import assemble_report, default_output, summary_output, summary_table, write_report, write_summary
-from .splits import LabeledSplit, class_count, content_identity, data_identity, eval_batches, labeled_split
+from .results import (
+    assemble_report,
+    below_random_init,
+    default_output,
+    summary_output,
+    summary_table,
+    write_report,
+    write_summary,
+)
+from .splits import (
+    LabeledSplit,
+    class_count,
+    content_identity,
+    data_identity,
+    eval_batches,
+    holdout_splits,
+    labeled_split,
+)
 
 QUICK_KNN_MAX_TRAIN = 10_000
 QUICK_KNN_MAX_TEST = 2_000
@@ -184,6 +200,7 @@ class EvalSetup:
     timings: dict[str, float] = field(default_factory=dict)
     content_ids: dict[str, str] = field(default_factory=dict)
     caches: EvalCaches = field(default_factory=EvalCaches)
+    notes: list[str] = field(default_factory=list)  # how the data was read, for the user (data_notes)
 
     def data_id(self, split: LabeledSplit) -> str:
         """What the split's data is: its identity, and with a cache on disk the state of every image file."""
@@ -253,15 +270,18 @@ def prepare(checkpoint: str | Path, data: str | None = None, data_dir: str | Non
         data_dir = run_cfg.get("data_dir")
     identity = data_identity(data, data_dir)
     train_ds = caches.dataset(data, data_dir, "train", cfg.in_chans, identity)
-    train = labeled_split(train_ds, "train", o.max_train, o.seed, identity)
-    test = labeled_split(caches.dataset(data, data_dir, "test", cfg.in_chans, identity), "test", o.max_test,
-                         o.seed, identity)
-    channels = train_ds.channels
-    if channels != cfg.in_chans:
-        raise DataError(
-            f"{train_ds.name}: images have {channels} channel(s) but the checkpoint's model takes {cfg.in_chans}; "
-            "evaluate on data with the pretraining data's channels"
-        )
+    test_ds = _test_dataset(caches, data, data_dir, cfg.in_chans, identity, o.holdout)
+    if test_ds is None:
+        train, test = holdout_splits(train_ds, o.holdout, o.seed, o.max_train, o.max_test, identity)
+    else:
+        train = labeled_split(train_ds, "train", o.max_train, o.seed, identity)
+        test = labeled_split(test_ds, "test", o.max_test, o.seed, identity)
+    for ds in (train_ds, test_ds or train_ds):
+        if ds.channels != cfg.in_chans:
+            raise DataError(
+                f"{ds.name}: images have {ds.channels} channel(s) but the checkpoint's model takes {cfg.in_chans}; "
+                "evaluate on data with the pretraining data's channels"
+            )
     mean = tuple(info.get("mean") or train_ds.mean)
     std = tuple(info.get("std") or train_ds.std)
     if len(mean) != cfg.in_chans or len(std) != cfg.in_chans:
@@ -276,6 +296,7 @@ def prepare(checkpoint: str | Path, data: str | None = None, data_dir: str | Non
         data_dir=data_dir, train=train, test=test, num_classes=class_count(train, test), img_size=cfg.img_size,
         mean=mean, std=std, device=device, options=o, cache_folder=cache_folder, caches=caches,
     )
+    setup.notes = data_notes(train_ds, test_ds, cfg.img_size)
     setup.encoders.append(Encoder("pretrained", mae, f"ckpt:{sha}:{cfg.img_size}px"))
     if o.random_reference:
         seed = int(run_cfg.get("seed", o.seed))
@@ -285,6 +306,34 @@ def prepare(checkpoint: str | Path, data: str | None = None, data_dir: str | Non
         setup.encoders.append(Encoder("random_init", model, key))
         setup.random_init_seed, setup.random_init_architecture = seed, arch
     return setup
+
+
+def _test_dataset(caches: EvalCaches, data: str, data_dir: str | None, channels: int, identity: str,
+                  holdout: float | None):
+    """The data's own held-out split, or None with ``--holdout`` (a fraction of train is held out instead)."""
+    try:
+        test = caches.dataset(data, data_dir, "test", channels, identity)
+    except NoHeldOutSplit as exc:
+        if holdout is None:
+            raise NoHeldOutSplit(f"{exc}; or pass --holdout 0.1 (Python: holdout=0.1) to hold out a seeded random "
+                                 "10% of it") from None
+        return None
+    if holdout is not None:
+        raise ConfigError(f"--holdout: {data} has a held-out split of its own (val/, x_test or a test split), which "
+                          "evaluation uses; drop --holdout")
+    return test
+
+
+def data_notes(train, test, img_size: int) -> list[str]:
+    """What the user should know about how the data was read: the datasets' notes (text labels, channels-first
+    arrays), and in-memory test images of another size than the training images."""
+    notes = list(dict.fromkeys([*getattr(train, "notes", []), *getattr(test, "notes", [])]))
+    if isinstance(train, InMemoryImages) and isinstance(test, InMemoryImages):
+        a, b = tuple(train.images.shape[-2:]), tuple(test.images.shape[-2:])
+        if a != b:
+            notes.append(f"{train.name}: the test images are {b[0]}x{b[1]} px, the training images {a[0]}x{a[1]} px; "
+                         f"both are resized to the model's {img_size} px for evaluation")
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,21 +472,44 @@ def evaluate(protocol: str, checkpoint: str | Path, data: str | None = None, dat
              **keywords) -> dict[str, Any]:
     """Evaluate ``checkpoint`` with ``protocol`` (knn | linear | fewshot | finetune) on ``data``, like ``clmae eval``.
 
+    ``protocol="all"`` is :func:`evaluate_all` (``clmae eval all``; ``protocols=``, ``configs=`` as there): it
+    returns the reports by protocol.
+
     ``keywords`` are the command's flags with ``_`` for ``-``: evaluation options
     (``max_train=500``, ``pool="mean"``, ``img_size=64``, … see :class:`EvalOptions`, applied on
     top of ``options``) and the protocol's hyper-parameters (``k_majority=10``). The report is
     written to ``output``, by default ``RUN/eval-PROTOCOL-DATA.json`` as the command does
     (``write=False``: not written), and returned.
     """
-    check_option(protocol in PROTOCOLS, "protocol", protocol, one_of(PROTOCOLS))
+    if protocol == "all":
+        if output is not None:
+            raise ConfigError("output: evaluate('all', ...) writes one report per protocol into the run folder, as "
+                              "`clmae eval all` does; drop output (or evaluate one protocol)")
+        return evaluate_all(checkpoint, data, data_dir, options=options, write=write, **keywords)
+    check_option(protocol in PROTOCOLS, "protocol", protocol, one_of((*PROTOCOLS, "all")))
     option_values, config_values = split_keywords((protocol,), keywords)
     o = dataclasses.replace(options or EvalOptions(), **option_values)
     config = protocol_config(protocol, **config_values)
     setup = prepare(checkpoint, data, data_dir, o)
+    say_notes(setup)
     report = run_protocol(setup, protocol, config)
     if write:
         write_report(report, output if output is not None else default_output(checkpoint, protocol, setup.data))
+    say_if_below_random([report])
     return report
+
+
+def say_notes(setup: EvalSetup) -> None:
+    """How the data was read (:func:`data_notes`), on stderr, as ``clmae eval`` says it."""
+    for note in setup.notes:
+        print(f"clmae: note: {note}", file=sys.stderr)
+
+
+def say_if_below_random(reports: list[dict[str, Any]]) -> None:
+    """The line of :func:`~clmae.evaluation.results.below_random_init`, on stderr, when it applies."""
+    line = below_random_init(reports)
+    if line:
+        print(line, file=sys.stderr)
 
 
 def evaluate_all(checkpoint: str | Path, data: str | None = None, data_dir: str | None = None,
@@ -463,11 +535,13 @@ def evaluate_all(checkpoint: str | Path, data: str | None = None, data_dir: str 
         raise ConfigError(f"evaluate_all: configs for protocols not run: {', '.join(extra)}")
     built = {p: protocol_config(p, **configs.get(p, {})) for p in protocols}
     setup = prepare(checkpoint, data, data_dir, o)
+    say_notes(setup)
     reports = run_protocols(setup, built)
     if write:
         for p, report in reports.items():
             write_report(report, default_output(checkpoint, p, setup.data))
         write_summary(summary_table(list(reports.values())), summary_output(checkpoint, setup.data))
+    say_if_below_random(list(reports.values()))
     return reports
 
 

@@ -22,6 +22,7 @@ from ..data.datasets import BUILTIN, FolderData, InMemoryImages
 from ..data.images import eval_transform, normalize, open_image, resize_images
 from ..data.loader import make_loader
 from ..errors import DataError
+from .options import show_progress
 
 
 @dataclass
@@ -93,7 +94,8 @@ def eval_batches(split: LabeledSplit, img_size: int, mean, std, device: torch.de
     """Normalised evaluation views ``(x, y)`` on ``device``; unreadable folder images are dropped."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(split), desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=len(split), desc=desc, unit="img", disable=not show_progress(progress), leave=False,
+               dynamic_ncols=True)
     try:
         if isinstance(split.dataset, InMemoryImages):
             images = split.dataset.images
@@ -124,12 +126,40 @@ def class_count(train: LabeledSplit, test: LabeledSplit) -> int:
     if isinstance(train.dataset, FolderData):
         train_classes, test_classes = train.dataset.files.classes, test.dataset.files.classes
         if train_classes != test_classes:
-            raise DataError(
-                f"{train.name}: the train and val/test folders have different class sub-folders "
-                f"({len(train_classes)} vs {len(test_classes)}); give both the same classes"
-            )
+            missing = [c for c in train_classes if c not in test_classes]
+            extra = [c for c in test_classes if c not in train_classes]
+            what = "; ".join(part for part in (
+                f"the held-out folder lacks {', '.join(map(repr, missing))}" if missing else "",
+                f"it has {', '.join(map(repr, extra))}, which train lacks" if extra else "") if part)
+            shown = ", ".join(train_classes[:10]) + (", …" if len(train_classes) > 10 else "")
+            raise DataError(f"{train.name}: the train and val/test folders have different class sub-folders ({what}; "
+                            f"train has {len(train_classes)}: {shown}); give both the same class sub-folders")
         return len(train_classes)
+    if train.dataset.classes:  # text labels: every class named in the file, present in these splits or not
+        return len(train.dataset.classes)
     return int(max(train.labels.max(), test.labels.max())) + 1
+
+
+def holdout_splits(dataset, fraction: float, seed: int, max_train: int | None, max_test: int | None,
+                   identity: str) -> tuple[LabeledSplit, LabeledSplit]:
+    """``(train, test)`` from one labeled split: a seeded random ``fraction`` of it held out, for data without
+    a test split of its own (an image folder without ``val/``, an .npz without ``x_test``)."""
+    full = labeled_split(dataset, "train", None, seed, identity)
+    n = len(full)
+    held = max(1, round(n * fraction))
+    if held >= n:
+        raise DataError(f"{dataset.name}: --holdout {fraction} of {n} images leaves nothing to train on; "
+                        "choose a smaller fraction")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + 2))
+    parts = {}
+    for split, picked, cap in (("train", order[held:], max_train), ("test", order[:held], max_test)):
+        if cap is not None and cap < len(picked):
+            picked = picked[torch.randperm(len(picked), generator=torch.Generator().manual_seed(seed))[:cap]]
+        indices = picked.sort().values
+        digest = hashlib.sha1(indices.numpy().tobytes()).hexdigest()[:12]
+        parts[split] = LabeledSplit(dataset.name, split, dataset, indices, full.labels[indices],
+                                    f"{identity}|holdout {fraction} seed {seed}|{split}|{n}|{digest}")
+    return parts["train"], parts["test"]
 
 
 # ---------------------------------------------------------------------------------------------

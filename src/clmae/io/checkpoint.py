@@ -119,8 +119,24 @@ RESUME_KEYS: dict[str, type | tuple[type, ...]] = {
 
 
 def _first_line(exc: BaseException) -> str:
+    """The first sentence of the error's first line (PyTorch's go on with paragraphs of advice), at most 200 chars."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0][:200] if lines else exc.__class__.__name__
+    if not lines:
+        return exc.__class__.__name__
+    return lines[0].split(". ")[0][:200]
+
+
+def not_a_torch_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a ``torch.save`` file (neither a zip archive nor a pickle), or None if it may be one:
+    a text or image file named ``.pt`` gets a plain answer instead of the unpickler's "Unsupported operand"."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or exc})"
+    if head.startswith(b"PK") or head[:1] == b"\x80":  # zip (torch.save since 1.6) or a pickle (the legacy format)
+        return None
+    return "not a PyTorch checkpoint (neither a zip archive nor a pickle)" if head else "empty file: 0 bytes"
 
 
 def _refusal_reason(exc: BaseException) -> str:
@@ -136,6 +152,8 @@ def read_training_state(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if why := not_a_torch_file(path):
+        raise CheckpointError(f"{path}: {why}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "pickle protocol 4" notices for foreign files

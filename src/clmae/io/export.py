@@ -301,7 +301,15 @@ def export_hf(checkpoint, output: str | Path, overwrite: bool = False, verify: b
             except ImportError:
                 verified = "reload in transformers not run (transformers is not installed)"
             else:
-                model, info = ViTModel.from_pretrained(str(tmp), add_pooling_layer=False, output_loading_info=True)
+                from transformers.utils import logging as hf_logging
+
+                shown = hf_logging.is_progress_bar_enabled()
+                hf_logging.disable_progress_bar()  # our own check: no "Loading weights" bar of theirs in a log
+                try:
+                    model, info = ViTModel.from_pretrained(str(tmp), add_pooling_layer=False, output_loading_info=True)
+                finally:
+                    if shown:
+                        hf_logging.enable_progress_bar()
                 bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys")
                        and v}
                 if bad:
@@ -317,6 +325,8 @@ def export_hf(checkpoint, output: str | Path, overwrite: bool = False, verify: b
 
 def export_encoder(checkpoint, fmt: str, output: str | Path, overwrite: bool = False,
                    verify: bool = True, img_size: int | None = None) -> ExportResult:
+    """``clmae export``: the encoder of ``checkpoint`` (a run folder, a checkpoint file or a model) as ``fmt``
+    (``"timm"`` or ``"hf"``) in the folder ``output``, reloaded in that library and checked unless ``verify=False``."""
     if fmt == "timm":
         return export_timm(checkpoint, output, overwrite, verify, img_size)
     if fmt == "hf":

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from .checkpoint import FORMAT, LAST, check_finite, read_weights, split_prefix, weights_file
+from .checkpoint import FORMAT, LAST, check_finite, not_a_torch_file, read_weights, split_prefix, weights_file
 
 
 @dataclass
@@ -38,6 +38,8 @@ IGNORED = ("pos_embed", "decoder_pos_embed")  # fixed sin-cos in clmae; checked,
 
 def _load_pickle(path: Path) -> Any:
     """``torch.load(weights_only=True)``, allowing only ``argparse.Namespace`` (MAE's saved ``args``)."""
+    if why := not_a_torch_file(path):
+        raise CheckpointError(f"{path}: {why}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(str(path), map_location="cpu", weights_only=True)

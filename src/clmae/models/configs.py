@@ -187,9 +187,15 @@ def default_model_for(native_size: int, channels: int) -> ModelChoice:
         return ModelChoice(name, base.img_size, base.patch_size,
                            f"the data is {native_size} px: large images train at {base.img_size} px")
     # About the native size; the micro model keeps at least its 4x4 grid (8 px), the others 6x6.
-    img = _nearest_multiple(native_size, base.patch_size, min_grid=base.grid_size if native_size < 12 else 6)
-    why = ("native size of the data" if img == native_size
-           else f"the multiple of {base.patch_size} px patches nearest to the data's {native_size} px")
+    min_grid = base.grid_size if native_size < 12 else 6
+    img = _nearest_multiple(native_size, base.patch_size, min_grid=min_grid)
+    if img == native_size:
+        why = "native size of the data"
+    elif img == _nearest_multiple(native_size, base.patch_size, min_grid=1):
+        why = f"the multiple of {base.patch_size} px patches nearest to the data's {native_size} px"
+    else:  # the data is smaller than the model's smallest grid: upscaled to it
+        why = (f"the data's {native_size} px upscaled to the smallest size of this model, {min_grid}x{min_grid} "
+               f"patches of {base.patch_size} px")
     return ModelChoice(name, img, base.patch_size, why)
 
 

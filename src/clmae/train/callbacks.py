@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..data.datasets import load_dataset
 from ..data.shards import ShardData
 from ..errors import ClmaeError
-from ..evaluation.runner import quick_knn
+from ..evaluation.runner import data_notes, quick_knn
 
 
 @runtime_checkable
@@ -111,6 +111,21 @@ class RunView:
         return self._trainer.dataset
 
     @property
+    def data_scan(self):
+        """The data's native size and channels, as measured (:class:`clmae.data.datasets.DataScan`)."""
+        return self._trainer.data_scan
+
+    @property
+    def model_choice(self):
+        """The model and sizes chosen for the data, and why (:class:`clmae.models.configs.ModelChoice`)."""
+        return self._trainer.model_choice
+
+    @property
+    def resumed(self) -> bool:
+        """Whether this run continues from a checkpoint (``--resume``)."""
+        return self._trainer.resume_path is not None
+
+    @property
     def device(self) -> torch.device:
         return self._trainer.device
 
@@ -166,6 +181,9 @@ class HeldOutKnn:
         try:
             if self.held_out is None:
                 self.held_out = load_dataset(cfg.data, cfg.data_dir, "test", channels=run.dataset.channels)
+                for note in data_notes(run.dataset, self.held_out, run.model_config.img_size):
+                    if note not in getattr(run.dataset, "notes", []):  # those were said when the run started
+                        tqdm.write(f"clmae: note: {note}", file=sys.stderr)
             mae.eval()
             result = quick_knn(mae, run.dataset, self.held_out, run.model_config.img_size, run.device)
         except ClmaeError as exc:  # no held-out split or no labels: say so once, keep training

@@ -5,8 +5,11 @@ run through its :class:`~clmae.train.callbacks.RunView`. In a terminal it draws 
 and the running loss from the first iteration on. With ``--no-progress``, or when stdout or stderr is
 not a terminal (a cluster log, a pipe, a file), nothing is redrawn with ``\\r``; what it prints is lines:
 
-* after the first few iterations, how long the whole run will take (on CPU, a warning with ways to
-  make the run smaller when that is more than a few hours);
+* first, what runs (:func:`header_line`: method, data, the model and why it was chosen, device, folder) and
+  how the data was read when that needs saying (text labels, channels-first arrays);
+* after the first few iterations (after the first one when it took 20 s or more), how long the whole run
+  will take and how many iterations are left (on CPU, a warning with ways to make the run smaller when that
+  is more than a few hours); speeds under 10 img/s keep decimals (``0.45 img/s``);
 * one line per epoch, for instance
   ``epoch 3/30  loss_mae 0.4521  λ +0.87  loss_masker 0.1234  mask_difficulty 0.95  knn_top1 45.20
   310 img/s  elapsed 1m12s  ETA 10m05s`` (λ and loss_masker for CL-MAE, mask_difficulty when the
@@ -46,6 +49,31 @@ def format_duration(seconds: float) -> str:
     if s < 2 * 86400:
         return f"{s // 3600}h{(s % 3600) // 60:02d}m"
     return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+
+
+def format_speed(images_per_s: float) -> str:
+    """``882 img/s``, ``3.2 img/s``, ``0.45 img/s``: whole numbers from 10 on, decimals below (never ``0 img/s``)."""
+    if images_per_s >= 10:
+        return f"{images_per_s:.0f} img/s"
+    return f"{images_per_s:.1f} img/s" if images_per_s >= 1 else f"{images_per_s:.2g} img/s"
+
+
+def header_line(run: RunView) -> str:
+    """What runs on what, and why this model: ``clmae: clmae on x.npz (2048 images, 28 px, gray), model …``."""
+    cfg, choice, scan, mc = run.cfg, run.model_choice, run.data_scan, run.model_config
+    native = f", {scan.size} px" if scan.size else ""
+    colour = "gray" if run.dataset.channels == 1 else "RGB"
+    if run.resumed:
+        why = "as the run started"
+    else:
+        why = choice.reason
+        if cfg.model is None:
+            why += "; --model/--img-size to override"
+        elif scan.size and scan.size != mc.img_size:
+            why += f"; the data is {scan.size} px"
+    return (f"clmae: {cfg.method} on {run.dataset.name} ({len(run.dataset)} images{native}, {colour}), "
+            f"model {choice.name} at {mc.img_size} px ({why}), {mc.grid_size}x{mc.grid_size} patches of "
+            f"{mc.patch_size} px, device {run.device}, output {run.output_dir}")
 
 
 def _number(value: Any) -> float | None:
@@ -91,8 +119,12 @@ class Console:
     # -- the run ----------------------------------------------------------------------------
 
     def begin(self) -> None:
-        """The loop starts: reset the clocks, draw the bar (in a terminal)."""
+        """The loop starts: say what runs (:func:`header_line`, how the data was read), reset the clocks, draw the
+        bar (in a terminal)."""
         run = self.run
+        self.note(header_line(run))
+        for note in getattr(run.dataset, "notes", []):
+            self.note(f"clmae: note: {note}")
         self.started = self.epoch_started = self.last_step_time = time.perf_counter()
         self.line_step = run.iteration
         if self.show_bar:
@@ -120,6 +152,9 @@ class Console:
                 self.bar.set_postfix_str(f"loss {self.epoch_loss_sum / self.epoch_loss_n:.4f}", refresh=False)
         if self.first_step_end is None:
             self.first_step_end, self.first_timed_iteration = now, run.iteration
+            if now - self.started >= ETA_AFTER_SECONDS:  # slow iterations: the first one (warm-up and all) is all
+                self.eta_said = True                     # there is to go by, and the run may have only a few
+                self._say_eta(run, now - self.started, "from the first iteration")
             return
         timed = run.iteration - self.first_timed_iteration
         if not self.eta_said and timed > 0 and (timed >= ETA_AFTER_ITERATIONS or
@@ -138,13 +173,18 @@ class Console:
             return None
         return (now - self.first_step_end) / (run.iteration - self.first_timed_iteration)
 
-    def _say_eta(self, run: RunView, per_iteration: float) -> None:
+    def _say_eta(self, run: RunView, per_iteration: float, measured: str = "") -> None:
+        """How long the run will take, from ``per_iteration`` seconds: said once, only while iterations are left."""
         total_iterations = run.epochs * run.steps_per_epoch
-        remaining = max(total_iterations - run.iteration, 0) * per_iteration
+        left = max(total_iterations - run.iteration, 0)
+        if left == 0:
+            return
+        remaining = left * per_iteration
         whole = time.perf_counter() - self.started + remaining
-        self.note(f"clmae: {per_iteration:.3g} s per iteration ({run.global_batch / per_iteration:.0f} img/s): about "
-                  f"{format_duration(whole)} for the whole run ({total_iterations} iterations), "
-                  f"{format_duration(remaining)} to go")
+        how = f", {measured}" if measured else ""
+        self.note(f"clmae: {per_iteration:.3g} s per iteration ({format_speed(run.global_batch / per_iteration)}{how}):"
+                  f" about {format_duration(whole)} for the whole run ({total_iterations} iterations), "
+                  f"{format_duration(remaining)} to go ({left} iteration{'s' if left != 1 else ''} left)")
         if run.device.type == "cpu" and remaining > LONG_CPU_RUN_S:
             cfg = run.cfg
             cost = METHODS[cfg.method].cost if cfg.method in METHODS else ""
@@ -180,7 +220,7 @@ class Console:
             parts.append(f"knn_top1 {knn:.2f}")
         train_time = self.last_step_time - self.epoch_started
         if self.epoch_images and train_time > 0:
-            parts.append(f"{self.epoch_images / train_time:.0f} img/s")
+            parts.append(format_speed(self.epoch_images / train_time))
         parts.append(f"elapsed {format_duration(now - self.started)}")
         per_iteration = self.seconds_per_iteration(run)
         remaining_iterations = max(run.epochs * run.steps_per_epoch - run.iteration, 0)
@@ -215,7 +255,7 @@ def summary_lines(result, records: dict[str, dict[str, Any]] | None = None) -> l
     """
     records = records or {}
     stopped = getattr(result, "stopped_by", None)
-    speed = f", {result.images_per_s:.0f} img/s" if getattr(result, "images_per_s", 0) else ""
+    speed = f", {format_speed(result.images_per_s)}" if getattr(result, "images_per_s", 0) else ""
     elapsed = format_duration(getattr(result, "elapsed_s", float("nan")))
     head = (f"stopped by {stopped} after {result.epochs_done} of {result.epochs} epochs" if stopped
             else f"done: {result.epochs_done} epochs")

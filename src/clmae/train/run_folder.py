@@ -43,7 +43,9 @@ from ..io.checkpoint import (
     save_weights,
     split_prefix,
 )
+from ..maskers import create_masker
 from ..models.configs import default_model
+from ..optim import lr_at
 from ..options import flag
 from ..version import __version__
 
@@ -347,11 +349,12 @@ def load_run_checkpoint(path: Path, modules: dict[str, Any], optimizers: dict[st
 
 
 def resume_position(path: Path, modules: dict[str, Any], optimizers: dict[str, Any], generator: torch.Generator,
-                    cfg: PretrainConfig, dist) -> Position:
+                    cfg: PretrainConfig, dist, steps_per_epoch: int | None = None) -> Position:
     """Restore a run from its resume file and say where it continues.
 
     The state is rank-independent; a changed global batch (world size or ``--batch-size``) keeps the
-    images of the epoch already seen, rounded down to whole new batches.
+    images of the epoch already seen, rounded down to whole new batches. Another ``--epochs`` than
+    planned changes the schedules from here on: one line says how (:func:`epochs_change_note`).
     """
     position, state = load_run_checkpoint(path, modules, optimizers, generator)
     saved_global = state.get("global_batch", state["run_config"]["batch_size"])
@@ -366,7 +369,38 @@ def resume_position(path: Path, modules: dict[str, Any], optimizers: dict[str, A
     if position.epoch >= cfg.epochs and dist.is_main:
         print(f"clmae: {path} already finished {position.epoch} of {cfg.epochs} epochs; pass a larger --epochs to "
               "train longer", file=sys.stderr)
+    planned = state["run_config"].get("epochs")
+    if dist.is_main and steps_per_epoch and planned and planned != cfg.epochs and position.epoch < cfg.epochs:
+        note = epochs_change_note(cfg, int(planned), position, steps_per_epoch, modules["mae"].config, dist.world_size)
+        print(f"clmae: note: {note}", file=sys.stderr)
     return position
+
+
+def epochs_change_note(cfg: PretrainConfig, planned: int, position: Position, steps_per_epoch: int, model_config,
+                       world_size: int) -> str:
+    """What a resume with another ``--epochs`` than ``planned`` changes: the learning rate and the strategy's
+    schedules (CL-MAE's λ, ...) are functions of the planned epochs, so from here on they follow the new length.
+    Says each value the old plan gives at the resume point (for a run past its plan: where the plan ended, the
+    value its last step trained with) and the value the new plan gives there."""
+    progress = position.progress(steps_per_epoch)
+    ended = progress >= planned
+    then_at = position.progress_done(steps_per_epoch) if ended else progress
+    before = dataclasses.replace(cfg, epochs=planned)
+    peak = cfg.absolute_lr(world_size)
+    lrs = (lr_at(then_at, peak, before.min_lr, before.warmup(), planned),
+           lr_at(progress, peak, cfg.min_lr, cfg.warmup(), cfg.epochs))
+    with torch.random.fork_rng(devices=[]):  # building a strategy draws initial weights: leave the run's stream
+        then = create_masker(before.method, model_config, before).schedule(then_at)
+        now = create_masker(cfg.method, model_config, cfg).schedule(progress)
+    changes = [f"λ {then[key]:+.3f} → {now[key]:+.3f}" if key == "curriculum_factor" else
+               f"{key} {then[key]:.4g} → {now[key]:.4g}" for key in now if key in then and then[key] != now[key]]
+    if lrs[0] != lrs[1]:
+        changes.append(f"lr {lrs[0]:.4g} → {lrs[1]:.4g}")
+    what = ", ".join(changes) if changes else "at this point both are still the same (warmup)"
+    where = "the last step of the plan" if ended else "the old plan"
+    return (f"--epochs {cfg.epochs} instead of the {planned} the run planned: the learning rate and the masking "
+            f"schedules follow the new length from epoch {progress:.2f} on ({where} → the new): {what}; resume "
+            f"with --epochs {planned} to keep the plan")
 
 
 def run_info(cfg: PretrainConfig, run: RunState, dataset, model_config, masker) -> dict[str, Any]:

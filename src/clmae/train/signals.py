@@ -1,8 +1,10 @@
 """Stopping a run cleanly: SIGINT (Ctrl-C) and SIGTERM (SLURM, torchrun) finish the step, then save.
 
-The first signal only sets a flag the training loop reads after each step; the loop then saves a
-checkpoint and returns. The same signal delivered twice within two seconds (SLURM signals the job
-step, torchrun forwards it again) counts once; a second, deliberate one aborts at once.
+The first signal only sets a flag the training loop reads at every safe point: after each step, before
+the next one starts (a signal during the data loading) and between epochs (a signal during the epoch's
+checkpoint or k-NN), so no new step begins once it is set; the loop then saves a checkpoint and returns.
+The same signal delivered twice within two seconds (SLURM signals the job step, torchrun forwards it
+again) counts once; a second, deliberate one aborts at once.
 
 The command then exits as a process killed by that signal would be seen by a shell, 128 + the
 signal's number (130 for SIGINT, 143 for SIGTERM), so ``pretrain && evaluate`` stops there.

@@ -110,8 +110,8 @@ class Trainer:
         # >1: a strategy's losses are the mean of this many per-group losses, as DDP over that many ranks
         # computes them; lets one process reproduce an N-rank run (per-device semantics).
         self.loss_groups = 1
-        self.position = (resume_position(self.resume_path, *self.parts(), self.generator, self.cfg, self.dist)
-                         if self.resume_path else Position())
+        self.position = (resume_position(self.resume_path, *self.parts(), self.generator, self.cfg, self.dist,
+                                         len(self.batches)) if self.resume_path else Position())
         self.nonfinite = NonFinite(self.cfg.max_nonfinite)
         self.stop_requested = False
         self.mae_ddp, self.mae_forward = build_forward(self.cfg, self.mae, self.masker, self.dist)
@@ -272,9 +272,11 @@ class Trainer:
         with GracefulStop(announce=self.dist.is_main) as signals:
             if self.console is not None:
                 self.console.begin()
-            while p.epoch < cfg.epochs and not self.stop_requested:
+            while p.epoch < cfg.epochs and not self.check_stop(signals):  # a signal during the epoch's save too
                 epoch_window = MetricWindow()
                 for micro_batches in micro_windows(self.batches.epoch(p.epoch, p.step_in_epoch), cfg.accum_iter):
+                    if self.stop_before_step(signals):  # it came while the batch was loaded: no new step
+                        break
                     lr = self.lr_now()
                     schedule = self.masker.schedule(self.progress())
                     metrics = self.train_step(micro_batches, lr)
@@ -308,6 +310,14 @@ class Trainer:
         self.stop_requested = self.stop_requested or signals.requested
         if self.dist.enabled:
             self.stop_requested = any_true(self.stop_requested, self.dist)
+        return self.stop_requested
+
+    def stop_before_step(self, signals: GracefulStop) -> bool:
+        """Whether a stop asked since the last check forbids the next step. One process reads its signal flag here;
+        the ranks of a torchrun job agree after each step and between epochs instead (:meth:`check_stop`), as a
+        collective here would cost every step a second one."""
+        if not self.dist.enabled:
+            self.stop_requested = self.stop_requested or signals.requested
         return self.stop_requested
 
     def finish_run(self, signals: GracefulStop) -> str | None:
