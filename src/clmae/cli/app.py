@@ -76,7 +76,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 
 def header_line(trainer) -> str:
-    """What runs on what, and why this model: ``clmae: clmae on x.npz (2048 images, 28 px, gray), model …``."""
+    """What runs on what, in which precision, and why this model: ``clmae: clmae on x.npz (2048 images, 28 px,
+    gray), model …, device cuda:0, bf16, output …``."""
     cfg, choice, scan, mc = trainer.cfg, trainer.model_choice, trainer.data_scan, trainer.model_config
     native = f", {scan.size} px" if scan.size else ""
     colour = "gray" if trainer.dataset.channels == 1 else "RGB"
@@ -90,7 +91,7 @@ def header_line(trainer) -> str:
             why += f"; the data is {scan.size} px"
     return (f"clmae: {cfg.method} on {trainer.dataset.name} ({len(trainer.dataset)} images{native}, {colour}), "
             f"model {choice.name} at {mc.img_size} px ({why}), {mc.grid_size}x{mc.grid_size} patches of "
-            f"{mc.patch_size} px, device {trainer.device}, output {trainer.output_dir}")
+            f"{mc.patch_size} px, device {trainer.device}, {trainer.precision}, output {trainer.output_dir}")
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:

@@ -74,7 +74,6 @@ class Console:
         self.last_step_time = self.started
         self.last_epoch_end: tuple[float, int] | None = None  # (time, iteration) at the previous epoch line
         self.epoch_images = 0
-        self.epoch_loss_sum, self.epoch_loss_n = 0.0, 0
         self.line_step = run.iteration  # probe records after this iteration are new for the next line
 
     # -- printing ---------------------------------------------------------------------------
@@ -110,14 +109,12 @@ class Console:
         now = time.perf_counter()
         self.last_step_time = now
         self.epoch_images += run.global_batch
-        loss = _number(metrics.get("loss_mae"))
-        if loss is not None and math.isfinite(loss):
-            self.epoch_loss_sum += loss
-            self.epoch_loss_n += 1
         if self.bar is not None:
             self.bar.update(1)
-            if self.epoch_loss_n:
-                self.bar.set_postfix_str(f"loss {self.epoch_loss_sum / self.epoch_loss_n:.4f}", refresh=False)
+            # The last logged loss (a log window's mean): reading this step's would wait for the GPU every step.
+            loss = _number(run.last_records.get("train", {}).get("loss_mae"))
+            if loss is not None and math.isfinite(loss):
+                self.bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
         if self.first_step_end is None:
             self.first_step_end, self.first_timed_iteration = now, run.iteration
             return
@@ -192,7 +189,6 @@ class Console:
         self.epoch_started = self.last_step_time = time.perf_counter()
         self.last_epoch_end = (now, run.iteration)
         self.epoch_images = 0
-        self.epoch_loss_sum, self.epoch_loss_n = 0.0, 0
         self.line_step = run.iteration
 
     def close(self) -> None:
