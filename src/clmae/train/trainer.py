@@ -215,12 +215,11 @@ class Trainer:
             if last:
                 update = self.mae_update(batch, lr, mae_part, manual_sync)
             if own:  # after a non-finite MAE loss or gradient the batch is not trusted: its own step does not count
-                trusted = step.ok & update.ok if last else step.ok
+                trusted = step.ok & update.trusted if last else step.ok
                 own_part.add(self.strategy_step(self.masking_batch(imgs, self.progress(i)), scale, isolate, trusted))
         ended_well = mae_part.last_ok & update.ok
         if own:
-            self.own_update(lr, own_part, update.ok)
-            ended_well = ended_well & own_part.last_ok
+            ended_well = ended_well & own_part.last_ok & self.own_update(lr, own_part, update.trusted)
         self.checks.end_of_iteration(ended_well)
         skipped = DeviceMetrics(("skipped",), torch.ones(1, dtype=update.values.dtype, device=update.values.device),
                                 (~ended_well).reshape(1))
@@ -286,10 +285,11 @@ class Trainer:
             self.checks.count_masker_updates(finite if decided is None else decided)
         if decided is not False:  # on the device path EMA copies follow an unchanged MAE after a skipped update
             self.masker.after_optimizer_step(batch)
-        # The losses count where a micro-step did and nothing was poisoned (an fp16 overflow leaves them valid).
-        losses = window.means(counted if self.scaler_mae is not None else finite)
-        out = DeviceMetrics.join([losses, DeviceMetrics.of(norms, finite)])
-        out.ok = finite
+        # Where a micro-step counted and nothing non-finite was backpropagated (an fp16 overflow is not that) the
+        # losses are logged and the batch is trusted for the strategy's own step.
+        trusted = counted if self.scaler_mae is not None else finite
+        out = DeviceMetrics.join([window.means(trusted), DeviceMetrics.of(norms, finite)])
+        out.ok, out.trusted = finite, trusted
         return out
 
     def strategy_step(self, batch: MaskingBatch, scale: float = 1.0, isolate: bool = False,
@@ -308,12 +308,13 @@ class Trainer:
             (self.scaler_masker.scale(scaled) if self.scaler_masker is not None else scaled).backward(inputs=params)
         return DeviceMetrics.of({**logs, "loss_masker": loss}, ok)
 
-    def own_update(self, lr: float, window: PartWindow, mae_ok: torch.Tensor) -> None:
+    def own_update(self, lr: float, window: PartWindow, trusted: torch.Tensor) -> torch.Tensor:
         """The strategy's optimiser update after its own steps: averaged over the ranks (what DDP would do), skipped
-        when none counted or the MAE's update failed (its gradients were not trusted), or on an fp16 overflow."""
+        when none counted or the MAE's update was poisoned (``trusted`` false), or on an fp16 overflow. Whether it
+        was applied (a device bool)."""
         params = self.masker.trainable_parameters()
         average_gradients(params, self.dist)
-        ok = window.any_ok & mae_ok
+        ok = window.any_ok & trusted
         if self.scaler_masker is not None:
             self.scaler_masker.unscale_(self.opt_masker)
             good = torch.isfinite(grad_norm(params))
@@ -324,6 +325,7 @@ class Trainer:
         if self.scaler_masker is not None:
             self.scaler_masker.update()
         self.checks.count_masker_updates(ok if decided is None else decided)
+        return ok
 
     def decide(self, ok: torch.Tensor) -> bool | None:
         """None when the optimisers skip on the device (nothing read); else the queued checks and ``ok`` are read
