@@ -46,3 +46,27 @@ def test_the_gpu_script_runs_every_section_on_the_cpu(tmp_path, capsys):
         throughput["vit_micro_patch2_8/mae/eager"]["flops_per_iteration"]
     printed = capsys.readouterr().out
     assert "all checks passed" in printed and "parity" in printed and "vit_micro_patch2_8/clmae/eager" in printed
+    check_study_estimate_from(out, throughput)
+
+
+def check_study_estimate_from(result: Path, throughput: dict) -> None:
+    """experiments/cifar10/run.py's gpu-short estimate reads the rates this JSON measured, per arm's variant."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "cifar10" / "run.py"
+    spec = importlib.util.spec_from_file_location("cifar10_study_for_gpu", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    budget = {**study.load_config("gpu-short")["budget"], "measured_rates": str(result)}
+    measured = study.measured_gpu_rates(budget, "vit_micro_patch2_8", 16)
+    assert measured["rates"] == {v: throughput[f"vit_micro_patch2_8/{v}/eager"]["img_per_s"] for v in gpu.VARIANTS}
+    arms = ["mae", "mae_equal_compute", "clmae", "clmae_cheap"]
+    cfg = study.load_config("gpu-short")
+    per_image = {"mae": 1.0, "mae_equal_compute": 1.0, "clmae": 4.0, "clmae_cheap": 1.5}
+    base = {**cfg["pretrain"], "model": "vit_micro_patch2_8", "batch_size": 16, "epochs": 2, "eval_every": 0}
+    plan = study.plan_arms(cfg, arms, base, per_image)
+    est = study.estimate(plan, per_image, dict.fromkeys(arms, "measured"), "mae", budget, 160, 1)
+    rate = measured["rates"]
+    assert est["arms"]["clmae"]["gpu_s"] == 160 * 2 / rate["clmae"]
+    assert est["arms"]["mae_equal_compute"]["gpu_s"] == 160 * 8 / rate["mae"]  # 4x the epochs at MAE's rate
+    assert "ESTIMATED GPU time" in study.format_estimate(est) and str(result) in study.format_estimate(est)
