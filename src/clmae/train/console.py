@@ -32,6 +32,7 @@ from .callbacks import RunView
 ETA_AFTER_ITERATIONS = 5  # timed iterations (the first one, with its warm-up, is not timed) …
 ETA_AFTER_SECONDS = 20.0  # … or this long, whichever comes first
 LONG_CPU_RUN_S = 3 * 3600  # warn on CPU when a run is estimated to take longer
+BAR_LOSS_EVERY_S = 0.5  # the bar reads a step's loss at most this often (a read waits for the GPU's queue)
 
 
 def format_duration(seconds: float) -> str:
@@ -74,6 +75,8 @@ class Console:
         self.last_step_time = self.started
         self.last_epoch_end: tuple[float, int] | None = None  # (time, iteration) at the previous epoch line
         self.epoch_images = 0
+        self.epoch_loss_sum, self.epoch_loss_n = 0.0, 0  # the bar's loss: the mean of the steps it read
+        self.loss_read = -math.inf
         self.line_step = run.iteration  # probe records after this iteration are new for the next line
 
     # -- printing ---------------------------------------------------------------------------
@@ -109,12 +112,17 @@ class Console:
         now = time.perf_counter()
         self.last_step_time = now
         self.epoch_images += run.global_batch
+        # Only the bar shows a step's loss, read at most every BAR_LOSS_EVERY_S: a read waits for the GPU.
+        if self.bar is not None and now - self.loss_read >= BAR_LOSS_EVERY_S:
+            self.loss_read = now
+            loss = _number(metrics.get("loss_mae"))
+            if loss is not None and math.isfinite(loss):
+                self.epoch_loss_sum += loss
+                self.epoch_loss_n += 1
         if self.bar is not None:
             self.bar.update(1)
-            # The last logged loss (a log window's mean): reading this step's would wait for the GPU every step.
-            loss = _number(run.last_records.get("train", {}).get("loss_mae"))
-            if loss is not None and math.isfinite(loss):
-                self.bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+            if self.epoch_loss_n:
+                self.bar.set_postfix_str(f"loss {self.epoch_loss_sum / self.epoch_loss_n:.4f}", refresh=False)
         if self.first_step_end is None:
             self.first_step_end, self.first_timed_iteration = now, run.iteration
             return
@@ -189,6 +197,7 @@ class Console:
         self.epoch_started = self.last_step_time = time.perf_counter()
         self.last_epoch_end = (now, run.iteration)
         self.epoch_images = 0
+        self.epoch_loss_sum, self.epoch_loss_n = 0.0, 0
         self.line_step = run.iteration
 
     def close(self) -> None:
