@@ -128,8 +128,10 @@ def synthetic_npz(folder: Path, n: int, img_size: int, channels: int, seed: int 
     return path
 
 
-def build_trainer(method: str, args: argparse.Namespace, workdir: Path) -> Trainer:
-    """A trainer exactly as ``clmae pretrain`` would build it, writing into a scratch folder."""
+def build_trainer(method: str, args: argparse.Namespace, workdir: Path,
+                  options: dict[str, Any] | None = None) -> Trainer:
+    """A trainer exactly as ``clmae pretrain`` would build it, writing into a scratch folder; ``options``: more
+    PretrainConfig values (``precision``, ...), as benchmarks/gpu.py passes them."""
     data = args.data
     if data == "synthetic":
         mc = model_config(args.model)
@@ -141,6 +143,7 @@ def build_trainer(method: str, args: argparse.Namespace, workdir: Path) -> Train
         "seed": args.seed, "compile": args.compile, "epochs": 100, "warmup_epochs": 0,
         "output_dir": str(workdir / f"run-{method}"), "progress": False,
         **{k: v for k, v in own.items() if k in METHODS[method].options.keys()},  # CL-MAE's cost knobs
+        **(options or {}),
     })
     trainer = Trainer(cfg)
     trainer.position.epoch = cfg.epochs // 2  # mid-run: schedules (HPM's hard share, EMA momenta) half-way

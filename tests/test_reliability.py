@@ -856,6 +856,7 @@ BAD_VALUES = [
     ("lr", float("nan"), "a finite positive number"), ("min_lr", -1.0, "a finite number >= 0"),
     ("warmup_epochs", 99.0, "between 0 and --epochs (30)"), ("weight_decay", float("inf"), "a finite number >= 0"),
     ("seed", -1, "[0, 2**32)"), ("seed", 2**40, "[0, 2**32)"), ("device", 0, "a value of type str"),
+    ("precision", "fp8", "'auto', 'fp32', 'bf16' or 'fp16'"),
     ("output_dir", 1, "a value of type str"), ("resume", 1, "a value of type str"), ("save_every", -1, ">= 0"),
     ("log_every", 0, ">= 1"), ("eval_every", -1, ">= 0"), ("max_nonfinite", 0, ">= 1"), ("compile", 1, "type bool"),
     ("probe_every", -5, ">= 0"), ("probe_images", 1, ">= 2"), ("snapshot_every", -1, ">= 0"),

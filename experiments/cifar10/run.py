@@ -7,6 +7,7 @@ masking (and, for the equal-compute MAE arm, the number of epochs) differs::
     python experiments/cifar10/run.py --estimate        # count FLOPs, print the plan and its time, train nothing
     python experiments/cifar10/run.py --quick           # every arm end to end, a few minutes
     python experiments/cifar10/run.py --config gpu --device cuda      # full CIFAR-10, ViT-Tiny, 100 epochs
+    python experiments/cifar10/run.py --config gpu-short --device cuda   # one seed of 4 arms in ~10 min of GPU
     python experiments/cifar10/run.py --quick --data my_images.npz    # the same study on your labeled npz
     python experiments/cifar10/run.py --arms mae clmae --seeds 0
 
@@ -49,8 +50,8 @@ if str(HERE) not in sys.path:  # the sibling module, also when this file is load
 
 import study_summary as summary  # noqa: E402
 
-PROFILES = ("cpu", "quick", "gpu")
-DEFAULT_OUTPUT = {"cpu": "results", "quick": "quick", "gpu": "results-gpu"}
+PROFILES = ("cpu", "quick", "gpu", "gpu-short")
+DEFAULT_OUTPUT = {"cpu": "results", "quick": "quick", "gpu": "results-gpu", "gpu-short": "results-gpu-short"}
 # Keys of an arm in config.yaml that are the study's, not PretrainConfig fields.
 STUDY_KEYS = ("equal_compute_with",)
 # Run folders written by this edition of the study (crops shared by the arms of a seed): older ones are not resumed.
@@ -90,6 +91,7 @@ def load_config(profile: str, raw: dict[str, Any] | None = None) -> dict[str, An
     merged = {key: {**(base.get(key) or {}), **(chosen.get(key) or {})} for key in ("pretrain", "evaluation", "budget")}
     settings = {key: raw[key] for key in ("arms", "default_arms", "reference_arm", "equal_compute_arm",
                                           "verdict_metric", "flop_iterations")}
+    settings["default_arms"] = list(chosen.get("default_arms", settings["default_arms"]))  # a profile may choose
     return {"profile": profile, "seeds": list(chosen.get("seeds", base["seeds"])), **settings, **merged}
 
 
@@ -248,11 +250,43 @@ def knn_passes(epochs: int, eval_every: int) -> int:
     return sum(1 for e in range(1, epochs + 1) if e % eval_every == 0 or e == epochs)
 
 
+def measured_gpu_rates(budget: dict[str, Any], model: str, batch: int) -> dict[str, Any] | None:
+    """The training img/s that benchmarks/gpu.py measured (eager, ``model`` at ``batch``) per variant, from the
+    newest JSON matching ``budget["measured_rates"]``; None when there is none."""
+    pattern = budget.get("measured_rates")
+    if not pattern:
+        return None
+    where = Path(pattern)
+    found = where.parent.glob(where.name) if where.is_absolute() else REPO.glob(pattern)
+    for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            result = json.loads(path.read_text())
+            runs = result["throughput"]["runs"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        rates = {}
+        for key, run in runs.items():
+            parts = key.split("/")
+            if (len(parts) == 3 and parts[0] == model and parts[2] == "eager" and run.get("batch") == batch
+                    and run.get("img_per_s")):
+                rates[parts[1]] = float(run["img_per_s"])
+        if rates:
+            env = result.get("environment", {})
+            shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+            return {"rates": rates, "file": str(shown), "device": env.get("device_name"), "commit": env.get("commit")}
+    return None
+
+
 def estimate(plan: dict[str, dict[str, Any]], per_image: dict[str, float], sources: dict[str, str], reference: str,
              budget: dict[str, Any], train_images: int, seeds: int) -> dict[str, Any]:
-    """Pretraining time of the plan: from MAE's measured rate and the FLOP ratios (CPU), or from an assumed
-    sustained FLOP rate (GPU). Both are estimates; the study reports what it then measures."""
+    """Pretraining time of the plan: from MAE's measured rate and the FLOP ratios (CPU), from the img/s that
+    benchmarks/gpu.py measured (GPU, when it has run), or from an assumed sustained FLOP rate (GPU). All are
+    estimates; the study reports what it then measures."""
     rows, total_cpu, total_flops = {}, 0.0, 0.0
+    first = next(iter(plan.values()))["values"] if plan else {}
+    measured = measured_gpu_rates(budget, first.get("model"), first.get("batch_size")) if plan else None
+    variants = budget.get("gpu_variant") or {}
+    total_gpu = 0.0 if measured and all(variants.get(a) in measured["rates"] for a in plan) else None
     for arm, p in plan.items():
         batch = p["values"]["batch_size"]
         images = (train_images // batch) * batch * p["epochs"]
@@ -260,17 +294,26 @@ def estimate(plan: dict[str, dict[str, Any]], per_image: dict[str, float], sourc
         row = {"epochs": p["epochs"], "flop_ratio": ratio, "source": sources[arm],
                "training_flops": seeds * images * per_image[arm]}
         total_flops += row["training_flops"]
+        passes = knn_passes(p["epochs"], p["values"].get("eval_every") or 0)
         if budget.get("mae_img_per_s"):
-            passes = knn_passes(p["epochs"], p["values"].get("eval_every") or 0)
             row["cpu_s"] = seeds * (images * ratio / budget["mae_img_per_s"] + passes * budget.get("knn_pass_s", 0))
             total_cpu += row["cpu_s"]
+        if total_gpu is not None:
+            row["gpu_s"] = seeds * (images / measured["rates"][variants[arm]] + passes * budget.get("knn_pass_s", 0))
+            total_gpu += row["gpu_s"]
         rows[arm] = row
     out: dict[str, Any] = {"arms": rows, "seeds": seeds, "train_images": train_images, "budget": budget,
                            "training_flops": total_flops}
     if budget.get("mae_img_per_s"):
         out["cpu_min"] = total_cpu / 60
+    evaluation_s = seeds * len(plan) * budget.get("assumed_eval_s_per_arm", 0)
+    if total_gpu is not None:
+        out["gpu_min_measured_rates"] = (total_gpu + evaluation_s) / 60
+        out["measured"] = measured
     if budget.get("assumed_sustained_tflops"):
         out["gpu_min_assumed"] = total_flops / (budget["assumed_sustained_tflops"] * 1e12) / 60
+        if evaluation_s:
+            out["gpu_min_assumed_with_evaluation"] = out["gpu_min_assumed"] + evaluation_s / 60
     return out
 
 
@@ -278,20 +321,40 @@ def format_estimate(est: dict[str, Any]) -> str:
     lines = [f"[study] plan: {est['seeds']} seed(s), {est['train_images']} training images",
              f"  {'arm':<20}{'epochs':>7}{'FLOPs/img ×ref':>16}  {'source':<9}{'est. min':>9}"]
     for arm, row in est["arms"].items():
-        minutes = f"{row['cpu_s'] / 60:9.1f}" if "cpu_s" in row else f"{'':9}"
+        seconds = row.get("cpu_s", row.get("gpu_s"))
+        minutes = f"{seconds / 60:9.1f}" if seconds is not None else f"{'':9}"
         lines.append(f"  {arm:<20}{row['epochs']:>7}{row['flop_ratio']:>16.2f}  {row['source']:<9}{minutes}")
     budget = est["budget"]
+    limit = budget.get("limit_min")
+
+    def verdict(minutes: float) -> str:
+        if not limit:
+            return ""
+        return (" (within the limit of " if minutes <= limit else " (OVER the limit of ") + f"{limit} min)"
+
     if "cpu_min" in est:
-        limit = budget.get("limit_min")
-        verdict = "" if not limit else (" (within the limit of " if est["cpu_min"] <= limit else
-                                        " (OVER the limit of ") + f"{limit} min)"
-        lines.append(f"  estimated pretraining: {est['cpu_min']:.0f} min{verdict}; assumes MAE trains at "
+        cpu_min = est["cpu_min"]
+        lines.append(f"  estimated pretraining: {cpu_min:.0f} min{verdict(cpu_min)}; assumes MAE trains at "
                      f"{budget['mae_img_per_s']} img/s, wall ratio = FLOP ratio, {budget.get('knn_pass_s', 0)} s per "
                      "between-epoch k-NN pass")
+    if "gpu_min_measured_rates" in est:
+        m = est["measured"]
+        rates = ", ".join(f"{k} {v:.0f}" for k, v in m["rates"].items())
+        gpu_min = est["gpu_min_measured_rates"]
+        lines.append(f"  ESTIMATED GPU time: {gpu_min:.1f} min{verdict(gpu_min)} "
+                     f"= images / the img/s benchmarks/gpu.py measured ({rates} img/s on {m['device']}, {m['file']}, "
+                     f"commit {(m['commit'] or '?')[:10]}) + {budget.get('knn_pass_s', 0)} s per k-NN pass + an "
+                     f"assumed {budget.get('assumed_eval_s_per_arm', 0)} s of evaluation per arm; an estimate until "
+                     "measured")
     if "gpu_min_assumed" in est:
+        total = est.get("gpu_min_assumed_with_evaluation", est["gpu_min_assumed"])
+        evaluation = (f" + an assumed {budget['assumed_eval_s_per_arm']} s of evaluation per arm"
+                      if "gpu_min_assumed_with_evaluation" in est else "")
         lines.append(f"  estimated GPU pretraining: {est['gpu_min_assumed']:.0f} min = {est['training_flops']:.3g} "
                      f"training FLOPs / an ASSUMED sustained {budget['assumed_sustained_tflops']} TFLOP/s (an "
-                     "estimate, not a measurement)")
+                     f"estimate, not a measurement){evaluation}: {total:.1f} min{verdict(total)}"
+                     + ("" if "gpu_min_measured_rates" in est else
+                        "; run benchmarks/gpu.py on the GPU first and this uses its measured img/s"))
     if any(row["source"] == "guess" for row in est["arms"].values()):
         lines.append("  'guess': not counted (this clmae has no such method); its FLOP ratio is config.yaml's "
                      "guessed_flop_ratio")

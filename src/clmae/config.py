@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .maskers import DEFAULT_METHOD, METHODS, option_owners
 from .maskers.options import StrategyOptions
 from .models.configs import MODEL_CONFIGS
-from .options import DEVICE_CHOICES, check_option, flag, one_of, opt
+from .options import DEVICE_CHOICES, PRECISIONS, check_option, flag, one_of, opt
 
 
 @dataclass
@@ -60,6 +60,9 @@ class PretrainConfig:
     # run
     seed: int = opt(0, "random seed")
     device: str = opt("auto", DEVICE_CHOICES)
+    precision: str = opt("auto", "what training computes in: auto (bf16 on GPUs that have it, fp16 with loss scaling "
+                                 "on older GPUs, fp32 on CPU/MPS), fp32, bf16 (also on CPU: slow) or fp16 (loss "
+                                 "scaled)", choices=PRECISIONS)
     output_dir: str | None = opt(None, "run folder (default: runs/<method>-<data>-<time>)")
     resume: str | None = opt(None, "continue a run: its folder or checkpoint (alone: the --output-dir's)")
     save_every: int = opt(0, "also keep checkpoint-EPOCH every N epochs")
@@ -108,6 +111,7 @@ class PretrainConfig:
             check_option(cond, option, getattr(self, option), allowed)
 
         need(self.method in METHODS, "method", one_of(METHODS))
+        need(self.precision in PRECISIONS, "precision", one_of(PRECISIONS))
         need(0.0 < self.mask_ratio < 1.0, "mask_ratio", "a number strictly between 0 and 1")
         expected = METHODS[self.method].options
         if type(self.options) is not expected:

@@ -136,6 +136,15 @@ def any_true(flag: bool, ctx: DistContext) -> bool:
     return not all_true(not flag, ctx)
 
 
+def all_reduce_min(flag: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """A device bool true only where it is true on every rank, without a host read (one small all-reduce)."""
+    if not ctx.enabled:
+        return flag
+    t = flag.reshape(1).to(torch.float32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return (t > 0.5).reshape(flag.shape)
+
+
 def mean_metrics(values: dict[str, float], ctx: DistContext) -> dict[str, float]:
     """Average each metric over the ranks that have it (the logged losses of all ranks)."""
     if not ctx.enabled:

@@ -14,6 +14,7 @@ from typing import Any
 from .errors import ConfigError
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"  # what --device takes (its help; resolve_device's errors)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what --precision takes (clmae.runtime.resolve_precision)
 
 
 def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:

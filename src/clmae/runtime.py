@@ -1,8 +1,12 @@
-"""Where and how tensors run: the device rule, the autocast rule, module-state context managers, FLOP counting.
+"""Where and how tensors run: the device rule, the precision rule, module-state context managers, FLOP counting.
 
 Every part of clmae (training, evaluation, pictures, DDP ranks) picks its device and its mixed
-precision here, so one rule holds everywhere: CUDA computes in bf16 autocast, every other device
-in fp32.
+precision here, so one rule holds everywhere. ``--precision auto`` (:func:`resolve_precision`)
+trains in bf16 autocast on CUDA GPUs that have bf16 (compute capability 8 and newer), in fp16
+autocast with loss scaling on older ones, and in fp32 on the CPU and MPS; ``bf16`` and ``fp16`` may
+be asked for on the CPU too (slow, but the same dtype paths as on a GPU, so tests can run them).
+Evaluation and pictures without a run's precision use :func:`autocast`'s default: bf16 where the
+GPU has it, fp32 elsewhere (never fp16: fine-tuning has no loss scaler).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from .errors import ConfigError
-from .options import DEVICE_CHOICES
+from .options import DEVICE_CHOICES, PRECISIONS, one_of
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
@@ -56,11 +60,74 @@ def _rank_device(option: str, local_rank: int) -> torch.device:
                       "cuda:LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES) or --device cpu")
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (no loss scaling needed), plain fp32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # what autocast computes in
+
+
+def cuda_has_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes bf16 natively (compute capability >= 8: A100, H100, RTX 30xx and newer)."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def resolve_precision(option: str, device: torch.device) -> str:
+    """The precision a run trains in for ``--precision OPTION`` on ``device``: ``fp32``, ``bf16`` or ``fp16``.
+
+    ``auto``: bf16 on CUDA with native bf16, fp16 (with loss scaling) on older CUDA GPUs, fp32 on the
+    CPU and MPS. An explicit choice is kept; fp16 on a device whose torch build cannot autocast to it
+    or scale losses there is one clear error.
+    """
+    if option not in PRECISIONS:
+        raise ConfigError(f"--precision: got {option!r}, expected {one_of(PRECISIONS)}")
+    if option == "auto":
+        if device.type == "cuda":
+            return "bf16" if cuda_has_bf16(device) else "fp16"
+        return "fp32"
+    if option == "fp16" and device.type != "cuda" and not _fp16_works(device.type):
+        raise ConfigError(f"--precision fp16: this PyTorch ({torch.__version__}) cannot train in fp16 on "
+                          f"{device.type} (autocast to float16 or torch.amp.GradScaler({device.type!r}) is missing); "
+                          "use --precision bf16 or fp32")
+    return option
+
+
+def _fp16_works(device_type: str) -> bool:
+    """Whether fp16 autocast and a GradScaler run on ``device_type`` with this torch (tried on a tiny op)."""
+    try:
+        with torch.autocast(device_type, dtype=torch.float16):
+            y = torch.nn.functional.linear(torch.ones(2, 2, device=device_type), torch.ones(2, 2, device=device_type))
+        torch.amp.GradScaler(device_type)
+        return y.dtype == torch.float16
+    except (RuntimeError, AttributeError, TypeError, ValueError):
+        return False
+
+
+def default_precision(device: torch.device) -> str:
+    """What code without a run's precision computes in (evaluation, pictures): bf16 on GPUs that have it,
+    else fp32. Never fp16: that needs loss scaling to train (fine-tuning has none)."""
+    return "bf16" if device.type == "cuda" and cuda_has_bf16(device) else "fp32"
+
+
+def autocast(device: torch.device, precision: str | None = None) -> contextlib.AbstractContextManager:
+    """The autocast context for ``precision`` (``fp32``/``bf16``/``fp16``) on ``device``; ``None``: the
+    device's default (:func:`default_precision`). fp32 is no autocast at all."""
+    dtype = DTYPES[precision or default_precision(device)]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """A loss scaler for fp16 (its gradients underflow without one); None for fp32 and bf16."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor (random draws, indices) on ``device`` without making the host wait for the GPU.
+
+    A copy from ordinary (pageable) memory synchronises the CUDA stream; from pinned memory it is
+    queued like a kernel. On other devices this is ``tensor.to(device)``.
+    """
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..distributed import SINGLE, DistContext, average_over_ranks
+from ..runtime import to_device
 
 
 @dataclass
@@ -72,7 +73,7 @@ class MaskingBatch:
         """Uniform numbers in [0, 1) of shape ``(world · N, *shape)`` drawn once; this rank's ``(N, *shape)``."""
         n = self.size
         full = torch.rand(n * self.dist.world_size, *shape, generator=self.generator)
-        return full[self.dist.rows(n)].to(self.device)
+        return to_device(full[self.dist.rows(n)], self.device)
 
     def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         """The mean of ``value`` over all ranks (itself for one process): keeps state the same everywhere."""

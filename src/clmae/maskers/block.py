@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..runtime import to_device
 from .base import Masker, MaskingBatch
 from .indices import keep_from_mask
 from .options import BlockOptions
@@ -111,4 +112,4 @@ class BlockMasker(Masker):
         seeds = torch.randint(0, 2**62, (n * batch.dist.world_size,), generator=batch.generator)
         masks = self.masks(seeds[batch.dist.rows(n)].tolist(), batch.num_hidden)
         hidden = torch.tensor([m.hidden for m in masks], dtype=torch.float32)
-        return keep_from_mask(hidden).to(batch.device)
+        return to_device(keep_from_mask(hidden), batch.device)

@@ -26,6 +26,7 @@ from ..distributed import split_mean
 from ..errors import ConfigError
 from ..models.layers import init_weights, transformer_blocks
 from ..models.mae import per_patch_error
+from ..runtime import to_device
 from .base import Masker, MaskingBatch
 from .indices import topk_keep_indices
 from .options import CURRICULA, ClmaeOptions
@@ -44,7 +45,8 @@ class MaskingModule(nn.Module):
     """A CLS token plus a few transformer blocks, one score per patch.
 
     Input: patch tokens with position embeddings ``(N, L, D_in)`` (the caller detaches them).
-    Output: scores in (0, 1), ``(N, L)``, from LayerNorm → Linear → sigmoid on the CLS output, in fp32.
+    Output: scores in (0, 1), ``(N, L)``, from LayerNorm → Linear → sigmoid on the CLS output, in fp32 also
+    under autocast: bf16 logits (8 bits of mantissa) would tie patches that top-K must tell apart.
     """
 
     def __init__(self, num_patches: int, in_dim: int, dim: int | None = None, depth: int = 5, num_heads: int = 4,
@@ -70,7 +72,8 @@ class MaskingModule(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         for blk in self.blocks:
             x = blk(x)
-        return torch.sigmoid(self.head(self.head_norm(x[:, 0])).float())
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.sigmoid(self.head(self.head_norm(x[:, 0].float())))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +273,7 @@ class LearnedMasker(Masker):
         """
         if self.options.masker_batch_fraction < 1.0:
             rows = loss_group_rows(batch.size, self.options.masker_batch_fraction, batch.loss_groups, batch)
-            batch = batch.rows(rows.to(batch.device))
+            batch = batch.rows(to_device(rows, batch.device))
         return self.objective(batch, self(batch.tokens))
 
     def objective(self, batch: MaskingBatch, scores: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -29,14 +29,16 @@ from .options import HpmOptions
 PAIR_EPS = 1e-6  # the authors' log(σ + 1e-6)
 
 
-def relative_loss(predicted: torch.Tensor, error: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+def relative_loss(predicted: torch.Tensor, error: torch.Tensor, hidden: torch.Tensor,
+                  num_hidden: int | None = None) -> torch.Tensor:
     """HPM's ranking objective: BCE on every ordered pair ``(i, j)``, ``i ≠ j``, of an image's hidden patches.
 
     ``y = [e_j > e_i]``, logit ``s_j − s_i``, loss ``−[y·log(σ + ε) + (1 − y)·log(1 − σ + ε)]``; pairs with
     equal errors are left out. Mean over the valid pairs of the whole batch. Shapes ``(N, L)``; every
-    row of ``hidden`` (1 = hidden) holds the same number of hidden patches. Computed in fp32.
+    row of ``hidden`` (1 = hidden) holds the same number of hidden patches, ``num_hidden`` when the caller
+    knows it (else it is read from ``hidden``, a wait for the GPU). Computed in fp32.
     """
-    num_hidden = int(hidden[0].sum())
+    num_hidden = int(hidden[0].sum()) if num_hidden is None else num_hidden
     idx = torch.argsort((hidden < 0.5).to(torch.int8), dim=1, stable=True)[:, :num_hidden]  # hidden, ascending
     s = torch.gather(predicted.float(), 1, idx)
     e = torch.gather(error.float(), 1, idx)
@@ -136,7 +138,7 @@ class HardPatchesMasker(Masker):
         """The predictor's ranking loss on this step's hidden patches (target detached, input not)."""
         predicted = self(out["decoder_tokens"])
         error = per_patch_error(out["pred"], batch.mae.target(batch.imgs)).detach()
-        terms = split_mean(lambda p, e, m: {"loss_hpm": relative_loss(p, e, m)}, batch.loss_groups,
+        terms = split_mean(lambda p, e, m: {"loss_hpm": relative_loss(p, e, m, batch.num_hidden)}, batch.loss_groups,
                            predicted, error, out["mask"])
         return {"loss_hpm": self.loss_weight * terms["loss_hpm"]}
 

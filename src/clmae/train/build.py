@@ -26,7 +26,7 @@ from ..maskers import Masker, create_masker
 from ..models.configs import ModelChoice, ModelConfig, model_config, resolve_model
 from ..models.mae import MaskedAutoencoderViT
 from ..optim import make_optimizer
-from ..runtime import resolve_device
+from ..runtime import grad_scaler, resolve_device, resolve_precision
 from ..viz.probe import CurriculumProbe
 from .callbacks import HeldOutKnn
 from .run_folder import OutputFolder, RunState, default_output_dir, prepare_output_dir, resume_config
@@ -46,6 +46,29 @@ def build_runtime(cfg: PretrainConfig) -> tuple[DistContext, torch.device]:
     """One process per device under torchrun (:mod:`clmae.distributed`), a single one otherwise."""
     dist = setup_distributed(cfg.device) or SINGLE
     return dist, (dist.device if dist.enabled else resolve_device(cfg.device))
+
+
+@dataclass
+class Precision:
+    """What the run computes in (``fp32``, ``bf16``, ``fp16``) and fp16's loss scalers: one for the MAE step
+    (and a strategy trained in it), one for the strategy's own step, each with its own scale."""
+
+    name: str
+    scaler_mae: torch.amp.GradScaler | None = None
+    scaler_masker: torch.amp.GradScaler | None = None
+
+
+def build_precision(cfg: PretrainConfig, device: torch.device) -> Precision:
+    """``--precision`` resolved on this device (:func:`clmae.runtime.resolve_precision`), checked before the run
+    folder exists; its scalers come with the models (:func:`build_scalers`)."""
+    return Precision(resolve_precision(cfg.precision, device))
+
+
+def build_scalers(precision: Precision, device: torch.device, masker: Masker) -> Precision:
+    """fp16's loss scalers: the MAE step's, and the strategy's own step's when it has one."""
+    own = masker.learnable and masker.has_own_step
+    return Precision(precision.name, grad_scaler(device, precision.name),
+                     grad_scaler(device, precision.name) if own else None)
 
 
 @dataclass

@@ -129,6 +129,11 @@ class RunView:
     def device(self) -> torch.device:
         return self._trainer.device
 
+    @property
+    def precision(self) -> str:
+        """What ``--precision`` resolved to on this device: ``fp32``, ``bf16`` or ``fp16``."""
+        return self._trainer.precision
+
     # the models (to measure, never to train)
     @property
     def mae(self) -> torch.nn.Module:
@@ -139,7 +144,7 @@ class RunView:
         return self._trainer.masker
 
     def autocast(self):
-        """The run's mixed-precision context (bf16 on CUDA)."""
+        """The run's mixed-precision context (``--precision``; nothing for fp32)."""
         return self._trainer.autocast_context()
 
     # logging

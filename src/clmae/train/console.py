@@ -35,6 +35,7 @@ from .callbacks import RunView
 ETA_AFTER_ITERATIONS = 5  # timed iterations (the first one, with its warm-up, is not timed) …
 ETA_AFTER_SECONDS = 20.0  # … or this long, whichever comes first
 LONG_CPU_RUN_S = 3 * 3600  # warn on CPU when a run is estimated to take longer
+BAR_LOSS_EVERY_S = 0.5  # the bar reads a step's loss at most this often (a read waits for the GPU's queue)
 
 
 def format_duration(seconds: float) -> str:
@@ -59,7 +60,8 @@ def format_speed(images_per_s: float) -> str:
 
 
 def header_line(run: RunView) -> str:
-    """What runs on what, and why this model: ``clmae: clmae on x.npz (2048 images, 28 px, gray), model …``."""
+    """What runs on what, in which precision, and why this model: ``clmae: clmae on x.npz (2048 images, 28 px,
+    gray), model …, device cuda:0, bf16, output …``."""
     cfg, choice, scan, mc = run.cfg, run.model_choice, run.data_scan, run.model_config
     native = f", {scan.size} px" if scan.size else ""
     colour = "gray" if run.dataset.channels == 1 else "RGB"
@@ -73,7 +75,7 @@ def header_line(run: RunView) -> str:
             why += f"; the data is {scan.size} px"
     return (f"clmae: {cfg.method} on {run.dataset.name} ({len(run.dataset)} images{native}, {colour}), "
             f"model {choice.name} at {mc.img_size} px ({why}), {mc.grid_size}x{mc.grid_size} patches of "
-            f"{mc.patch_size} px, device {run.device}, output {run.output_dir}")
+            f"{mc.patch_size} px, device {run.device}, {run.precision}, output {run.output_dir}")
 
 
 def _number(value: Any) -> float | None:
@@ -102,7 +104,8 @@ class Console:
         self.last_step_time = self.started
         self.last_epoch_end: tuple[float, int] | None = None  # (time, iteration) at the previous epoch line
         self.epoch_images = 0
-        self.epoch_loss_sum, self.epoch_loss_n = 0.0, 0
+        self.epoch_loss_sum, self.epoch_loss_n = 0.0, 0  # the bar's loss: the mean of the steps it read
+        self.loss_read = -math.inf
         self.line_step = run.iteration  # probe records after this iteration are new for the next line
 
     # -- printing ---------------------------------------------------------------------------
@@ -142,10 +145,13 @@ class Console:
         now = time.perf_counter()
         self.last_step_time = now
         self.epoch_images += run.global_batch
-        loss = _number(metrics.get("loss_mae"))
-        if loss is not None and math.isfinite(loss):
-            self.epoch_loss_sum += loss
-            self.epoch_loss_n += 1
+        # Only the bar shows a step's loss, read at most every BAR_LOSS_EVERY_S: a read waits for the GPU.
+        if self.bar is not None and now - self.loss_read >= BAR_LOSS_EVERY_S:
+            self.loss_read = now
+            loss = _number(metrics.get("loss_mae"))
+            if loss is not None and math.isfinite(loss):
+                self.epoch_loss_sum += loss
+                self.epoch_loss_n += 1
         if self.bar is not None:
             self.bar.update(1)
             if self.epoch_loss_n:

@@ -50,9 +50,11 @@ from ..options import flag
 from ..version import __version__
 
 # Options a resumed run may change; every other one must match the checkpoint.
+# device/precision: a run may continue on another machine (an fp16 run's loss scale travels in the checkpoint).
 # batch_size/accum_iter may change so the global batch can be kept when the number of GPUs changes.
-RESUMABLE_OVERRIDES = {"device", "num_workers", "progress", "log_every", "eval_every", "save_every", "epochs",
-                       "max_nonfinite", "data_dir", "output_dir", "resume", "compile", "batch_size", "accum_iter"}
+RESUMABLE_OVERRIDES = {"device", "precision", "num_workers", "progress", "log_every", "eval_every", "save_every",
+                       "epochs", "max_nonfinite", "data_dir", "output_dir", "resume", "compile", "batch_size",
+                       "accum_iter"}
 CONFIG = "config.json"
 # What a run writes before its first checkpoint: an earlier start that saved nothing left only these.
 EARLY_FILES = ("metrics.jsonl", "tensorboard", "probe", CONFIG)
@@ -302,11 +304,14 @@ def resume_config(cfg: PretrainConfig, overrides: dict[str, Any] | None) -> Resu
 
 
 def save_run_checkpoint(out: Path, stem: str, info: dict[str, Any], position: Position, modules: dict[str, Any],
-                        optimizers: dict[str, Any], generator: torch.Generator, extra: dict[str, Any]) -> Path:
+                        optimizers: dict[str, Any], generator: torch.Generator, extra: dict[str, Any],
+                        scalers: dict[str, Any] | None = None) -> Path:
     """Write ``STEM.pt`` (everything to resume) and ``STEM.safetensors`` (weights and run info).
 
     ``modules``: ``{"mae": module, "masker": module or None}``; ``optimizers`` likewise; ``extra``:
-    more position fields (world size, global batch) stored with both files.
+    more position fields (world size, global batch) stored with both files; ``scalers``: fp16's loss
+    scalers (``{"scaler_mae": GradScaler or None, ...}``), stored only when there are any, so a resumed
+    fp16 run continues with the same loss scale.
     """
     where = {**dataclasses.asdict(position), **extra}
     skipped = where.pop("skipped_steps")
@@ -317,6 +322,7 @@ def save_run_checkpoint(out: Path, stem: str, info: dict[str, Any], position: Po
         "weights": {f"{p}.{k}": v.detach().cpu().clone() for p, m in modules.items() if m is not None
                     for k, v in m.state_dict().items()},
         **{name: (opt.state_dict() if opt is not None else None) for name, opt in optimizers.items()},
+        **{name: scaler.state_dict() for name, scaler in (scalers or {}).items() if scaler is not None},
         "generator": generator.get_state(),
         "model_config": info["model_config"],
         "run_config": info["run_config"],
@@ -327,9 +333,11 @@ def save_run_checkpoint(out: Path, stem: str, info: dict[str, Any], position: Po
     return out / f"{stem}.pt"
 
 
-def load_run_checkpoint(path: Path, modules: dict[str, Any], optimizers: dict[str, Any],
-                        generator: torch.Generator) -> tuple[Position, dict[str, Any]]:
-    """Restore weights, optimiser and RNG states from a resume file; ``(position, the whole state)``."""
+def load_run_checkpoint(path: Path, modules: dict[str, Any], optimizers: dict[str, Any], generator: torch.Generator,
+                        scalers: dict[str, Any] | None = None) -> tuple[Position, dict[str, Any]]:
+    """Restore weights, optimiser, loss-scaler and RNG states from a resume file; ``(position, the whole state)``.
+
+    A loss scaler the file has no state for (the run trained in fp32 or bf16 until now) starts afresh."""
     state = read_training_state(path)
     check_finite(state["weights"], str(path))
     for name in optimizers:  # NaN moments would poison every later step as surely as NaN weights
@@ -342,6 +350,9 @@ def load_run_checkpoint(path: Path, modules: dict[str, Any], optimizers: dict[st
     for name, opt in optimizers.items():
         if opt is not None:
             opt.load_state_dict(state[name])
+    for name, scaler in (scalers or {}).items():
+        if scaler is not None and isinstance(state.get(name), dict):
+            scaler.load_state_dict(state[name])
     generator.set_state(state["generator"])
     position = Position(state["epoch"], state["step_in_epoch"], state["iteration"], state["masker_updates"],
                         state.get("skipped_steps", 0))
@@ -349,14 +360,15 @@ def load_run_checkpoint(path: Path, modules: dict[str, Any], optimizers: dict[st
 
 
 def resume_position(path: Path, modules: dict[str, Any], optimizers: dict[str, Any], generator: torch.Generator,
-                    cfg: PretrainConfig, dist, steps_per_epoch: int | None = None) -> Position:
+                    cfg: PretrainConfig, dist, steps_per_epoch: int | None = None,
+                    scalers: dict[str, Any] | None = None) -> Position:
     """Restore a run from its resume file and say where it continues.
 
     The state is rank-independent; a changed global batch (world size or ``--batch-size``) keeps the
     images of the epoch already seen, rounded down to whole new batches. Another ``--epochs`` than
     planned changes the schedules from here on: one line says how (:func:`epochs_change_note`).
     """
-    position, state = load_run_checkpoint(path, modules, optimizers, generator)
+    position, state = load_run_checkpoint(path, modules, optimizers, generator, scalers)
     saved_global = state.get("global_batch", state["run_config"]["batch_size"])
     global_batch = cfg.batch_size * dist.world_size
     if saved_global != global_batch:
@@ -420,9 +432,11 @@ def run_info(cfg: PretrainConfig, run: RunState, dataset, model_config, masker) 
 
 
 def write_config_json(out: Path, info: dict[str, Any], cfg: PretrainConfig, device, dist, steps_per_epoch: int,
-                      lr: float) -> None:
-    """``RUN/config.json``: :func:`run_info` plus how this start runs it (device, processes, batch, lr, argv)."""
+                      lr: float, precision: str = "fp32") -> None:
+    """``RUN/config.json``: :func:`run_info` plus how this start runs it (device, precision, processes, batch, lr,
+    argv). ``precision`` is what ``--precision`` resolved to on this device (``run_config`` keeps the option)."""
     info = {**info, "steps_per_epoch": steps_per_epoch, "torch": torch.__version__, "device": str(device),
+            "precision": precision,
             "argv": sys.argv, "world_size": dist.world_size, "global_batch": cfg.batch_size * dist.world_size,
             "effective_batch": cfg.effective_batch_size * dist.world_size, "lr": lr}
     write_text(out / CONFIG, json.dumps(info, indent=2, default=str))
