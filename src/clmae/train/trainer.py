@@ -176,6 +176,7 @@ class Trainer:
                 apply_update(self.opt_masker, lr)
                 self.position.masker_updates += 1
         out.update(own_part.means())
+        out.update(self.masker.mask_stats())  # what the strategy logs about its masks (SBAM's ratio)
         if "skipped" in out or not (mae_part.last_ok and (not own or own_part.last_ok)):
             out["skipped"] = 1.0
         else:
@@ -189,7 +190,9 @@ class Trainer:
         with self.autocast_context():
             with torch.no_grad():
                 ids_keep = self.masker.keep_indices(batch)
-            result = self.mae_forward(batch.imgs, ids_keep)
+            gates = self.masker.token_gates(batch, ids_keep)  # None but for strategies that learn through them
+            result = (self.mae_forward(batch.imgs, ids_keep) if gates is None
+                      else self.mae_forward(batch.imgs, ids_keep, gates=gates))
             terms = self.masker.mae_step_terms(batch, result)
             loss = result["loss"] + sum(terms.values()) if terms else result["loss"]
         value = loss.item()

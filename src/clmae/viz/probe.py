@@ -200,6 +200,10 @@ class CurriculumProbe:
             with eval_mode(mae, run.masker), run.autocast():
                 loss_learned = float(per_image_loss(mae, self.x, keep).mean())
                 loss_shuffled = float(shuffled_mask_loss(mae, self.x, keep).mean())
+                if keep.shape[1] != self.num_keep:  # a strategy that chose its own count (SBAM): as many random ones
+                    record["probe_num_keep"] = keep.shape[1]
+                    same = random_keep_sets(len(self.indices), self.length, keep.shape[1], self.random_keeps.shape[0])
+                    loss_random = float(random_mask_loss(mae, self.x, same.to(self.x.device)).mean())
             record.update(
                 probe_loss_learned=loss_learned,
                 probe_loss_shuffled=loss_shuffled,
