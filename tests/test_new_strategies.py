@@ -519,3 +519,42 @@ def test_strategies_refuse_grids_and_ratios_they_cannot_mask(tmp_path):
         create_masker("automae", model_config("vit_micro_patch2_8", img_size=4))  # a 2x2 grid
     with pytest.raises(ConfigError, match="--colormae-texture-size"):
         ColorNoiseMasker(40, ColormaeOptions(texture_size=32))
+
+
+def test_pictures_of_an_adaptive_count_state_it_and_compare_with_as_many_random_patches():
+    from clmae.maskers import random_keep_indices
+    from clmae.viz.visualize import figure_caption, model_panels, reconstruct
+
+    torch.manual_seed(0)
+    mc = model_config("vit_micro_patch2_8")
+    mae = MaskedAutoencoderViT(mc).eval()
+    masker = create_masker("sbam", mc, make_config({"method": "sbam", "sbam_delta": 0.0})).eval()  # r₀ + v
+    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    rows, columns = model_panels(mae, masker, images, [0.5], [0.25], 0.75, seed=3)
+    hidden = 16 - masker.keep_count(0.85)
+    assert hidden == 14 and columns[2] == "SBAM mask"
+    assert all(row[2].note.startswith(f"{hidden}/16 hidden, ") for row in rows)
+    x = (images - 0.5) / 0.25
+    _, _, loss = reconstruct(mae, x, random_keep_indices(4, 16, 16 - hidden, torch.Generator().manual_seed(3)))
+    assert [row[-1].note for row in rows] == [f"loss {v:.3f}" for v in loss]  # random masks hide as many
+    assert "chooses how many patches to hide" in figure_caption(False, "token salience", 0.75, 3, adaptive=True)
+
+
+def test_probe_compares_an_adaptive_count_with_as_many_random_patches(tmp_path):
+    from clmae.train.callbacks import RunView
+    from clmae.train.trainer import Trainer
+    from clmae.viz.probe import CurriculumProbe, random_keep_sets, random_mask_loss
+
+    trainer = Trainer(make_config(dict(data="digits", method="sbam", sbam_delta=0.0, epochs=1, subset=64,
+                                       progress=False, probe_every=0, snapshot_every=0,
+                                       output_dir=str(tmp_path / "run"))))
+    view = RunView(trainer)
+    probe = CurriculumProbe(view)
+    record = probe.measure(view)
+    width = record["probe_num_keep"]
+    assert width == 2 and probe.num_keep == 4  # δ = 0: nearly every patch is salient, r ≈ r₀ + v = 0.85
+    same = random_keep_sets(len(probe.indices), 16, width, probe.random_keeps.shape[0])
+    with torch.no_grad():
+        expected = float(random_mask_loss(trainer.mae.eval(), probe.x, same).mean())
+    assert record["probe_loss_random"] == pytest.approx(expected, rel=1e-6)
+    assert record["mask_difficulty"] == pytest.approx(record["probe_loss_learned"] / expected, rel=1e-6)

@@ -141,10 +141,9 @@ def model_panels(mae, masker, images: torch.Tensor, mean: Sequence[float], std: 
                          Panel(recon_r[i], note=f"loss {loss_r[i]:.3f}")])
         return rows, MAE_COLUMNS
     scores, keep = strategy_masks(mae, masker, x, num_keep, g, float(epochs), epochs)
-    count = ""
     if keep.shape[1] != num_keep:  # the strategy chose its own count (SBAM): random masks hide as many
         loss_r, random_masked, recon_r = random_panels(keep.shape[1], torch.Generator().manual_seed(seed))
-        count = f"{cfg.num_patches - keep.shape[1]}/{cfg.num_patches} hidden, "
+    count = f"{cfg.num_patches - keep.shape[1]}/{cfg.num_patches} hidden, " if masker.adaptive_count else ""
     pred_l, mask_l, loss_l = reconstruct(mae, x, keep)
     learned_masked = to_hwc(mask_overlay(images.cpu(), mask_l.cpu(), p))
     recon_l = to_hwc(prediction_to_pixels(pred_l, x, mask_l, p, cfg.norm_pix_loss, mean, std).cpu())
