@@ -439,22 +439,20 @@ def trained_mae(tmp_path_factory):
     return mae, normalize(imgs, train.mean, train.std)
 
 
-def generator_effect(mae, x, seed: int, objective: str, flip: bool = False, steps: int = 20) -> tuple[float, float]:
-    """The MAE loss under the generator's masks (fixed evaluation draws) before and after ``steps`` Adam steps
-    on the reconstruction path alone (no discriminator), the MAE frozen. ``flip``: the gates' gradient reversed."""
+def masks_loss(mae, x, masker) -> float:
+    """The MAE loss under the generator's masks for 16 fixed evaluation draws."""
+    with torch.no_grad():
+        return sum(float(mae(x, masker.keep_indices(MaskingBatch(x, mae.embed(x), 4, torch.Generator().manual_seed(
+            1000 + d), mae)))["loss"]) for d in range(16)) / 16
+
+
+def trained_generator(mae, x, seed: int, objective: str, flip: bool = False, steps: int = 20):
+    """An AutoMAE masker whose generator took ``steps`` Adam steps on the reconstruction path alone (no
+    discriminator), the MAE frozen. ``flip``: the gates' gradient reversed. The same seed, the same start."""
     _, masker = automae(mae=mae, seed=seed, automae_scorer="online", automae_objective=objective)
-
-    def batch(draw):
-        return MaskingBatch(x, mae.embed(x), 4, torch.Generator().manual_seed(draw), mae)
-
-    def loss_under_masks() -> float:
-        with torch.no_grad():
-            return sum(float(mae(x, masker.keep_indices(batch(1000 + d)))["loss"]) for d in range(16)) / 16
-
-    before = loss_under_masks()
     opt = torch.optim.Adam(masker.mask_generator.parameters(), lr=0.05)
     for step in range(steps):
-        b = batch(seed * 100 + step)
+        b = MaskingBatch(x, mae.embed(x), 4, torch.Generator().manual_seed(seed * 100 + step), mae)
         with torch.no_grad():
             keep = masker.keep_indices(b)
         if objective == "official":
@@ -465,7 +463,7 @@ def generator_effect(mae, x, seed: int, objective: str, flip: bool = False, step
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return before, loss_under_masks()
+    return masker
 
 
 def test_automae_generator_moves_the_masks_towards_a_higher_reconstruction_loss(trained_mae):
@@ -484,10 +482,11 @@ def test_automae_generator_moves_the_masks_towards_a_higher_reconstruction_loss(
         random = sum(float(mae(x, random_keep_indices(64, 16, 4, torch.Generator().manual_seed(d)))["loss"])
                      for d in range(8)) / 8
     for seed in (0, 1):
-        before, official = generator_effect(mae, x, seed, "official")
-        _, reversed_ = generator_effect(mae, x, seed, "official", flip=True)
+        before = masks_loss(mae, x, automae(mae=mae, seed=seed, automae_scorer="online")[1])
+        official = masks_loss(mae, x, trained_generator(mae, x, seed, "official"))
+        reversed_ = masks_loss(mae, x, trained_generator(mae, x, seed, "official", flip=True))
         assert official > before * 1.003 and official > reversed_ * 1.002, (seed, before, official, reversed_)
-        before, adversarial = generator_effect(mae, x, seed, "adversarial")
+        adversarial = masks_loss(mae, x, trained_generator(mae, x, seed, "adversarial"))
         assert adversarial > before * 1.025 and adversarial > random * 1.02, (seed, before, adversarial, random)
 
 
