@@ -11,7 +11,11 @@ seeded, never used in tuning), then for each ``--method`` runs what a user would
 and records the per-epoch MAE loss (first and last epoch, before and after the resume) in
 ``benchmarks/results/strategies_check.json``, with the command, the machine and the commit.
 
-    python benchmarks/strategies_check.py            # all methods, ~10 min on 2 shared CPU cores
+    python benchmarks/strategies_check.py            # all methods, ~15 min on 2 shared CPU cores
+    python benchmarks/strategies_check.py --methods colormae sbam automae --merge   # re-run some, keep the rest
+
+Each method's entry records the commit it ran at (``--merge`` keeps the other methods' entries of the
+existing file, each with its own commit).
 """
 
 from __future__ import annotations
@@ -82,12 +86,16 @@ def clmae(*args: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", nargs="+", default=["mae", "block", "clmae", "hpm", "attmask"])
+    p.add_argument("--methods", nargs="+", default=["mae", "block", "clmae", "hpm", "attmask", "colormae", "sbam",
+                                                    "automae"])
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--epochs", type=int, default=4, help="epochs of the first run")
     p.add_argument("--resume-epochs", type=int, default=6, help="--epochs of the resumed run")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "strategies_check.json"))
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other methods' entries of an existing --output (same images and epochs)")
     args = p.parse_args(argv)
+    commit = git_state()["commit"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     results = {}
     started = time.time()
@@ -113,19 +121,28 @@ def main(argv: list[str] | None = None) -> int:
                 "epoch_loss_mae": losses, "first": losses[0], "last_before_resume": before_resume[-1],
                 "last": losses[-1], "falls": losses[-1] < losses[0],
                 "resume_continued": len(losses) == args.resume_epochs and losses[:args.epochs] == before_resume,
-                "seconds": round(time.time() - t0, 1),
+                "seconds": round(time.time() - t0, 1), "commit": commit,
             }
             print(f"{method:8} loss {losses[0]:.4f} -> {before_resume[-1]:.4f} (epoch {args.epochs}) -> "
                   f"{losses[-1]:.4f} (epoch {args.resume_epochs}, resumed)  {results[method]['seconds']} s", flush=True)
+    commands = [" ".join(["clmae pretrain", *cmd[4:]]).replace(tmp, "TMP").replace(method, "METHOD")
+                for cmd in (first, second)]
+    described = f"{args.images} textured-shape images, 24x24 RGB, seed 0 (benchmarks/strategies_check.py)"
+    if args.merge and Path(args.output).is_file():
+        old = json.loads(Path(args.output).read_text())
+        if old.get("commands") != commands or old.get("data") != described:
+            raise SystemExit(f"--merge: {args.output} was made with other images or commands; run all methods")
+        for name, entry in old["methods"].items():
+            if name not in results:
+                results[name] = {**entry, "commit": entry.get("commit", old["commit"])}
     out = {
         "benchmark": "strategies_check",
-        "data": f"{args.images} textured-shape images, 24x24 RGB, seed 0 (benchmarks/strategies_check.py)",
-        "commands": [" ".join(["clmae pretrain", *cmd[4:]]).replace(tmp, "TMP").replace(method, "METHOD")
-                     for cmd in (first, second)],
+        "data": described,
+        "commands": commands,
         "methods": results,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared)",
         "load_avg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "commit": git_state()["commit"], "wall_s": round(time.time() - started, 1),
+        "commit": commit, "wall_s": round(time.time() - started, 1),
     }
     write_json(args.output, out)
     return 0

@@ -20,8 +20,9 @@ Peak memory is measured in a fresh subprocess per variant: the RSS high-water ma
 
     python benchmarks/throughput.py --model vit_tiny_patch4_32 --batch-size 128 \
         --output benchmarks/results/throughput_tiny_b128.json
-    python benchmarks/throughput.py --method clmae block hpm attmask --model vit_mini_patch4_32 \
-        --batch-size 128 --threads 2 --output benchmarks/results/throughput_strategies_mini_b128.json
+    python benchmarks/throughput.py --method clmae block hpm attmask colormae sbam automae \
+        --model vit_mini_patch4_32 --batch-size 128 --threads 2 \
+        --output benchmarks/results/throughput_strategies_mini_b128.json
 """
 
 from __future__ import annotations
@@ -394,7 +395,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def method_label(method: str) -> str:
-    return {"clmae": "CL-MAE", "mae": "MAE", "hpm": "HPM", "attmask": "AttMask", "block": "block"}.get(method, method)
+    return {"clmae": "CL-MAE", "mae": "MAE", "hpm": "HPM", "attmask": "AttMask", "block": "block",
+            "colormae": "ColorMAE", "sbam": "SBAM", "automae": "AutoMAE"}.get(method, method)
 
 
 def memory_fields(memory: dict[str, Any], methods: list[str]) -> dict[str, Any]:

@@ -62,7 +62,8 @@ def test_the_whole_parser_builds_and_formats_without_torch():
 
 @pytest.mark.parametrize("argv, fragments", [
     (["--help"], ["usage: clmae [-h] [--version] COMMAND", "pretrain", "eval", "compare", "visualize", "export"]),
-    (["pretrain", "--help"], ["training epochs (default: 30)", "--method {clmae,mae,block,hpm,attmask}",
+    (["pretrain", "--help"], ["training epochs (default: 30)",
+                              "--method {clmae,mae,block,hpm,attmask,colormae,sbam,automae}",
                               "see `clmae models`", "--attmask-variant {high,low}"]),
     (["eval", "knn", "--help"], ["--checkpoint PATH", "--k-majority N", "--pool {cls,mean}",
                                  "auto, cpu, cuda, cuda:N or mps"]),

@@ -120,13 +120,18 @@ def single(options: dict, out: Path, groups: int = 1) -> Path:
 
 FRACTION = {"masker_batch_fraction": 0.5}
 MASKER_KEYS = ("loss_mae", "loss_masker", "loss_rec", "loss_gauss", "loss_kl", "loss_div", "score_mean")
-STRATEGIES = ("block", "hpm", "attmask")
+STRATEGIES = ("block", "hpm", "attmask", "colormae", "sbam", "automae")
 # Schedules that move within 2 epochs: HPM hides predicted-hard patches from the first epoch and its EMA
 # follows closely; AttMask's teacher too. So the EMA copies, the masks and the predictor all matter.
 STRATEGY_OPTIONS = {"block": {}, "hpm": {"hpm_ema_decay": 0.5, "hpm_ema_decay_end": 0.9, "hpm_ema_ramp_epochs": 2.0},
-                    "attmask": {"attmask_momentum": 0.5}}
+                    "attmask": {"attmask_momentum": 0.5}, "colormae": {}, "sbam": {},
+                    "automae": {"automae_scorer_momentum": 0.5}}
 STRATEGY_KEYS = {"block": ("loss_mae", "grad_norm"), "attmask": ("loss_mae", "grad_norm"),
-                 "hpm": ("loss_mae", "loss_hpm", "grad_norm", "masker_grad_norm")}
+                 "hpm": ("loss_mae", "loss_hpm", "grad_norm", "masker_grad_norm"),
+                 "colormae": ("loss_mae", "grad_norm"),
+                 "sbam": ("loss_mae", "grad_norm", "sbam_mask_ratio"),  # one adaptive K for the global batch
+                 "automae": ("loss_mae", "loss_automae_g", "loss_automae_d", "grad_norm", "masker_grad_norm")}
+STATELESS = ("block", "colormae", "sbam")  # strategies whose checkpoints carry no masker
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +182,7 @@ def test_two_ranks_equal_one_process_for_every_strategy(runs, tmp_path, method):
     one = single({**TINY, **STRATEGY_OPTIONS[method], "method": method}, tmp_path / method, groups=WORLD)
     assert_same_run(runs[f"{method}2"], one, STRATEGY_KEYS[method])
     saved = weights(runs[f"{method}2"])
-    assert any(k.startswith("masker.") for k in saved) == (method != "block")  # EMA copies / predictor saved
+    assert any(k.startswith("masker.") for k in saved) == (method not in STATELESS)  # EMA copies, networks saved
 
 
 def test_resume_with_other_world_size(runs, tmp_path):

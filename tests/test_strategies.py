@@ -36,7 +36,7 @@ from clmae.models.configs import model_config
 from clmae.models.mae import MaskedAutoencoderViT
 from clmae.train.trainer import Trainer, pretrain
 
-STRATEGIES = ("block", "hpm", "attmask")
+STRATEGIES = ("block", "hpm", "attmask", "colormae", "sbam", "automae")
 
 
 def batch_for(mae: MaskedAutoencoderViT, n: int, num_keep: int, seed: int = 0, progress: float = 0.0,
@@ -72,9 +72,15 @@ def test_every_strategy_keeps_exactly_k_distinct_patches(method):
         batch = batch_for(mae, 24, k, seed=k, progress=3.0, epochs=4)
         with torch.no_grad():
             keep = masker.keep_indices(batch)
-        assert keep.shape == (24, k) and keep.dtype == torch.int64, method
+        width = keep.shape[1] if masker.adaptive_count else k  # SBAM chooses its own count, the same in every row
+        assert keep.shape == (24, width) and 1 <= width < length and keep.dtype == torch.int64, method
         assert int(keep.min()) >= 0 and int(keep.max()) < length
-        assert all(len(set(row)) == k for row in keep.tolist()), (method, k)
+        assert all(len(set(row)) == width for row in keep.tolist()), (method, k)
+
+
+# SBAM's adaptive count is a statistic of the global batch, averaged over a real process group: its two-rank
+# equality is tested by tests/test_distributed.py; here its masks at the fixed ratio.
+MASK_OPTIONS = {"sbam": {"sbam_ratio_var": 0.0}}
 
 
 @pytest.mark.parametrize("method", STRATEGIES)
@@ -82,7 +88,7 @@ def test_masks_are_drawn_for_the_global_batch(method):
     """Rank r of N draws exactly rows r·B…(r+1)·B of what one process draws for the N·B images."""
     from clmae.distributed import DistContext
 
-    mae, masker = built(method)
+    mae, masker = built(method, **MASK_OPTIONS.get(method, {}))
     whole = batch_for(mae, 16, 4, seed=1, progress=3.0, epochs=4)
     with torch.no_grad():
         one = masker.keep_indices(whole)
@@ -352,6 +358,10 @@ def test_strategy_trains_and_resumes_bit_identically(method, full_runs, tmp_path
     assert torch.equal(a["generator"], b["generator"])
     if method in ("hpm", "attmask"):  # the EMA copies travel with the checkpoint
         assert any(k.startswith("masker.ema_") or k.startswith("masker.teacher.") for k in a["weights"])
+    if method == "automae":  # generator, discriminator (with its spectral-norm vectors) and the EMA scorer
+        assert {k.split(".")[1] for k in a["weights"] if k.startswith("masker.")} == {
+            "mask_generator", "discriminator", "scorer"}
+        assert any(k.endswith("._u") for k in a["weights"])
 
 
 @pytest.mark.parametrize("method", STRATEGIES)

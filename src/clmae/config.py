@@ -38,8 +38,9 @@ class PretrainConfig:
     num_workers: int = opt(2, "DataLoader workers for image folders")
     # method and model
     method: str = opt(DEFAULT_METHOD, "masking strategy: clmae (learned curriculum masking), mae (random), block "
-                                      "(BEiT), hpm (hard patches mining) or attmask (attention-guided); see `clmae "
-                                      "methods`")
+                                      "(BEiT), hpm (hard patches mining), attmask (attention-guided), colormae "
+                                      "(coloured noise), sbam (salience, adaptive ratio) or automae (adversarial "
+                                      "mask generator); see `clmae methods`")
     model: str | None = opt(None, "named configuration, see `clmae models` (default: chosen from the data's image "
                                   "size)")
     patch_size: int | None = opt(None, "patch size in px (default: the model's); given alone, the image size is the "

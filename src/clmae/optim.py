@@ -11,12 +11,14 @@ NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")
 
 
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights with decay; biases, norms (1-D) and tokens without."""
+    """Two groups: weights with decay; biases, norms (1-D), tokens and the names the module's
+    ``no_weight_decay()`` returns (timm's convention; e.g. AutoMAE's discriminator) without."""
     decay, no_decay = [], []
+    exempt = set(module.no_weight_decay()) if hasattr(module, "no_weight_decay") else set()
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or any(t in name for t in NO_DECAY_NAMES):
+        if p.ndim <= 1 or name.endswith(".bias") or any(t in name for t in NO_DECAY_NAMES) or name in exempt:
             no_decay.append(p)
         else:
             decay.append(p)

@@ -10,6 +10,9 @@ of the visible patches.
 * ``block`` → :class:`BlockMasker`: BEiT's blockwise masking at the MAE's ratio.
 * ``hpm`` → :class:`HardPatchesMasker`: HPM, predicted-hard patches plus random ones.
 * ``attmask`` → :class:`AttentionMasker`: AttMask-High, the most attended patches (EMA teacher).
+* ``colormae`` → :class:`ColorNoiseMasker`: ColorMAE, windows of filtered (coloured) noise, image-independent.
+* ``sbam`` → :class:`SalienceMasker`: SBAM, the salient patches plus noise, at an adaptive ratio.
+* ``automae`` → :class:`AutomaeMasker`: AutoMAE, an adversarially shaped Gumbel-softmax mask generator.
 
 :data:`METHODS` is the one list of pretraining methods: config validation, the CLI's choices,
 :func:`create_masker`, the study and the docs all read it; :func:`register_method` adds one from
@@ -29,16 +32,28 @@ from typing import TYPE_CHECKING, Any
 
 from ..lazy import lazy_attributes
 from ..options import check_option, one_of
-from .options import AttmaskOptions, BlockOptions, ClmaeOptions, HpmOptions, StrategyOptions
+from .options import (
+    AttmaskOptions,
+    AutomaeOptions,
+    BlockOptions,
+    ClmaeOptions,
+    ColormaeOptions,
+    HpmOptions,
+    SbamOptions,
+    StrategyOptions,
+)
 
 if TYPE_CHECKING:
     from .attmask import AttentionMasker
+    from .automae import AutomaeMasker
     from .base import Masker, MaskingBatch
     from .block import BlockMasker
     from .clmae import LearnedMasker, MaskingModule
+    from .colormae import ColorNoiseMasker
     from .hpm import HardPatchesMasker
     from .indices import keep_from_mask, mask_from_keep, random_keep_indices, topk_keep_indices
     from .random import RandomMasker
+    from .sbam import SalienceMasker
 
 
 @dataclass(frozen=True)
@@ -94,6 +109,24 @@ def _attmask(options: AttmaskOptions, c, run) -> AttentionMasker:
     return AttentionMasker(_epochs(run), options)
 
 
+def _colormae(options: ColormaeOptions, c, run) -> ColorNoiseMasker:
+    from .colormae import ColorNoiseMasker
+
+    return ColorNoiseMasker(c.grid_size, options, seed=0 if run is None else run.seed)
+
+
+def _sbam(options: SbamOptions, c, run) -> SalienceMasker:
+    from .sbam import SalienceMasker
+
+    return SalienceMasker(c.num_patches, 0.75 if run is None else run.mask_ratio, options)
+
+
+def _automae(options: AutomaeOptions, c, run) -> AutomaeMasker:
+    from .automae import AutomaeMasker
+
+    return AutomaeMasker(c, _epochs(run), options)
+
+
 METHODS: dict[str, Method] = {
     "clmae": Method("clmae", "CL-MAE: a masking module learns the masks, easy to hard (curriculum)", _learned,
                     ClmaeOptions, "4.5x (a masking-module step through the whole MAE every iteration)"),
@@ -104,6 +137,15 @@ METHODS: dict[str, Method] = {
                   HpmOptions, "2.3x (loss predictor; an EMA model scores whole images)"),
     "attmask": Method("attmask", "AttMask-High: hide the patches an EMA teacher's CLS attends to most", _attmask,
                       AttmaskOptions, "1.8x (an EMA teacher reads whole images)"),
+    "colormae": Method("colormae", "ColorMAE: masks cut from filtered (coloured) noise, the same for any image",
+                       _colormae, ColormaeOptions, "1.0x (no network: a window of noise per image)"),
+    "sbam": Method("sbam", "SBAM: hide the salient patches (patch-embedding affinity) plus noise, at an adaptive "
+                           "ratio", _sbam, SbamOptions,
+                   "0.96-1.25x (the adaptive ratio, 0.65-0.85, sets how many patches the encoder reads: 1.25x on "
+                   "CIFAR-10 at the start, 0.96x on random images; the patch affinity itself ~0.5%)"),
+    "automae": Method("automae", "AutoMAE: a Gumbel-softmax mask generator on attention maps, shaped by a "
+                                 "discriminator", _automae, AutomaeOptions,
+                      "1.8x (an EMA encoder reads whole images; generator and discriminator are tiny)"),
 }
 
 
@@ -147,7 +189,8 @@ def create_masker(method: str, model_config, run_config=None, options: StrategyO
 # Names the package offers from its strategy modules, imported on first use (PEP 562): module of each.
 _LAZY = {"Masker": "base", "MaskingBatch": "base", "RandomMasker": "random", "LearnedMasker": "clmae",
          "MaskingModule": "clmae", "BlockMasker": "block",
-         "HardPatchesMasker": "hpm", "AttentionMasker": "attmask", "keep_from_mask": "indices",
+         "HardPatchesMasker": "hpm", "AttentionMasker": "attmask", "ColorNoiseMasker": "colormae",
+         "SalienceMasker": "sbam", "AutomaeMasker": "automae", "keep_from_mask": "indices",
          "mask_from_keep": "indices", "random_keep_indices": "indices", "topk_keep_indices": "indices"}
 
 
@@ -157,7 +200,8 @@ __getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 __all__ = ["METHODS", "DEFAULT_METHOD", "REFERENCE_METHOD", "Method", "Masker", "MaskingBatch", "RandomMasker",
            "LearnedMasker",
            "MaskingModule",
-           "BlockMasker", "HardPatchesMasker", "AttentionMasker", "StrategyOptions", "ClmaeOptions", "BlockOptions",
-           "HpmOptions", "AttmaskOptions", "option_owners",
+           "BlockMasker", "HardPatchesMasker", "AttentionMasker", "ColorNoiseMasker", "SalienceMasker", "AutomaeMasker",
+           "StrategyOptions", "ClmaeOptions", "BlockOptions", "HpmOptions", "AttmaskOptions", "ColormaeOptions",
+           "SbamOptions", "AutomaeOptions", "option_owners",
            "create_masker", "register_method", "keep_from_mask", "mask_from_keep", "random_keep_indices",
            "topk_keep_indices"]

@@ -13,21 +13,20 @@ masks instead of none, and the mask ratio is the MAE's fixed one instead of iBOT
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import Masker, MaskingBatch
-from .ema import ema_update, encoder_copy
+from .ema import cosine_momentum, ema_update, encoder_copy
 from .indices import topk_keep_indices
 from .options import AttmaskOptions
 
 
 @torch.no_grad()
-def cls_attention(encoder: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
-    """The CLS token's attention over the patches in the encoder's last block, mean over heads: ``(N, L)``, fp32.
+def cls_attention(encoder: nn.Module, imgs: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+    """The CLS token's attention over the patches in the encoder's last block, mean over heads: ``(N, L)``, fp32
+    (``per_head``: each head's, ``(N, H, L)``, what AutoMAE's mask generator reads).
 
     ``encoder``: a :class:`~clmae.models.mae.MaskedAutoencoderViT` (or a copy of its encoder). The last
     block's query/key projection and softmax run in fp32, outside autocast, so bf16 rounding cannot
@@ -47,7 +46,8 @@ def cls_attention(encoder: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
         qkv = qkv.reshape(n, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k = attn.q_norm(qkv[0][:, :, :1]), attn.k_norm(qkv[1])  # CLS query; all keys
         weights = torch.softmax((q * attn.scale) @ k.transpose(-2, -1), dim=-1)  # (N, H, 1, 1 + L)
-    return weights[:, :, 0, 1:].mean(dim=1)
+    weights = weights[:, :, 0, 1:]
+    return weights if per_head else weights.mean(dim=1)
 
 
 class AttentionMasker(Masker):
@@ -71,8 +71,7 @@ class AttentionMasker(Masker):
 
     def momentum_at(self, progress: float) -> float:
         """``1 − (1 − m0)(1 + cos(π·t/T))/2``: the paper's per-iteration cosine from ``m0`` to 1."""
-        t = min(max(progress / self.epochs, 0.0), 1.0)
-        return 1.0 - (1.0 - self.momentum) * (1.0 + math.cos(math.pi * t)) / 2.0
+        return cosine_momentum(self.momentum, progress, self.epochs)
 
     def schedule(self, progress: float) -> dict[str, float]:
         return {"attmask_momentum": self.momentum_at(progress)}

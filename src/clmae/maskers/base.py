@@ -9,7 +9,10 @@ required hook and a few optional ones, each a no-op by default:
 * :meth:`Masker.own_step_terms` — the loss of a step of its own on its parameters (CL-MAE), in the
   iterations :meth:`Masker.own_step_due` says;
 * :meth:`Masker.after_optimizer_step` — after each MAE optimiser step (EMA updates);
-* :meth:`Masker.scores` — a per-patch map for pictures; :meth:`Masker.schedule` — values to log.
+* :meth:`Masker.token_gates` — value-neutral gates on the MAE's tokens, through which the reconstruction
+  loss reaches the strategy's parameters (straight-through; AutoMAE's mask generator);
+* :meth:`Masker.scores` — a per-patch map for pictures; :meth:`Masker.schedule` — values to log;
+  :meth:`Masker.mask_stats` — values describing the masks just drawn, to log.
 
 The trainer does the generic work around the hooks (autocast, freezing, gradient accumulation,
 gradient averaging over ranks, skipping non-finite steps, the optimiser of the masker's trainable
@@ -102,13 +105,18 @@ class Masker(nn.Module):
     score_label: str | None = None
     #: Fixed colour scale of the scores (CL-MAE's are in (0, 1)); None: each image's own range.
     score_range: tuple[float, float] | None = None
+    #: :meth:`keep_indices` chooses how many patches stay visible (SBAM's adaptive ratio): ``K'`` per batch,
+    #: the same in every row and on every rank, not necessarily ``batch.num_keep``. Everything downstream
+    #: (the MAE's forward, the probe's and the pictures' random baselines) follows the width it returns.
+    adaptive_count: bool = False
 
     # -- required -----------------------------------------------------------------------------
 
     def keep_indices(self, batch: MaskingBatch) -> torch.Tensor:
         """Indices ``(N, K)`` of the patches each image keeps visible: K distinct values in ``[0, L)`` per row.
 
-        Called under ``no_grad`` (and the run's autocast) before the MAE step, in train mode.
+        Called under ``no_grad`` (and the run's autocast) before the MAE step, in train mode. ``K`` is
+        ``batch.num_keep`` unless the strategy sets :attr:`adaptive_count`.
         """
         raise NotImplementedError
 
@@ -119,11 +127,31 @@ class Masker(nn.Module):
         ``--init-from``, before a resume restores this masker's state): take EMA copies here."""
 
     def scores(self, batch: MaskingBatch) -> torch.Tensor | None:
-        """A per-patch map ``(N, L)`` that explains the masks (for pictures), or None."""
+        """A per-patch map ``(N, L)`` that explains the masks (for pictures), or None.
+
+        Called just before :meth:`keep_indices` with the same generator (:func:`strategy_masks`): a
+        strategy whose map is drawn at random restores the generator, so the map explains the masks.
+        """
+        return None
+
+    def token_gates(self, batch: MaskingBatch, ids_keep: torch.Tensor) -> torch.Tensor | None:
+        """Gates ``(N, L)`` for the MAE's patch tokens in this step, or None (the default: no gates).
+
+        Called with gradients enabled (and the run's autocast) after :meth:`keep_indices`, before the MAE's
+        forward, which applies them value-neutrally (:meth:`~clmae.models.mae.MaskedAutoencoderViT.forward`):
+        the tokens, the loss and the MAE's gradients are unchanged, and the gradient of the loss reaches
+        the gates as ``⟨x_i, ∂loss/∂x_i⟩`` for each kept token ``x_i`` (0 for hidden ones). A strategy
+        trained in the MAE step learns from the reconstruction loss through them (straight-through).
+        """
         return None
 
     def schedule(self, progress: float) -> dict[str, float]:
         """Values of the strategy's schedules at a fractional epoch, logged with the metrics."""
+        return {}
+
+    def mask_stats(self) -> dict[str, float]:
+        """Values describing the training masks drawn since the last call (not losses; SBAM's ratio), logged
+        with the iteration's metrics; called once per iteration. Must be the same on every rank."""
         return {}
 
     def mae_step_terms(self, batch: MaskingBatch, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -176,7 +204,10 @@ class Masker(nn.Module):
 @torch.no_grad()
 def strategy_masks(mae, masker, x: torch.Tensor, num_keep: int, generator: torch.Generator, progress: float,
                    epochs: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """A strategy's scores (or None) and kept indices on the normalised images ``x``, at a point of its run."""
+    """A strategy's scores (or None) and kept indices on the normalised images ``x``, at a point of its run.
+
+    ``scores`` first, then ``keep_indices`` with the same generator (see :meth:`Masker.scores`).
+    """
     batch = MaskingBatch(x, mae.embed(x), num_keep, generator, mae, progress, epochs)
     scores = masker.scores(batch)
     return (None if scores is None else scores.float()), masker.keep_indices(batch)

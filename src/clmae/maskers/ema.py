@@ -1,8 +1,9 @@
-"""Exponential moving averages of the autoencoder: the frozen copies HPM and AttMask choose masks with."""
+"""Exponential moving averages of the autoencoder: the frozen copies HPM, AttMask and AutoMAE choose masks with."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn as nn
@@ -41,3 +42,9 @@ def ema_update(ema: nn.Module, online: nn.Module, decay: float) -> None:
     emas = [e for e, _ in pairs]
     torch._foreach_mul_(emas, decay)
     torch._foreach_add_(emas, [o.detach() for _, o in pairs], alpha=1.0 - decay)
+
+
+def cosine_momentum(start: float, progress: float, epochs: int) -> float:
+    """``1 − (1 − m0)(1 + cos(π·t/T))/2``: DINO's per-iteration cosine from ``m0`` to 1 over the run (AttMask's)."""
+    t = min(max(progress / epochs, 0.0), 1.0)
+    return 1.0 - (1.0 - start) * (1.0 + math.cos(math.pi * t)) / 2.0

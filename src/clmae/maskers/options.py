@@ -137,3 +137,98 @@ class AttmaskOptions(StrategyOptions):
         self.need(0.0 <= self.momentum <= 1.0, "momentum", "a number in [0, 1]")
         self.need(self.variant in ATTMASK_VARIANTS, "variant", one_of(ATTMASK_VARIANTS))
         return self
+
+
+COLORS = ("white", "red", "blue", "green", "purple")  # --colormae-color: the noise's spectrum (white = MAE's)
+
+
+@dataclass
+class ColormaeOptions(StrategyOptions):
+    """ColorMAE's noise: its colour, the filters that make it, the bank of textures the masks are cut from."""
+
+    prefix: ClassVar[str] = "colormae_"
+    color: str = opt("green", "the noise's colour: green (band-pass, the paper's best), red (low-pass: large "
+                              "blobs), blue (high-pass: evenly spread), purple (band-stop) or white (random, a "
+                              "control)", COLORS)
+    sigma_red: float = opt(2.0, "red noise: std of the Gaussian low-pass filter, in patches")
+    sigma_blue: float = opt(1.0, "blue noise: std of the Gaussian whose complement is the high-pass filter, in "
+                                 "patches")
+    sigma_green_inner: float = opt(0.6, "green/purple noise: std of the weaker Gaussian of the band-pass "
+                                        "(difference of Gaussians), in patches")
+    sigma_green_outer: float = opt(1.0, "green/purple noise: std of the stronger Gaussian of the band-pass, in "
+                                        "patches")
+    passes: int = opt(3, "filter passes: filter, rank-normalise, repeat (1: the filter once); more passes "
+                         "sharpen the band")
+    textures: int = opt(8, "noise textures in the bank the masks are cut from")
+    texture_size: int = opt(0, "side of each texture, in patches (0: max(256, the power of two >= 8 x grid))")
+    noise_seed: int | None = opt(None, "seed of the noise bank (default: the run's --seed)")
+
+    def validate(self) -> ColormaeOptions:
+        self.need(self.color in COLORS, "color", one_of(COLORS))
+        for name in ("sigma_red", "sigma_blue", "sigma_green_inner", "sigma_green_outer"):
+            self.need(math.isfinite(getattr(self, name)) and getattr(self, name) > 0, name, "a finite number > 0")
+        self.need(self.sigma_green_outer > self.sigma_green_inner, "sigma_green_outer",
+                  f"a number > --colormae-sigma-green-inner ({self.sigma_green_inner})")
+        self.need(1 <= self.passes <= 16, "passes", "an integer in [1, 16]")
+        self.need(1 <= self.textures <= 256, "textures", "an integer in [1, 256]")
+        self.need(self.texture_size == 0 or 8 <= self.texture_size <= 4096, "texture_size",
+                  "0 (automatic) or an integer in [8, 4096]")
+        self.need(self.noise_seed is None or 0 <= self.noise_seed < 2**63, "noise_seed", "an integer >= 0")
+        return self
+
+
+@dataclass
+class SbamOptions(StrategyOptions):
+    """SBAM's salience-guided masks and its adaptive masking ratio (AMR)."""
+
+    prefix: ClassVar[str] = "sbam_"
+    ratio_var: float = opt(0.1, "AMR: the mask ratio varies in --mask-ratio ± this, with the share of salient "
+                                "patches in the batch (0: SBM, the fixed ratio; 0.1 is not the paper's, which "
+                                "could not be read)")
+    delta: float = opt(0.5, "AMR: a patch is salient when its normalised salience exceeds this (unverified)")
+    noise: float = opt(0.5, "range of the uniform noise added to the salience before ranking (SBAM's 0.5)")
+    start_epoch: float = opt(0.0, "random masks before this epoch (the authors start from a warm-up checkpoint); "
+                                  "0: SBAM from the first step")
+
+    def validate(self) -> SbamOptions:
+        self.need(0.0 <= self.ratio_var < 0.5, "ratio_var", "a number in [0, 0.5)")
+        self.need(0.0 <= self.delta < 1.0, "delta", "a number in [0, 1)")
+        self.need(math.isfinite(self.noise) and self.noise >= 0, "noise", "a finite number >= 0")
+        self.need(math.isfinite(self.start_epoch) and self.start_epoch >= 0, "start_epoch", "a finite number >= 0")
+        return self
+
+
+AUTOMAE_SCORERS = ("ema", "init", "online")  # --automae-scorer: whose attention the mask generator reads
+AUTOMAE_OBJECTIVES = ("official", "adversarial")  # --automae-objective: how the reconstruction trains the generator
+
+
+@dataclass
+class AutomaeOptions(StrategyOptions):
+    """AutoMAE's mask generator, its discriminator and the attention it reads."""
+
+    prefix: ClassVar[str] = "automae_"
+    mask_factor: float = opt(0.5, "weight of the generator's selection added to the random ranking (AutoMAE's 0.5)")
+    adv_weight: float = opt(0.2, "weight of the generator's adversarial loss in the MAE step (AutoMAE's 0.2)")
+    tau: float = opt(1.0, "Gumbel-softmax temperature (AutoMAE's 1)")
+    objective: str = opt("official", "official: the MAE loss reaches the generator through straight-through gates "
+                                     "on the MAE's tokens (the authors'; it moves the masks towards harder ones "
+                                     "slowly); adversarial: the generator ascends, explicitly, the reconstruction "
+                                     "error of the hidden patches it favours (clmae's variant)", AUTOMAE_OBJECTIVES)
+    rec_weight: float = opt(1.0, "--automae-objective adversarial: weight of the generator's term")
+    scorer: str = opt("ema", "attention the generator reads: ema (an EMA of the encoder), init (the starting "
+                             "weights, frozen: the authors' pretrained MAE with --init-from) or online (the MAE as "
+                             "it trains)", AUTOMAE_SCORERS)
+    scorer_momentum: float = opt(0.996, "--automae-scorer ema: momentum at the start, rising to 1 on a cosine")
+    rect_value: float = opt(0.5, "height of the rectangle in the discriminator's object-centric prior (AutoMAE's "
+                                 "0.5)")
+
+    def validate(self) -> AutomaeOptions:
+        self.need(math.isfinite(self.mask_factor) and self.mask_factor >= 0, "mask_factor", "a finite number >= 0")
+        self.need(math.isfinite(self.adv_weight) and self.adv_weight >= 0, "adv_weight", "a finite number >= 0")
+        self.need(math.isfinite(self.tau) and self.tau > 0, "tau", "a finite number > 0")
+        self.need(self.objective in AUTOMAE_OBJECTIVES, "objective", one_of(AUTOMAE_OBJECTIVES))
+        self.need(math.isfinite(self.rec_weight) and self.rec_weight >= 0, "rec_weight", "a finite number >= 0")
+        self.need(self.scorer in AUTOMAE_SCORERS, "scorer", one_of(AUTOMAE_SCORERS))
+        self.need(0.0 <= self.scorer_momentum <= 1.0, "scorer_momentum", "a number in [0, 1]")
+        self.need(math.isfinite(self.rect_value) and self.rect_value >= 0, "rect_value", "a finite number >= 0")
+        return self

@@ -140,13 +140,20 @@ class MaskedAutoencoderViT(nn.Module):
 
     # -- the MAE step ----------------------------------------------------------------------
 
-    def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor,
+                gates: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """MAE step: keep ``ids_keep`` ``(N, K)``, reconstruct, loss over the hidden patches.
 
         Also returns the prediction, the mask (1 = hidden) and the decoder's input, which masking
-        strategies may read (HPM's loss predictor runs on it).
+        strategies may read (HPM's loss predictor runs on it). ``gates`` ``(N, L)`` (a strategy's
+        :meth:`~clmae.maskers.base.Masker.token_gates`) multiply each token by ``1 + (g − sg(g))``: exactly
+        1 in value, so the tokens, the loss and every weight's gradient stay what they are without gates,
+        while ``∂loss/∂g_i = ⟨x_i, ∂loss/∂x_i⟩`` (straight-through; 0 for hidden patches).
         """
-        tokens = gather_tokens(self.embed(imgs), ids_keep)
+        tokens = self.embed(imgs)
+        if gates is not None:
+            tokens = tokens + tokens * (gates - gates.detach()).unsqueeze(-1).to(tokens.dtype)
+        tokens = gather_tokens(tokens, ids_keep)
         decoder_tokens = self.decoder_tokens(self.encode_tokens(tokens), ids_keep)
         pred = self.decode_tokens(decoder_tokens)
         mask = torch.ones(pred.shape[:2], device=pred.device, dtype=torch.float32)

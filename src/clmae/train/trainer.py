@@ -223,7 +223,12 @@ class Trainer:
         self.checks.end_of_iteration(ended_well)
         skipped = DeviceMetrics(("skipped",), torch.ones(1, dtype=update.values.dtype, device=update.values.device),
                                 (~ended_well).reshape(1))
-        return DeviceMetrics.join([update, own_part.means(), skipped])
+        return DeviceMetrics.join([update, own_part.means(), self.mask_stats(update.values.device), skipped])
+
+    def mask_stats(self, device: torch.device) -> DeviceMetrics:
+        """What the strategy logs about this iteration's masks (SBAM's ratio: host numbers, as its count is)."""
+        stats = self.masker.mask_stats()
+        return DeviceMetrics.of({k: torch.tensor(float(v), device=device) for k, v in stats.items()})
 
     def mae_step(self, batch: MaskingBatch, scale: float = 1.0, isolate: bool = False) -> DeviceMetrics:
         """The MAE's forward and backward under the strategy's masks, with the terms the strategy adds (HPM's
@@ -235,7 +240,9 @@ class Trainer:
         with self.autocast_context():
             with torch.no_grad():
                 ids_keep = self.masker.keep_indices(batch)
-            result = self.mae_forward(batch.imgs, ids_keep)
+            gates = self.masker.token_gates(batch, ids_keep)  # None but for strategies that learn through them
+            result = (self.mae_forward(batch.imgs, ids_keep) if gates is None
+                      else self.mae_forward(batch.imgs, ids_keep, gates=gates))
             terms = self.masker.mae_step_terms(batch, result)
             loss = result["loss"] + sum(terms.values()) if terms else result["loss"]
         ok = agree(torch.isfinite(loss.detach()), self.dist)

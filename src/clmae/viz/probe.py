@@ -6,7 +6,8 @@ blocks. The probe measures what each strategy's masks do, on a few fixed trainin
 through the deterministic evaluation view (every strategy whose masks are not uniformly random):
 
 * ``mask_difficulty`` = MAE loss under the strategy's masks ÷ MAE loss under random masks of the
-  same ratio (averaged over a few fixed random draws). Below 1 the strategy's masks are easier than
+  same ratio (averaged over a few fixed random draws; as many patches as the strategy hid when it
+  chooses its own count, SBAM's, logged as ``probe_num_keep``). Below 1 the strategy's masks are easier than
   random ones, above 1 harder; under CL-MAE's official schedule it should rise through 1 as λ crosses 0.
 * ``mask_difficulty_shuffled`` = the same numerator ÷ the loss when each image gets the learned mask
   of another probe image. The MAE is trained on learned masks only, so it may simply be better at
@@ -200,6 +201,11 @@ class CurriculumProbe:
             with eval_mode(mae, run.masker), run.autocast():
                 loss_learned = float(per_image_loss(mae, self.x, keep).mean())
                 loss_shuffled = float(shuffled_mask_loss(mae, self.x, keep).mean())
+                if keep.shape[1] != self.num_keep:  # a strategy that chose its own count (SBAM): as many random ones
+                    record["probe_num_keep"] = keep.shape[1]
+                    same = random_keep_sets(len(self.indices), self.length, keep.shape[1], self.random_keeps.shape[0])
+                    loss_random = float(random_mask_loss(mae, self.x, same.to(self.x.device)).mean())
+                    record["probe_loss_random"] = loss_random
             record.update(
                 probe_loss_learned=loss_learned,
                 probe_loss_shuffled=loss_shuffled,

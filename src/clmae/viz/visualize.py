@@ -125,11 +125,15 @@ def model_panels(mae, masker, images: torch.Tensor, mean: Sequence[float], std: 
     x = normalize(images.to(device), mean, std)
     num_keep = mae.num_keep(mask_ratio)
     g = torch.Generator().manual_seed(seed)
-    random_keep = random_keep_indices(x.shape[0], cfg.num_patches, num_keep, g, device)
-    pred_r, mask_r, loss_r = reconstruct(mae, x, random_keep)
+
+    def random_panels(keep_count: int, generator: torch.Generator):
+        random_keep = random_keep_indices(x.shape[0], cfg.num_patches, keep_count, generator, device)
+        pred_r, mask_r, loss_r = reconstruct(mae, x, random_keep)
+        return (loss_r, to_hwc(mask_overlay(images.cpu(), mask_r.cpu(), p)),
+                to_hwc(prediction_to_pixels(pred_r, x, mask_r, p, cfg.norm_pix_loss, mean, std).cpu()))
+
+    loss_r, random_masked, recon_r = random_panels(num_keep, g)
     originals = to_hwc(images)
-    random_masked = to_hwc(mask_overlay(images.cpu(), mask_r.cpu(), p))
-    recon_r = to_hwc(prediction_to_pixels(pred_r, x, mask_r, p, cfg.norm_pix_loss, mean, std).cpu())
     rows = []
     if masker is None:
         for i in range(x.shape[0]):
@@ -137,6 +141,9 @@ def model_panels(mae, masker, images: torch.Tensor, mean: Sequence[float], std: 
                          Panel(recon_r[i], note=f"loss {loss_r[i]:.3f}")])
         return rows, MAE_COLUMNS
     scores, keep = strategy_masks(mae, masker, x, num_keep, g, float(epochs), epochs)
+    if keep.shape[1] != num_keep:  # the strategy chose its own count (SBAM): random masks hide as many
+        loss_r, random_masked, recon_r = random_panels(keep.shape[1], torch.Generator().manual_seed(seed))
+    count = f"{cfg.num_patches - keep.shape[1]}/{cfg.num_patches} hidden, " if masker.adaptive_count else ""
     pred_l, mask_l, loss_l = reconstruct(mae, x, keep)
     learned_masked = to_hwc(mask_overlay(images.cpu(), mask_l.cpu(), p))
     recon_l = to_hwc(prediction_to_pixels(pred_l, x, mask_l, p, cfg.norm_pix_loss, mean, std).cpu())
@@ -148,7 +155,7 @@ def model_panels(mae, masker, images: torch.Tensor, mean: Sequence[float], std: 
         rows.append([
             Panel(originals[i]),
             *score_panel,
-            Panel(learned_masked[i], note=f"{ratio:.2f}× random loss"),
+            Panel(learned_masked[i], note=f"{count}{ratio:.2f}× random loss"),
             Panel(recon_l[i], note=f"loss {loss_l[i]:.3f}"),
             Panel(random_masked[i]),
             Panel(recon_r[i], note=f"loss {loss_r[i]:.3f}"),
@@ -162,11 +169,19 @@ SCORE_CAPTIONS = {
                        "range (bright = predicted hard; the hardest are hidden)."),
     "CLS attention": ("CLS attention: the EMA encoder's last-block attention from the CLS token, each image scaled "
                       "to its own range (bright = most attended; AttMask-High hides those)."),
+    "noise": ("Noise: ColorMAE's window of coloured noise per patch, each image scaled to its own range (bright = "
+              "high; the highest stay visible)."),
+    "token salience": ("Token salience: SBAM's attention each patch receives from the others, 0 to 1 (bright = "
+                       "salient; salience plus noise decides which are hidden)."),
+    "generator prob.": ("Generator prob.: AutoMAE's mask generator's probability per patch, each image scaled to its "
+                        "own range (bright = likely selected, and then hidden)."),
 }
 
 
-def figure_caption(norm_pix: bool, learned: bool | str | None, mask_ratio: float, seed: int, source: str = "") -> str:
-    """The caption under the grid; ``learned``: the strategy's score label (True: CL-MAE's scores), or falsy."""
+def figure_caption(norm_pix: bool, learned: bool | str | None, mask_ratio: float, seed: int, source: str = "",
+                   adaptive: bool = False) -> str:
+    """The caption under the grid; ``learned``: the strategy's score label (True: CL-MAE's scores), or falsy;
+    ``adaptive``: the strategy chooses how many patches to hide (SBAM)."""
     parts = []
     if source:
         parts.append(source + ".")
@@ -174,8 +189,13 @@ def figure_caption(norm_pix: bool, learned: bool | str | None, mask_ratio: float
     if label:
         parts.append(SCORE_CAPTIONS.get(label, f"{label}: the strategy's per-patch map, each image scaled to its "
                                                "own range."))
-    parts.append(f"Masks hide {mask_ratio:.0%} of the patches (hidden patches under grey stripes); "
-                 f"random masks use seed {seed}.")
+    if adaptive:
+        parts.append(f"The strategy chooses how many patches to hide for the batch shown (around {mask_ratio:.0%}; "
+                     "the count is on its mask panels) and the random masks hide as many (hidden patches under grey "
+                     f"stripes); random masks use seed {seed}.")
+    else:
+        parts.append(f"Masks hide {mask_ratio:.0%} of the patches (hidden patches under grey stripes); "
+                     f"random masks use seed {seed}.")
     parts.append("Reconstructions show the MAE's prediction for hidden patches with the visible patches pasted "
                  "back; loss = mean squared error over hidden patches, in the model's target space.")
     if norm_pix:
@@ -190,7 +210,7 @@ def visualize_model(mae, masker, images: torch.Tensor, mean: Sequence[float], st
     with eval_mode(mae, masker):
         rows, columns = model_panels(mae, masker, images, mean, std, mask_ratio, seed, epochs)
     caption = figure_caption(mae.config.norm_pix_loss, masker.score_label if masker is not None else None,
-                             mask_ratio, seed, source)
+                             mask_ratio, seed, source, adaptive=masker is not None and masker.adaptive_count)
     return draw_grid(rows, columns, caption, title)
 
 
