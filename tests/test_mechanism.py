@@ -78,3 +78,56 @@ def test_a_hide_run_trains_and_records_its_soft_path(tmp_path):
     import json
 
     assert json.loads((tmp_path / "run" / "config.json").read_text())["run_config"]["soft_path"] == "hide"
+
+
+def test_straight_through_path_runs_at_the_top_k_mask_and_its_loss_is_the_hard_loss():
+    """``--soft-path hide_st``: whatever the scores, the forward is the MAE on the top-K mask the MAE will get."""
+    from clmae.maskers.clmae import straight_through_soft_forward
+
+    torch.manual_seed(0)
+    mae = create_model("vit_micro_patch2_8").eval()
+    imgs = torch.randn(6, 1, 8, 8)
+    scores = torch.rand(6, mae.num_patches, requires_grad=True)
+    k = mae.num_keep(0.75)
+    pred, shown = straight_through_soft_forward(mae, imgs, scores, mae.embed(imgs), k)
+    loss = soft_reconstruction_loss(per_patch_error(pred, mae.target(imgs)), shown)
+    keep = scores.detach().topk(k, dim=1).indices
+    with torch.no_grad():
+        hard = mae(imgs, keep)["loss"]
+    torch.testing.assert_close(loss.detach(), hard, rtol=2e-6, atol=0)
+    assert torch.equal(shown.detach(), 1.0 - mask_from_keep(keep, mae.num_patches))
+    loss.backward()
+    hidden = shown.detach() < 0.5
+    assert torch.isfinite(scores.grad).all() and (scores.grad[hidden].abs() > 0).float().mean() > 0.9
+
+
+def test_straight_through_gradient_of_a_hidden_patch_is_the_effect_of_letting_it_in():
+    """A hidden patch's gradient is the derivative of the hiding path's loss as its score leaves 0 (a finite
+    difference in float64), so the module learns which patch would help or hurt if it were shown."""
+    from clmae.maskers.clmae import straight_through_soft_forward
+
+    torch.manual_seed(1)
+    mae = create_model("vit_micro_patch2_8").double().eval()
+    imgs = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    tokens = mae.embed(imgs)
+    k = mae.num_keep(0.75)
+    scores = torch.rand(4, mae.num_patches, dtype=torch.float64, requires_grad=True)
+
+    def rec_loss(pred, s):  # the soft reconstruction term, kept in float64 (the library's is fp32)
+        error = (pred - mae.target(imgs)).pow(2).mean(-1)
+        return ((1 - s) * error).sum() / (1 - s).sum()
+
+    pred, shown = straight_through_soft_forward(mae, imgs, scores, tokens, k)
+    rec_loss(pred, shown).backward()
+    binary = shown.detach()
+
+    def hide_loss(s):
+        with torch.no_grad():
+            return rec_loss(hiding_soft_forward(mae, imgs, s, tokens), s)
+
+    h = 1e-7
+    for image, patch in ((0, int((binary[0] < 0.5).nonzero()[0])), (2, int((binary[2] < 0.5).nonzero()[-1]))):
+        moved = binary.clone()
+        moved[image, patch] = h
+        finite_difference = float(hide_loss(moved) - hide_loss(binary)) / h
+        assert abs(float(scores.grad[image, patch]) - finite_difference) <= 1e-4 * abs(finite_difference)

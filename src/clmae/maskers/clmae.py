@@ -126,12 +126,13 @@ def diversity_loss(scores: torch.Tensor, scale: float = 0.1) -> torch.Tensor:
     return torch.exp(-scale * dist[i, j]).mean()
 
 
-def masker_loss_terms(error: torch.Tensor, scores: torch.Tensor, options: ClmaeOptions,
-                      mask_ratio: float) -> dict[str, torch.Tensor]:
-    """The weighted terms of the module's loss, all but λ (which multiplies ``loss_rec``)."""
+def masker_loss_terms(error: torch.Tensor, scores: torch.Tensor, options: ClmaeOptions, mask_ratio: float,
+                      shown: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The weighted terms of the module's loss, all but λ (which multiplies ``loss_rec``). ``shown``: the
+    scores the soft path ran at, which weight the reconstruction (default: ``scores``)."""
     o = options
     return {
-        "loss_rec": soft_reconstruction_loss(error, scores),
+        "loss_rec": soft_reconstruction_loss(error, scores if shown is None else shown),
         "loss_gauss": o.lambda_gauss * binarization_loss(scores),
         "loss_kl": o.lambda_kl * mask_ratio_kl_loss(scores, 1.0 - mask_ratio, o.kl_reduction),
         "loss_div": o.lambda_div * diversity_loss(scores),
@@ -182,17 +183,20 @@ def scaled_soft_forward(mae: nn.Module, imgs: torch.Tensor, scores: torch.Tensor
     return mae.decode(latent)
 
 
-def hiding_soft_forward(mae: nn.Module, imgs: torch.Tensor, scores: torch.Tensor,
-                        tokens: torch.Tensor) -> torch.Tensor:
+def hiding_soft_forward(mae: nn.Module, imgs: torch.Tensor, scores: torch.Tensor, tokens: torch.Tensor,
+                        log_scores: torch.Tensor | None = None) -> torch.Tensor:
     """``--soft-path hide``: a score hides its patch as the MAE's hard masks do, continuously.
 
     Every encoder block attends with the additive key bias ``log s_j`` (the CLS key 0), so a patch of
     score 0 is attended by nobody, exactly a dropped token; the decoder's input for patch j is
     ``s_j·embed(enc_j) + (1 − s_j)·mask_token`` plus its position, as the hard path builds it. With
     binary scores the soft loss is the MAE's own loss on those masks (tests/test_mechanism.py).
+    ``log_scores``: the key bias, when it is not ``log s`` (:func:`straight_through`).
     """
     n = scores.shape[0]
-    log_s = torch.log(scores.float().clamp_min(1e-30))  # ≈ −69 for a score of 0: weight 1e-30, i.e. hidden
+    # ≈ −69 for a score of 0: weight 1e-30, i.e. hidden
+    wide = torch.promote_types(scores.dtype, torch.float32)  # fp32 at least (fp64 stays: the gradient tests)
+    log_s = torch.log(scores.to(wide).clamp_min(1e-30)) if log_scores is None else log_scores.to(wide)
     bias = torch.cat([log_s.new_zeros(n, 1), log_s], dim=1)[:, None, None, :].to(tokens.dtype)
     cls = (mae.cls_token + mae.pos_embed[:, :1]).expand(n, -1, -1)
     x = torch.cat([cls.to(tokens.dtype), tokens], dim=1)
@@ -204,7 +208,35 @@ def hiding_soft_forward(mae: nn.Module, imgs: torch.Tensor, scores: torch.Tensor
     return mae.decode_tokens(torch.cat([y[:, :1], patches], dim=1) + mae.decoder_pos_embed.to(y.dtype))
 
 
-SOFT_FORWARDS = {"scale": scaled_soft_forward, "hide": hiding_soft_forward}
+STRAIGHT_THROUGH_FLOOR = 1e-12  # a hidden key's weight in the straight-through path (log: −27.6)
+
+
+def straight_through(scores: torch.Tensor, num_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``--soft-path hide_st``: the top-K mask forward, the soft scores' gradient backward.
+
+    Returns ``(b + s − sg(s), log max(b, ε) + (s − sg(s)) / max(b, ε))``, ``b`` the binary top-K scores
+    (exactly K ones, the mask the MAE trains on) and ``sg`` stop-gradient: the values are ``b`` and ``log b``,
+    so the reconstruction term *is* the MAE's loss on its next mask; the derivatives w.r.t. ``s`` are 1 and
+    ``1/max(b, ε)``, so a hidden key's gradient is the first-order effect of letting it in (the softmax's
+    ``a_j·(v_j − out)`` over its weight ``a_j ∝ ε``, finite). Why: the plain ``hide`` relaxation lets an
+    adversary score patches in between, which the MAE never sees (docs/method.md). Under fp16 autocast the
+    weight ``ε`` underflows, and hidden keys get no gradient: use bf16 or fp32 with this path.
+    """
+    b = torch.zeros_like(scores).scatter_(1, topk_keep_indices(scores.detach(), num_keep), 1.0)
+    delta = scores - scores.detach()
+    floor = b.clamp_min(STRAIGHT_THROUGH_FLOOR)
+    return b + delta, floor.log() + delta / floor
+
+
+def straight_through_soft_forward(mae: nn.Module, imgs: torch.Tensor, scores: torch.Tensor, tokens: torch.Tensor,
+                                  num_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``--soft-path hide_st``: :func:`hiding_soft_forward` at :func:`straight_through`'s scores; returns
+    ``(prediction, the scores it ran at)`` (those weight the reconstruction term)."""
+    shown, log_shown = straight_through(scores, num_keep)
+    return hiding_soft_forward(mae, imgs, shown, tokens, log_shown), shown
+
+
+SOFT_FORWARDS = {"scale": scaled_soft_forward, "hide": hiding_soft_forward, "hide_st": straight_through_soft_forward}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,10 +311,13 @@ class LearnedMasker(Masker):
     def objective(self, batch: MaskingBatch, scores: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(loss, terms to log)`` of the scores ``(N, L)`` on ``batch``: the four terms, λ on the reconstruction."""
         lam = self.schedule(batch.progress)["curriculum_factor"]
-        pred = self.soft_forward(batch.mae, batch.imgs, scores, batch.tokens)
+        if self.options.soft_path == "hide_st":  # reconstruction at the top-K mask, regularisers on the scores
+            pred, shown = self.soft_forward(batch.mae, batch.imgs, scores, batch.tokens, batch.num_keep)
+        else:
+            pred, shown = self.soft_forward(batch.mae, batch.imgs, scores, batch.tokens), scores
         error = per_patch_error(pred, batch.mae.target(batch.imgs))
-        terms = split_mean(lambda e, s: masker_loss_terms(e, s, self.options, self.mask_ratio), batch.loss_groups,
-                           error, scores)
+        terms = split_mean(lambda e, s, v: masker_loss_terms(e, s, self.options, self.mask_ratio, v),
+                           batch.loss_groups, error, scores, shown)
         loss = lam * terms["loss_rec"] + terms["loss_gauss"] + terms["loss_kl"] + terms["loss_div"]
         s = scores.detach().float()
         logs = {**{k: v.detach().float() for k, v in terms.items()}, "score_mean": s.mean(),

@@ -19,7 +19,7 @@ from ..options import check_option, one_of, opt
 
 CURRICULA = ("official", "linear", "constant", "partner", "neutral", "adversary")  # --curriculum (λ schedules)
 KL_REDUCTIONS = ("sum", "mean")
-SOFT_PATHS = ("scale", "hide")  # --soft-path: how a score hides a patch in the masking module's step
+SOFT_PATHS = ("scale", "hide", "hide_st")  # --soft-path: how a score hides a patch in the masking module's step
 ATTMASK_VARIANTS = ("high", "low")  # --attmask-variant: hide the most (AttMask-High) or the least attended patches
 
 
@@ -66,7 +66,8 @@ class ClmaeOptions(StrategyOptions):
     soft_path: str = opt("scale", "how a score hides its patch in the masking module's step: scale (the authors': "
                                   "tokens x scores; LayerNorm undoes it, nothing is hidden) or hide (keys biased by "
                                   "log score, decoder input blended to the mask token: binary scores = the MAE's "
-                                  "own loss); see docs/method.md", SOFT_PATHS)
+                                  "own loss) or hide_st (hide at the top-k mask, gradients through the scores: "
+                                  "straight-through); see docs/method.md", SOFT_PATHS)
 
     def validate(self) -> ClmaeOptions:
         self.need(self.curriculum in CURRICULA, "curriculum", one_of(CURRICULA))
