@@ -21,10 +21,12 @@ run: setup
 	$(VENV)/bin/clmae pretrain --output-dir $$out && \
 	$(VENV)/bin/clmae eval knn --checkpoint $$out --no-progress
 
-# Lint (ruff, configured in pyproject.toml), then the whole suite.
+# Lint (ruff, configured in pyproject.toml), then the whole suite, one worker per core (at most 4: each worker
+# imports torch, ~1 GB). Every test runs on one thread, so two cores halve the wall-clock.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(); print(min(4, n or 1))")
 test: setup
 	$(VENV)/bin/ruff check src tests benchmarks experiments scripts
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # Fault injection: 12 SIGKILLs at random points of a run, each followed by --resume (< 10 min).
 soak: setup
