@@ -308,8 +308,9 @@ class LearnedMasker(Masker):
             batch = batch.rows(to_device(rows, batch.device))
         return self.objective(batch, self(batch.tokens))
 
-    def objective(self, batch: MaskingBatch, scores: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``(loss, terms to log)`` of the scores ``(N, L)`` on ``batch``: the four terms, λ on the reconstruction."""
+    def loss_terms(self, batch: MaskingBatch, scores: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+        """``(λ, the four terms with their graphs)`` of the scores ``(N, L)`` on ``batch``, what :meth:`objective`
+        sums; apart so that each term's gradient can be measured (experiments/mechanism)."""
         lam = self.schedule(batch.progress)["curriculum_factor"]
         if self.options.soft_path == "hide_st":  # reconstruction at the top-K mask, regularisers on the scores
             pred, shown = self.soft_forward(batch.mae, batch.imgs, scores, batch.tokens, batch.num_keep)
@@ -318,6 +319,11 @@ class LearnedMasker(Masker):
         error = per_patch_error(pred, batch.mae.target(batch.imgs))
         terms = split_mean(lambda e, s, v: masker_loss_terms(e, s, self.options, self.mask_ratio, v),
                            batch.loss_groups, error, scores, shown)
+        return lam, terms
+
+    def objective(self, batch: MaskingBatch, scores: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss, terms to log)`` of the scores ``(N, L)`` on ``batch``: the four terms, λ on the reconstruction."""
+        lam, terms = self.loss_terms(batch, scores)
         loss = lam * terms["loss_rec"] + terms["loss_gauss"] + terms["loss_kl"] + terms["loss_div"]
         s = scores.detach().float()
         logs = {**{k: v.detach().float() for k, v in terms.items()}, "score_mean": s.mean(),
