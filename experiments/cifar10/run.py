@@ -50,8 +50,10 @@ if str(HERE) not in sys.path:  # the sibling module, also when this file is load
 
 import study_summary as summary  # noqa: E402
 
-PROFILES = ("cpu", "quick", "gpu", "gpu-short")
-DEFAULT_OUTPUT = {"cpu": "results", "quick": "quick", "gpu": "results-gpu", "gpu-short": "results-gpu-short"}
+# The profiles of config.yaml and the folder each writes by default (under experiments/cifar10/).
+DEFAULT_OUTPUT = {"cpu": "results", "quick": "quick", "learned": "results-learned", "gpu": "results-gpu",
+                  "gpu-short": "results-gpu-short"}
+PROFILES = tuple(DEFAULT_OUTPUT)
 # Keys of an arm in config.yaml that are the study's, not PretrainConfig fields.
 STUDY_KEYS = ("equal_compute_with",)
 # Run folders written by this edition of the study (crops shared by the arms of a seed): older ones are not resumed.
