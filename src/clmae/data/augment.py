@@ -15,9 +15,12 @@ import torch.nn.functional as F
 
 
 def sample_crop_boxes(
-    n: int, height: int, width: int, generator: torch.Generator, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), tries: int = 10
+    n: int, height: int, width: int, generator: torch.Generator | None, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
+    tries: int = 10
 ) -> torch.Tensor:
     """RandomResizedCrop boxes for a batch, ``(N, 4)`` as ``(top, left, h, w)`` in pixels.
+
+    ``generator=None`` draws from torch's global generator (a DataLoader worker's, seeded per worker).
 
     Same distribution as torchvision's RandomResizedCrop: area fraction uniform in ``scale``,
     log-aspect uniform in ``ratio``, up to ``tries`` attempts, else the whole image.

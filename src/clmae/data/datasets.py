@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
-from .images import ImageTooLarge, channel_stats, default_stats, list_image_folder, open_image, skip_reason
+from .images import CropDecoder, ImageTooLarge, channel_stats, default_stats, list_image_folder, open_image, skip_reason
 from .shards import ShardData, is_shard_spec, load_shards
 
 BUILTIN = ("digits", "cifar10")  # dataset names --data accepts besides paths
@@ -336,6 +336,8 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             if path.stat().st_size == 0:
                 return None, str(path), "empty file: 0 bytes"
+            if isinstance(self.transform, CropDecoder):  # decodes the file itself, only as large as its crop needs
+                return self.transform(path, self.channels, self.max_pixels), label, None
             img = open_image(path, self.channels, self.min_side, self.max_pixels)
             x = self.transform(img) if self.transform is not None else img
             return x, label, None

@@ -30,7 +30,7 @@ from ..distributed import SINGLE, DistContext, all_true, gather_objects
 from ..errors import DataError
 from .augment import crop_flip, sample_crop_boxes
 from .datasets import Dataset, InMemoryImages, skip_summary
-from .images import train_transform
+from .images import CropDecoder
 from .shards import SHUFFLE_BUFFER, ShardData, ShardStream
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +276,7 @@ class TrainBatches(BatchSource):
 
     def _folder_epoch(self, order: torch.Tensor, seed: int) -> Iterator[torch.Tensor]:
         files = self.dataset.files
-        files.transform = train_transform(self.img_size)
+        files.transform = CropDecoder(self.img_size)
         if files.min_side is None:
             # Random crops cover >= 20% of the area: 3x the input size keeps them sharp.
             files.min_side = 3 * self.img_size
@@ -343,7 +343,7 @@ class ShardBatches(BatchSource):
         seed = augmentation_seed(self.seed, epoch, start_step)
         stream = ShardStream(self.dataset.shards, self.ctx.rank, self.ctx.world_size,
                              seed=(self.seed * 100_003 + epoch) * 1_000 + start_step,
-                             transform=train_transform(self.img_size), channels=self.dataset.channels,
+                             transform=CropDecoder(self.img_size), channels=self.dataset.channels,
                              buffer=self.buffer)
         loader = make_loader(stream, self.batch_size, self.device, self.num_workers, prefetch=self.prefetch,
                              seed=seed + 7919 * self.ctx.rank)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
-from .images import IMAGE_EXTENSIONS, default_stats, list_image_folder, open_image
+from .images import IMAGE_EXTENSIONS, CropDecoder, default_stats, list_image_folder, open_image
 
 SIZES_FILE = "sizes.json"  # {shard file name: number of samples}, written by write_shards
 IMAGE_EXTS = {e.lstrip(".") for e in IMAGE_EXTENSIONS}
@@ -193,8 +193,11 @@ def shard_sizes(shards: list[Path]) -> list[int]:
 
 
 def decode(data: bytes, channels: int, transform) -> torch.Tensor:
+    """One sample's image bytes through ``transform``: a :class:`CropDecoder` decodes them itself."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if isinstance(transform, CropDecoder):
+            return transform(io.BytesIO(data), channels)
         img = open_image(io.BytesIO(data), channels)
     return transform(img)
 
