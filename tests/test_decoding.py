@@ -94,6 +94,17 @@ def test_the_full_decode_path_is_open_image_and_the_same_crop_exactly_also_for_a
     assert diff.mean() <= MEAN_TOLERANCE
 
 
+def test_one_images_crop_box_is_the_batched_samplers_for_one_image():
+    from clmae.data.augment import sample_crop_box, sample_crop_boxes
+
+    for seed in range(300):
+        for height, width in ((375, 500), (500, 333), (64, 64), (900, 30)):
+            torch.manual_seed(seed)
+            batched = tuple(sample_crop_boxes(1, height, width, None)[0].tolist())
+            torch.manual_seed(seed)
+            assert tuple(float(v) for v in sample_crop_box(height, width)) == batched
+
+
 def test_the_crop_decoder_draws_the_box_and_flip_from_the_workers_generator():
     from clmae.data.augment import sample_crop_boxes
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from ..errors import DataError
-from .augment import sample_crop_boxes
+from .augment import sample_crop_box
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -269,7 +269,7 @@ class CropDecoder:
     """The training view of an image file in one pass, for DataLoader workers: RandomResizedCrop + flip.
 
     The crop is drawn from the size in the file's header (the distribution of torchvision's RandomResizedCrop,
-    :func:`clmae.data.augment.sample_crop_boxes`), the JPEG decoded only as large as that crop needs
+    :func:`clmae.data.augment.sample_crop_box`), the JPEG decoded only as large as that crop needs
     (:func:`open_for_crop`), the box resampled straight to ``size`` (:func:`resample_crop`). Random numbers come
     from torch's global generator, which the DataLoader seeds per worker. Returns ``uint8 (C, size, size)``.
     """
@@ -279,12 +279,12 @@ class CropDecoder:
     flip: bool = True
     reduce: bool = True
 
-    def _box(self, height: int, width: int) -> Box:
-        top, left, h, w = sample_crop_boxes(1, height, width, None, self.scale)[0].tolist()
-        return top, left, h, w
+    def draw_box(self, height: int, width: int) -> Box:
+        """A RandomResizedCrop box ``(top, left, h, w)`` for an upright image of ``height`` x ``width``."""
+        return sample_crop_box(height, width, self.scale)
 
     def __call__(self, source, channels: int = 3, max_pixels: int | None = None) -> torch.Tensor:
-        img, box = open_for_crop(source, channels, self.size, self._box, self.reduce, max_pixels)
+        img, box = open_for_crop(source, channels, self.size, self.draw_box, self.reduce, max_pixels)
         flip = self.flip and bool(torch.rand(1) < 0.5)
         return resample_crop(img, box, self.size, flip)
 

@@ -176,6 +176,8 @@ class BatchSource:
         self.num_workers = num_workers
         self._mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
         self._std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
+        # uint8 batches from workers are normalised in place in one pass each: (x - 255·mean) · 1/(255·std)
+        self._shift, self._gain = self._mean * 255.0, 1.0 / (self._std * 255.0)
         self.bad_files: dict[str, str] = {}  # path (or shard key) → reason
 
     def record(self, skipped: list[tuple[str, str]]) -> None:
@@ -208,8 +210,8 @@ class BatchSource:
                 cat = torch.cat(pending)
                 batch, rest = cat[: self.batch_size], cat[self.batch_size :]
                 pending, count = ([rest] if rest.shape[0] else []), rest.shape[0]
-                x = batch.to(self.device, non_blocking=True).float().div_(255.0)
-                yield (x - self._mean) / self._std
+                x = batch.to(self.device, non_blocking=True).float()
+                yield x.sub_(self._shift).mul_(self._gain)
 
 
 class TrainBatches(BatchSource):
