@@ -105,18 +105,22 @@ def test_one_images_crop_box_is_the_batched_samplers_for_one_image():
             assert tuple(float(v) for v in sample_crop_box(height, width)) == batched
 
 
-def test_the_crop_decoder_draws_the_box_and_flip_from_the_workers_generator():
-    from clmae.data.augment import sample_crop_boxes
+def test_the_crop_decoder_draws_box_and_flip_from_its_own_seeded_generator():
+    """Without workers the crops come from ``seed`` alone, never from (or into) torch's global generator."""
+    from clmae.data.augment import sample_crop_box
 
     data = jpeg(photo(640, 480))
-    decoder = CropDecoder(SIZE, scale=(0.2, 1.0))
-    torch.manual_seed(3)
-    got = decoder(io.BytesIO(data))
-    torch.manual_seed(3)
-    box = tuple(sample_crop_boxes(1, 480, 640, None, (0.2, 1.0))[0].tolist())
-    flip = bool(torch.rand(1) < 0.5)
-    img, rbox = open_for_crop(io.BytesIO(data), 3, SIZE, box, reduce=True)
-    assert got.dtype == torch.uint8 and got.shape == (3, SIZE, SIZE)
-    assert torch.equal(got, resample_crop(img, rbox, SIZE, flip))
+    decoder = CropDecoder(SIZE, scale=(0.2, 1.0), seed=3)
+    state = torch.get_rng_state()
+    got = [decoder(io.BytesIO(data)) for _ in range(4)]
+    assert torch.equal(torch.get_rng_state(), state)
+    g = torch.Generator().manual_seed(3)
+    for x in got:
+        box = sample_crop_box(480, 640, (0.2, 1.0), generator=g)
+        flip = bool(torch.rand(1, generator=g) < 0.5)
+        img, rbox = open_for_crop(io.BytesIO(data), 3, SIZE, box, reduce=True)
+        assert x.dtype == torch.uint8 and x.shape == (3, SIZE, SIZE)
+        assert torch.equal(x, resample_crop(img, rbox, SIZE, flip))
+    assert not torch.equal(got[0], got[1])
     gray = CropDecoder(SIZE)(io.BytesIO(jpeg(photo(640, 480).convert("L"))), channels=1)
     assert gray.shape == (1, SIZE, SIZE)

@@ -40,16 +40,15 @@ def sample_crop_boxes(
     return torch.stack([top, left, h, w], dim=1)
 
 
-def sample_crop_box(height: int, width: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), tries: int = 10
-                    ) -> tuple[float, float, float, float]:
+def sample_crop_box(height: int, width: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), tries: int = 10,
+                    generator: torch.Generator | None = None) -> tuple[float, float, float, float]:
     """One image's RandomResizedCrop box ``(top, left, h, w)``: :func:`sample_crop_boxes` for ``n = 1``.
 
-    The same random numbers from torch's global generator (a DataLoader worker's), in the same order, turned into
-    the box with plain arithmetic: a worker draws one box per image, where two dozen tensor operations on one
-    element would cost as much as a tenth of the image's decode.
+    The same random numbers, in the same order, turned into the box with plain arithmetic: a worker draws one box
+    per image, where two dozen tensor operations on one element would cost as much as a tenth of its decode.
     """
-    area = torch.empty(1, tries).uniform_(*scale)[0].tolist()
-    log_r = torch.empty(1, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]))[0].tolist()
+    area = torch.empty(1, tries).uniform_(*scale, generator=generator)[0].tolist()
+    log_r = torch.empty(1, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)[0].tolist()
     h, w = float(height), float(width)
     for a, lr in zip(area, log_r):
         aspect = math.exp(lr)
@@ -57,7 +56,7 @@ def sample_crop_box(height: int, width: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 /
         if 0 < cw <= width and 0 < ch <= height:
             h, w = float(ch), float(cw)
             break
-    top_u, left_u = torch.rand(2).tolist()
+    top_u, left_u = torch.rand(2, generator=generator).tolist()
     return math.floor(top_u * (height - h + 1)), math.floor(left_u * (width - w + 1)), h, w
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_MEAN, GRAY_STD = (0.5,), (0.5,)
 ORIENTATION = 0x0112  # the EXIF tag: how the stored pixels must be turned to be seen upright
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})  # decoded to one channel
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
@@ -270,23 +272,38 @@ class CropDecoder:
 
     The crop is drawn from the size in the file's header (the distribution of torchvision's RandomResizedCrop,
     :func:`clmae.data.augment.sample_crop_box`), the JPEG decoded only as large as that crop needs
-    (:func:`open_for_crop`), the box resampled straight to ``size`` (:func:`resample_crop`). Random numbers come
-    from torch's global generator, which the DataLoader seeds per worker. Returns ``uint8 (C, size, size)``.
+    (:func:`open_for_crop`), the box resampled straight to ``size`` (:func:`resample_crop`). Returns
+    ``uint8 (C, size, size)``. Random numbers come from a generator of its own per process: in a DataLoader worker
+    seeded with the worker's seed (which the DataLoader derives from its generator), in the training process
+    itself (no workers) with ``seed``, so an epoch's crops never depend on what else drew random numbers.
     """
 
     size: int
     scale: tuple[float, float] = (0.2, 1.0)
     flip: bool = True
     reduce: bool = True
+    seed: int = 0
+
+    def generator(self) -> torch.Generator:
+        """This process's generator, made on first use (a worker's copy of the decoder makes its own)."""
+        own = self.__dict__.get("_generator")
+        if own is None or own[0] != os.getpid():
+            info = torch.utils.data.get_worker_info()
+            own = (os.getpid(), torch.Generator().manual_seed(self.seed if info is None else info.seed))
+            object.__setattr__(self, "_generator", own)
+        return own[1]
 
     def draw_box(self, height: int, width: int) -> Box:
         """A RandomResizedCrop box ``(top, left, h, w)`` for an upright image of ``height`` x ``width``."""
-        return sample_crop_box(height, width, self.scale)
+        return sample_crop_box(height, width, self.scale, generator=self.generator())
 
     def __call__(self, source, channels: int = 3, max_pixels: int | None = None) -> torch.Tensor:
         img, box = open_for_crop(source, channels, self.size, self.draw_box, self.reduce, max_pixels)
-        flip = self.flip and bool(torch.rand(1) < 0.5)
+        flip = self.flip and bool(torch.rand(1, generator=self.generator()) < 0.5)
         return resample_crop(img, box, self.size, flip)
+
+    def __getstate__(self) -> dict:  # a worker starts without the parent's generator
+        return {k: v for k, v in self.__dict__.items() if k != "_generator"}
 
 
 # ---------------------------------------------------------------------------------------------

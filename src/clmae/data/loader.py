@@ -278,7 +278,7 @@ class TrainBatches(BatchSource):
 
     def _folder_epoch(self, order: torch.Tensor, seed: int) -> Iterator[torch.Tensor]:
         files = self.dataset.files
-        files.transform = CropDecoder(self.img_size)
+        files.transform = CropDecoder(self.img_size, seed=seed)  # the seed of the crops drawn without workers
         if files.min_side is None:
             # Random crops cover >= 20% of the area: 3x the input size keeps them sharp.
             files.min_side = 3 * self.img_size
@@ -342,13 +342,12 @@ class ShardBatches(BatchSource):
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
         """The remaining batches of ``epoch``. A resumed epoch restarts the stream with a new shuffle."""
-        seed = augmentation_seed(self.seed, epoch, start_step)
+        seed = augmentation_seed(self.seed, epoch, start_step) + 7919 * self.ctx.rank
         stream = ShardStream(self.dataset.shards, self.ctx.rank, self.ctx.world_size,
                              seed=(self.seed * 100_003 + epoch) * 1_000 + start_step,
-                             transform=CropDecoder(self.img_size), channels=self.dataset.channels,
+                             transform=CropDecoder(self.img_size, seed=seed), channels=self.dataset.channels,
                              buffer=self.buffer)
-        loader = make_loader(stream, self.batch_size, self.device, self.num_workers, prefetch=self.prefetch,
-                             seed=seed + 7919 * self.ctx.rank)
+        loader = make_loader(stream, self.batch_size, self.device, self.num_workers, prefetch=self.prefetch, seed=seed)
         yield from in_step(self.full_batches(loader), len(self) - start_step, self.ctx)
 
 
