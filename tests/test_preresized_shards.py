@@ -111,6 +111,7 @@ def test_a_preresized_shard_set_trains_from_the_command_line_and_resumes_exactly
     assert cli_main(["pretrain", "--data", str(shards), *tiny, "--output-dir", str(tmp_path / "cli")]) == 0
     err = capsys.readouterr().err
     assert "mae on" in err and "1 file skipped" in err, err  # the broken file, counted once
+    assert "fp32, data: no workers (decoded in the training process), JPEGs decoded at the crop's scale" in err
     common = dict(data=str(shards), model="vit_micro_patch2_8", img_size=16, batch_size=8, method="mae",
                   num_workers=0, progress=False, seed=1, device="cpu")
     full = pretrain(epochs=2, output_dir=str(tmp_path / "full"), **common)

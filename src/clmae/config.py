@@ -35,7 +35,10 @@ class PretrainConfig:
     subset: int | None = opt(None, "train on the first N images only")
     img_size: int | None = opt(None, "input resolution in px (default: about the data's own, see `clmae models`); "
                                      "given alone, the model and patch size follow it")
-    num_workers: int = opt(2, "DataLoader workers for image folders")
+    num_workers: int = opt(2, "DataLoader workers per process for image folders and shards; -1: the CPU cores this "
+                              "process may use, shared by the ranks on its machine, less one for each training "
+                              "process")
+    prefetch: int = opt(4, "batches each DataLoader worker keeps decoded ahead (image folders and shards)")
     # method and model
     method: str = opt(DEFAULT_METHOD, "masking strategy: clmae (learned curriculum masking), mae (random), block "
                                       "(BEiT), hpm (hard patches mining), attmask (attention-guided), colormae "
@@ -132,7 +135,8 @@ class PretrainConfig:
         need(self.subset is None or self.subset >= 1, "subset", "an integer >= 1")
         need(self.img_size is None or self.img_size >= 1, "img_size", "a positive integer")
         need(self.patch_size is None or self.patch_size >= 1, "patch_size", "a positive integer")
-        need(self.num_workers >= 0, "num_workers", "an integer >= 0")
+        need(self.num_workers >= -1, "num_workers", "an integer >= 0, or -1 for the cores per rank")
+        need(self.prefetch >= 1, "prefetch", "an integer >= 1")
         need(self.save_every >= 0, "save_every", "an integer >= 0")
         need(self.log_every >= 1, "log_every", "an integer >= 1")
         need(self.eval_every >= 0, "eval_every", "an integer >= 0")

@@ -17,6 +17,7 @@ reason. :func:`make_loader` is the one place DataLoaders are configured.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import signal
 import sys
@@ -126,13 +127,27 @@ def worker_context():
     return context
 
 
+def worker_count(requested: int, local_ranks: int | None = None) -> int:
+    """DataLoader workers per rank: ``requested``, or for ``-1`` the CPU cores this process may use (its affinity:
+    what SLURM or taskset granted) shared by the ranks on this machine (``LOCAL_WORLD_SIZE``, set by torchrun),
+    less one core for each rank's training process; at least 1."""
+    if requested >= 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ranks = local_ranks if local_ranks is not None else int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cores // max(1, ranks) - 1)
+
+
 def make_loader(dataset, batch_size: int, device: torch.device, num_workers: int, *, sampler=None,
                 shuffle: bool = False, drop_last: bool = False, seed: int | None = None,
                 prefetch: int = 4) -> torch.utils.data.DataLoader:
     """A DataLoader over a dataset that yields ``(x, label, None)`` or ``(None, key, reason)`` samples.
 
     Batches come out of :func:`collate_skipping`; workers ignore stop signals (the training process
-    saves a checkpoint first); memory is pinned for CUDA. ``seed`` fixes the workers' random streams.
+    saves a checkpoint first); memory is pinned for CUDA only (elsewhere pinning is a copy for nothing).
+    ``seed`` fixes the workers' random streams. Workers are not persistent: each epoch's loader starts its own
+    from a fork server (:func:`worker_context`) in a fraction of a second, which keeps every epoch's crops a
+    function of the seed and the epoch alone.
     """
     workers = num_workers > 0
     return torch.utils.data.DataLoader(
@@ -174,6 +189,7 @@ class BatchSource:
         self.device = device
         self.seed = seed
         self.num_workers = num_workers
+        self.prefetch = 4
         self._mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
         self._std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
         # uint8 batches from workers are normalised in place in one pass each: (x - 255·mean) · 1/(255·std)
@@ -188,6 +204,17 @@ class BatchSource:
     def skipped(self) -> Counter:
         """How many distinct files were skipped, by reason (``empty file``, ``not an image``, …)."""
         return Counter(reason.split(":")[0] for reason in self.bad_files.values())
+
+    def describe(self) -> str:
+        """How batches are made, for the run's header line: ``"data: 10 workers, prefetch 4, pinned memory, …"``
+        (empty for in-memory data: it is on the device and augmented there, no DataLoader)."""
+        if isinstance(self.dataset, InMemoryImages):
+            return ""
+        workers = f"{self.num_workers} worker{'s' if self.num_workers != 1 else ''}" if self.num_workers else \
+            "no workers (decoded in the training process)"
+        pinned = ", pinned memory" if self.device.type == "cuda" else ""
+        ahead = f", prefetch {self.prefetch}" if self.num_workers else ""
+        return f"data: {workers}{ahead}{pinned}, JPEGs decoded at the crop's scale"
 
     @property
     def skipped_examples(self) -> list[tuple[str, str]]:
@@ -227,7 +254,7 @@ class TrainBatches(BatchSource):
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, img_size: int, device: torch.device, seed: int,
-                 num_workers: int = 2, ctx: DistContext = SINGLE):
+                 num_workers: int = 2, ctx: DistContext = SINGLE, prefetch: int = 4):
         self.ctx = ctx
         self.global_batch = batch_size * ctx.world_size
         if len(dataset) < self.global_batch:
@@ -236,6 +263,7 @@ class TrainBatches(BatchSource):
             raise DataError(f"{dataset.name}: {len(dataset)} training images, fewer than {many}; lower --batch-size "
                             "or use more data")
         super().__init__(dataset, batch_size, img_size, device, seed, num_workers)
+        self.prefetch = prefetch
         if isinstance(dataset, InMemoryImages):
             self._images = dataset.images.to(device)
 
@@ -282,7 +310,8 @@ class TrainBatches(BatchSource):
         if files.min_side is None:
             # Random crops cover >= 20% of the area: 3x the input size keeps them sharp.
             files.min_side = 3 * self.img_size
-        loader = make_loader(files, self.batch_size, self.device, self.num_workers, sampler=order.tolist(), seed=seed)
+        loader = make_loader(files, self.batch_size, self.device, self.num_workers, sampler=order.tolist(), seed=seed,
+                             prefetch=self.prefetch)
         yielded = 0
         for batch in self.full_batches(loader):
             yielded += 1
