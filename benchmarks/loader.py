@@ -49,6 +49,7 @@ from provenance import git_state, write_json
 
 SIZE = 224
 SCALE = (0.2, 1.0)
+PRERESIZE = 256  # the shorter side of pre-resized shards (python -m clmae.data.shards --resize 256)
 CLASSES = 10
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -118,17 +119,19 @@ def photo_stats(root: Path) -> dict[str, Any]:
 # CPU time of this process and its workers
 
 
-def _children() -> list[int]:
-    me = os.getpid()
-    found = []
+def _descendants() -> list[int]:
+    """Every process below this one: DataLoader workers, also those started by a fork server (grandchildren)."""
+    parent: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             with contextlib.suppress(OSError, IndexError, ValueError):
                 with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                if int(fields[1]) == me:
-                    found.append(int(entry))
-    return found
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+    below, frontier = [], [os.getpid()]
+    while frontier:
+        frontier = [pid for pid, ppid in parent.items() if ppid in frontier]
+        below += frontier
+    return below
 
 
 def _cpu_of(pid: int) -> float:
@@ -141,15 +144,16 @@ def _cpu_of(pid: int) -> float:
 
 
 class CpuClock:
-    """CPU seconds of this process plus every child alive at the readings (DataLoader workers start at zero)."""
+    """CPU seconds of this process and of every child alive at the readings (DataLoader workers start at zero)."""
 
     def __init__(self) -> None:
         self.children: dict[int, float] = {}
 
-    def read(self) -> float:
-        for pid in _children():
+    def read(self) -> tuple[float, float]:
+        """``(this process, its workers)``."""
+        for pid in _descendants():
             self.children[pid] = max(self.children.get(pid, 0.0), _cpu_of(pid))
-        return time.process_time() + sum(self.children.values())
+        return time.process_time(), sum(self.children.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,14 +178,16 @@ def torchvision_batches(root: Path, batch: int, workers: int, seed: int) -> Iter
         yield x
 
 
-def clmae_batches(data: str, batch: int, workers: int, seed: int) -> Iterator[torch.Tensor]:
+def clmae_batches(data: str, batch: int, workers: int, seed: int, augment_on: str = "workers"
+                  ) -> Iterator[torch.Tensor]:
     from clmae.data.datasets import load_dataset
     from clmae.data.loader import ShardBatches, TrainBatches
     from clmae.data.shards import ShardData
 
     dataset = load_dataset(data)
     kind = ShardBatches if isinstance(dataset, ShardData) else TrainBatches
-    yield from kind(dataset, batch, SIZE, torch.device("cpu"), seed, num_workers=workers).epoch(0)
+    yield from kind(dataset, batch, SIZE, torch.device("cpu"), seed, num_workers=workers,
+                    augment_on=augment_on).epoch(0)
 
 
 def measure(make: Callable[[], Iterator[torch.Tensor]], expected: int, skip: int) -> dict[str, Any]:
@@ -193,7 +199,7 @@ def measure(make: Callable[[], Iterator[torch.Tensor]], expected: int, skip: int
     t_start = time.perf_counter()
     images = batches = 0
     shape = None
-    cpu0 = t0 = first = 0.0
+    main0 = work0 = t0 = first = 0.0
     counted = 0
     it = make()
     for x in it:
@@ -201,16 +207,20 @@ def measure(make: Callable[[], Iterator[torch.Tensor]], expected: int, skip: int
         images += x.shape[0]
         shape = list(x.shape)
         if batches == skip:
-            cpu0, t0, first = clock.read(), time.perf_counter(), time.perf_counter() - t_start
+            (main0, work0), t0, first = clock.read(), time.perf_counter(), time.perf_counter() - t_start
             counted = images
         if images >= expected:
             break
-    wall, cpu = time.perf_counter() - t0, clock.read() - cpu0
+    wall = time.perf_counter() - t0
+    main1, work1 = clock.read()
+    main, work = main1 - main0, work1 - work0
     with contextlib.suppress(Exception):
         it.close()  # type: ignore[attr-defined]
     timed = images - counted
-    return {"images": timed, "batch_shape": shape, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-            "img_per_s": round(timed / wall, 1), "img_per_s_per_core": round(timed / cpu, 1),
+    return {"images": timed, "batch_shape": shape, "wall_s": round(wall, 2), "cpu_s": round(main + work, 2),
+            "main_cpu_s": round(main, 2), "worker_cpu_s": round(work, 2), "img_per_s": round(timed / wall, 1),
+            "img_per_s_per_core": round(timed / (main + work), 1),
+            "img_per_s_per_worker_core": round(timed / work, 1) if work > 0.05 else None,
             "first_batches_s": round(first, 2), "untimed_first_batches": skip}
 
 
@@ -225,12 +235,13 @@ def _timed(f: Callable[[], Any], out: list[float]) -> Any:
     return value
 
 
-def breakdown(root: Path, n: int, batch: int, seed: int) -> dict[str, dict[str, float]]:
+def breakdown(root: Path, resized: Path, n: int, batch: int, seed: int) -> dict[str, dict[str, float]]:
     """Milliseconds per image of decode, augmentation and batching, for the baseline and clmae's per-image code.
 
     ``clmae`` is the code of clmae's folder and shard paths (:class:`clmae.data.images.CropDecoder`: the decode at
     the DCT scale the crop allows, then the one-call resample); ``clmae_tensor_transform`` the per-image code they
-    used before it (``open_image`` + ``train_transform``: PILToTensor + torchvision v2 resize on the tensor).
+    used before it (``open_image`` + ``train_transform``: PILToTensor + torchvision v2 resize on the tensor);
+    ``*_preresized`` the same code on the photos pre-resized to a shorter side of ``PRERESIZE`` px.
     """
     from torchvision import transforms
     from torchvision.datasets.folder import pil_loader
@@ -240,6 +251,7 @@ def breakdown(root: Path, n: int, batch: int, seed: int) -> dict[str, dict[str, 
 
     torch.manual_seed(seed)
     files = sorted(root.rglob("*.jpg"))[:n]
+    small = [resized / f.relative_to(root) for f in files]
     mean = torch.tensor(images.IMAGENET_MEAN).view(1, -1, 1, 1)
     std = torch.tensor(images.IMAGENET_STD).view(1, -1, 1, 1)
     tv = transforms.Compose([
@@ -252,15 +264,24 @@ def breakdown(root: Path, n: int, batch: int, seed: int) -> dict[str, dict[str, 
     def clmae_batch(xs: list[torch.Tensor]) -> torch.Tensor:
         return (collate_skipping([(x, 0, None) for x in xs])[0].float().div_(255) - mean) / std
 
-    paths: dict[str, tuple[Callable, Callable, Callable]] = {
-        "torchvision": (lambda f: pil_loader(str(f)), tv,
-                        lambda xs: torch.utils.data.default_collate([(x, 0) for x in xs])),
-        "clmae": (lambda f: images.open_for_crop(f, 3, SIZE, crops.draw_box, True),
-                  lambda opened: images.resample_crop(*opened, SIZE, bool(torch.rand(1) < 0.5)), clmae_batch),
-        "clmae_tensor_transform": (lambda f: images.open_image(f, 3, 3 * SIZE), before, clmae_batch),
+    def tv_batch(xs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.utils.data.default_collate([(x, 0) for x in xs])[0]
+
+    def ours(f: Path):
+        return images.open_for_crop(f, 3, SIZE, crops.draw_box, True)
+
+    def ours_crop(opened) -> torch.Tensor:
+        return images.resample_crop(*opened, SIZE, bool(torch.rand(1) < 0.5))
+
+    paths: dict[str, tuple[list[Path], Callable, Callable, Callable]] = {
+        "torchvision": (files, lambda f: pil_loader(str(f)), tv, tv_batch),
+        "clmae": (files, ours, ours_crop, clmae_batch),
+        "clmae_tensor_transform": (files, lambda f: images.open_image(f, 3, 3 * SIZE), before, clmae_batch),
+        "torchvision_preresized": (small, lambda f: pil_loader(str(f)), tv, tv_batch),
+        "clmae_preresized": (small, ours, ours_crop, clmae_batch),
     }
     result = {}
-    for name, (decode, augment, collate) in paths.items():
+    for name, (files, decode, augment, collate) in paths.items():
         dec: list[float] = []
         aug: list[float] = []
         col: list[float] = []
@@ -293,6 +314,19 @@ def shard_set(root: Path, cache: Path, **options) -> Path:
     return out
 
 
+def preresized_folder(root: Path, side: int) -> Path:
+    """The photos stored as pre-resized shards store them (``clmae.data.shards.preresize``), as an ImageFolder."""
+    from clmae.data.shards import preresize
+
+    out = root.parent / f"{root.name}-short{side}"
+    if not (out / ".complete").is_file():
+        for f in sorted(root.rglob("*.jpg")):
+            (out / f.parent.name).mkdir(parents=True, exist_ok=True)
+            (out / f.relative_to(root)).write_bytes(preresize(f.read_bytes(), side)[0])
+        (out / ".complete").write_text("ok\n")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="200 photos instead of 2,000 (a check, not a measurement)")
@@ -312,10 +346,18 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     root = build_photos(n, cache, args.seed)
     shards = shard_set(root, cache)
+    small_shards = shard_set(root, cache, resize=PRERESIZE, quality=90)
+    small = preresized_folder(root, PRERESIZE)
     paths: dict[str, Callable[[int], Iterator[torch.Tensor]]] = {
         "torchvision": lambda w: torchvision_batches(root, batch, w, args.seed),
         "clmae_folder": lambda w: clmae_batches(str(root), batch, w, args.seed),
         "clmae_shards": lambda w: clmae_batches(str(shards), batch, w, args.seed),
+        "clmae_shards_preresized": lambda w: clmae_batches(str(small_shards), batch, w, args.seed),
+        # Workers only decode; the crops are resized in this process, standing in for the GPU.
+        "clmae_shards_preresized_device": lambda w: clmae_batches(str(small_shards), batch, w, args.seed, "device"),
+        "clmae_shards_device": lambda w: clmae_batches(str(shards), batch, w, args.seed, "device"),
+        # Where the pre-resized shards' gain comes from: the baseline on the same pre-resized JPEGs.
+        "torchvision_preresized": lambda w: torchvision_batches(small, batch, w, args.seed),
     }
     expected = (n // batch) * batch
     skip = 2 if args.quick else 3
@@ -326,17 +368,27 @@ def main(argv: list[str] | None = None) -> int:
         for name, make in paths.items():
             r = measure(lambda make=make, workers=workers: make(workers), expected, skip)
             runs.setdefault(name, {})[f"workers_{workers}"] = r
-            print(f"{name:>14} workers {workers}: {r['img_per_s_per_core']:7.1f} img/s per core "
-                  f"({r['img_per_s']:.1f} img/s wall, {r['cpu_s']} CPU s for {r['images']} images)", flush=True)
-    split = breakdown(root, args.breakdown_images or min(n, 400), batch, args.seed)
+            per_worker = r["img_per_s_per_worker_core"]
+            print(f"{name:>30} workers {workers}: {r['img_per_s_per_core']:7.1f} img/s per core, "
+                  f"{per_worker or float('nan'):7.1f} per worker core ({r['img_per_s']:.1f} img/s wall, CPU s "
+                  f"{r['main_cpu_s']} main + {r['worker_cpu_s']} workers for {r['images']} images)", flush=True)
+    split = breakdown(root, small, args.breakdown_images or min(n, 400), batch, args.seed)
     for name, s in split.items():
         print(f"{name:>14}: decode {s['decode_ms']:.2f} + augment {s['augment_ms']:.2f} + batch {s['batch_ms']:.2f} "
               f"= {s['total_ms']:.2f} ms per image (in-process)")
     base = max(r["img_per_s_per_core"] for r in runs["torchvision"].values())
     best = {name: max(r["img_per_s_per_core"] for r in per.values()) for name, per in runs.items()}
     ratios = {name: round(v / base, 2) for name, v in best.items()}
-    fastest = max((k for k in best if k != "torchvision"), key=best.get)
-    print(f"best per core vs torchvision: {ratios}; fastest clmae path: {fastest} ({ratios[fastest]}x)")
+    fastest = max((k for k in best if k.startswith("clmae")), key=best.get)
+    print(f"best per core (all processes) vs torchvision: {ratios}; fastest clmae path: {fastest} "
+          f"({ratios[fastest]}x)")
+    # What a GPU run costs the CPU: the workers' time (there the training process's resize and normalisation run on
+    # the GPU; here they run on this CPU and are left out of this figure).
+    wbest = {name: max((r["img_per_s_per_worker_core"] or 0.0) for r in per.values()) for name, per in runs.items()}
+    wbase = wbest["torchvision"]
+    wratios = {name: round(v / wbase, 2) for name, v in wbest.items()}
+    wfastest = max((k for k in wbest if k.startswith("clmae")), key=wbest.get)
+    print(f"best per worker core vs torchvision: {wratios}; fastest clmae path: {wfastest} ({wratios[wfastest]}x)")
     command = "python benchmarks/loader.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     result = {
         "benchmark": "loader", "when": time.strftime("%Y-%m-%d %H:%M:%S"), **git_state(), "command": command,
@@ -345,10 +397,17 @@ def main(argv: list[str] | None = None) -> int:
         "load_before": [round(v, 2) for v in load_before], "load_after": [round(v, 2) for v in os.getloadavg()],
         "output": f"normalised float32 ({batch}, 3, {SIZE}, {SIZE}): RandomResizedCrop({SIZE}, scale {SCALE}, "
                   "bicubic) + horizontal flip",
-        "photos": photo_stats(root), "batch_size": batch,
+        "photos": photo_stats(root), "preresized_photos": {"shorter_side": PRERESIZE, "quality": 90,
+                                                          **photo_stats(small)},
+        "batch_size": batch,
         "per_core": "images / CPU seconds of the training process and its DataLoader workers over one epoch",
         "runs": runs, "breakdown_ms_per_image": split,
         "best_img_per_s_per_core": best, "ratio_to_torchvision": ratios, "fastest_clmae_path": fastest,
+        "per_worker_core": "images / CPU seconds of the DataLoader workers alone (runs with 1 or 2 workers): what a "
+                           "GPU run costs the CPU cores, where the training process's crop resize (device paths) "
+                           "and normalisation run on the GPU",
+        "best_img_per_s_per_worker_core": wbest, "ratio_to_torchvision_per_worker_core": wratios,
+        "fastest_clmae_path_per_worker_core": wfastest,
         "seconds": round(time.perf_counter() - began, 1),
     }
     write_json(args.output, result)

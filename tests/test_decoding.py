@@ -124,3 +124,49 @@ def test_the_crop_decoder_draws_box_and_flip_from_its_own_seeded_generator():
     assert not torch.equal(got[0], got[1])
     gray = CropDecoder(SIZE)(io.BytesIO(jpeg(photo(640, 480).convert("L"))), channels=1)
     assert gray.shape == (1, SIZE, SIZE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crops resampled on the device (--augment-on device): workers only decode and cut the region a crop reads
+
+
+def test_batched_resampling_of_regions_matches_pillows_crop_within_a_fraction_of_a_level():
+    from clmae.data.augment import resample_regions
+    from clmae.data.images import crop_region
+    from clmae.data.loader import collate_regions
+
+    img = photo(500, 375)
+    boxes = [(0, 0, 375, 500), (10, 20, 187, 187), (200, 300, 175, 200), (0, 430, 40, 70), (300, 0, 75, 60),
+             (12.5, 7.25, 140.5, 99.75)]  # whole image, edges, upscaled crops, a fractional (DCT-scaled) box
+    want, regions = [], []
+    for i, box in enumerate(boxes):
+        flip = i % 2 == 1
+        want.append(resample_crop(img, box, SIZE, flip).float())
+        regions.append(crop_region(img, box, SIZE, flip))
+    assert regions[1].pixels.shape[1:] < (375, 500)  # a region, not the image
+    batch = collate_regions(regions)
+    got = resample_regions(*batch, SIZE)
+    assert got.shape == (len(boxes), 3, SIZE, SIZE) and got.dtype == torch.float32
+    diff = (got - torch.stack(want)).abs()
+    assert diff.mean() < 0.35 and diff.max() <= 2.0, (diff.mean(), diff.max())  # Pillow rounds between its passes
+
+
+def test_device_augmentation_gives_the_workers_batches(tmp_path):
+    """The same random numbers are drawn either way: --augment-on device trains on the crops workers would make."""
+    from clmae.data.datasets import load_dataset
+    from clmae.data.loader import ShardBatches, TrainBatches
+    from clmae.data.shards import write_shards
+
+    for i in range(12):
+        (tmp_path / "photos").mkdir(exist_ok=True)
+        photo(90 + 7 * i, 70 + 5 * i, seed=i).save(tmp_path / "photos" / f"{i:02d}.jpg", quality=90)
+    write_shards(tmp_path / "photos", tmp_path / "shards", shard_size=4)
+    for data, kind in ((tmp_path / "photos", TrainBatches), (tmp_path / "shards", ShardBatches)):
+        out = {}
+        for where in ("workers", "device"):
+            batches = kind(load_dataset(str(data)), 4, 32, torch.device("cpu"), seed=1, num_workers=0,
+                           augment_on=where)
+            out[where] = torch.cat(list(batches.epoch(0)))
+        assert out["device"].shape == out["workers"].shape == (12, 3, 32, 32)
+        diff = (out["device"] - out["workers"]).abs() * 255 * 0.225  # normalised units back to ~uint8 levels
+        assert diff.mean() < 0.35, (kind.__name__, diff.mean())

@@ -96,3 +96,52 @@ def crop_flip(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, si
     x = images.float().div_(255.0)
     out = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
     return out.clamp_(0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crops of decoded images resampled on the device (workers only decode)
+
+
+def _bicubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    """The bicubic convolution kernel with Pillow's ``a = -0.5`` (zero beyond ±2)."""
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resample_weights(start: torch.Tensor, length: torch.Tensor, valid: torch.Tensor, in_len: int,
+                     size: int) -> torch.Tensor:
+    """``(N, size, in_len)`` weights that resample the span ``[start, start + length)`` of each row to ``size``.
+
+    Antialiased bicubic as Pillow computes it: output pixel ``i`` is centred at ``start + (i + ½)·scale``, the
+    kernel is widened by the downscale factor (``max(scale, 1)``), pixels past ``valid`` (the image's edge, where
+    Pillow stops) get no weight, and each output's weights sum to one.
+    """
+    scale = (length / size).to(torch.float32)
+    widen = scale.clamp_min(1.0)
+    steps = torch.arange(size, device=start.device, dtype=torch.float32) + 0.5
+    center = start.to(torch.float32)[:, None] + steps[None] * scale[:, None]
+    pixels = torch.arange(in_len, device=start.device, dtype=torch.float32)
+    w = _bicubic((pixels[None, None] + 0.5 - center[:, :, None]) / widen[:, None, None])
+    w = w * (pixels[None, None] < valid.to(torch.float32)[:, None, None])
+    return w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def resample_regions(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, sizes: torch.Tensor,
+                     size: int) -> torch.Tensor:
+    """Batched :func:`clmae.data.images.resample_crop` on the device: floats in [0, 255], ``(N, C, size, size)``.
+
+    ``images`` ``uint8 (N, C, H, W)`` holds each image's region (padded to the batch's largest), ``sizes`` the
+    valid ``(h, w)`` of each, ``boxes`` ``(top, left, h, w)`` the crop in it, ``flips`` which to mirror. Two
+    batched matrix products per batch (rows, then columns) instead of one Pillow call per image in a worker.
+    Matches Pillow's result within a fraction of a uint8 level (tested); Pillow rounds to 8 bits between passes.
+    """
+    _, _, height, width = images.shape
+    boxes = boxes.to(images.device, torch.float32)
+    sizes = sizes.to(images.device)
+    rows = resample_weights(boxes[:, 0], boxes[:, 2], sizes[:, 0], height, size)  # (N, size, H)
+    cols = resample_weights(boxes[:, 1], boxes[:, 3], sizes[:, 1], width, size)  # (N, size, W)
+    cols = torch.where(flips.to(images.device)[:, None, None], cols.flip(1), cols)
+    x = torch.matmul(images.float(), cols.transpose(1, 2).unsqueeze(1))  # (N, C, H, size)
+    return torch.matmul(rows.unsqueeze(1), x).clamp_(0.0, 255.0)

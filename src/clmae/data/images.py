@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -266,6 +267,26 @@ def resample_crop(img: Image.Image, box: Box, size: int, flip: bool = False) -> 
     return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
 
 
+class Region(NamedTuple):
+    """What a worker hands over when crops are resampled on the device: the pixels the crop's resampling reads."""
+
+    pixels: torch.Tensor  # uint8 (C, h, w): the box plus the filter's reach around it, clipped to the image
+    box: Box  # the crop in the region's pixels
+    flip: bool
+
+
+def crop_region(img: Image.Image, box: Box, size: int, flip: bool = False) -> Region:
+    """The part of ``img`` that resampling ``box`` to ``size`` reads (:func:`resample_crop`): the box widened by
+    the antialiased bicubic kernel's reach (2 output pixels' worth each side), clipped to the image."""
+    top, left, h, w = box
+    reach_y, reach_x = 2 * max(h / size, 1.0) + 1, 2 * max(w / size, 1.0) + 1
+    y0, x0 = max(0, math.floor(top - reach_y)), max(0, math.floor(left - reach_x))
+    y1, x1 = min(img.height, math.ceil(top + h + reach_y)), min(img.width, math.ceil(left + w + reach_x))
+    x = torch.from_numpy(np.array(img.crop((x0, y0, x1, y1))))
+    pixels = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+    return Region(pixels, (top - y0, left - x0, h, w), flip)
+
+
 @dataclass(frozen=True)
 class CropDecoder:
     """The training view of an image file in one pass, for DataLoader workers: RandomResizedCrop + flip.
@@ -273,9 +294,12 @@ class CropDecoder:
     The crop is drawn from the size in the file's header (the distribution of torchvision's RandomResizedCrop,
     :func:`clmae.data.augment.sample_crop_box`), the JPEG decoded only as large as that crop needs
     (:func:`open_for_crop`), the box resampled straight to ``size`` (:func:`resample_crop`). Returns
-    ``uint8 (C, size, size)``. Random numbers come from a generator of its own per process: in a DataLoader worker
-    seeded with the worker's seed (which the DataLoader derives from its generator), in the training process
-    itself (no workers) with ``seed``, so an epoch's crops never depend on what else drew random numbers.
+    ``uint8 (C, size, size)``, or with ``on_device`` the :class:`Region` the crop needs, for
+    :func:`clmae.data.augment.resample_regions` to resample a whole batch on the training device (the same random
+    numbers are drawn either way, so the two give the same crops). Random numbers come from a generator of its own
+    per process: in a DataLoader worker seeded with the worker's seed (which the DataLoader derives from its
+    generator), in the training process itself (no workers) with ``seed``, so an epoch's crops never depend on
+    what else drew random numbers.
     """
 
     size: int
@@ -283,6 +307,7 @@ class CropDecoder:
     flip: bool = True
     reduce: bool = True
     seed: int = 0
+    on_device: bool = False
 
     def generator(self) -> torch.Generator:
         """This process's generator, made on first use (a worker's copy of the decoder makes its own)."""
@@ -297,9 +322,11 @@ class CropDecoder:
         """A RandomResizedCrop box ``(top, left, h, w)`` for an upright image of ``height`` x ``width``."""
         return sample_crop_box(height, width, self.scale, generator=self.generator())
 
-    def __call__(self, source, channels: int = 3, max_pixels: int | None = None) -> torch.Tensor:
+    def __call__(self, source, channels: int = 3, max_pixels: int | None = None) -> torch.Tensor | Region:
         img, box = open_for_crop(source, channels, self.size, self.draw_box, self.reduce, max_pixels)
         flip = self.flip and bool(torch.rand(1, generator=self.generator()) < 0.5)
+        if self.on_device:
+            return crop_region(img, box, self.size, flip)
         return resample_crop(img, box, self.size, flip)
 
     def __getstate__(self) -> dict:  # a worker starts without the parent's generator

@@ -24,14 +24,15 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from ..distributed import SINGLE, DistContext, all_true, gather_objects
 from ..errors import DataError
-from .augment import crop_flip, sample_crop_boxes
+from .augment import crop_flip, resample_regions, sample_crop_boxes
 from .datasets import Dataset, InMemoryImages, skip_summary
-from .images import CropDecoder
+from .images import CropDecoder, Region
 from .shards import SHUFFLE_BUFFER, ShardData, ShardStream
 
 # ---------------------------------------------------------------------------------------------
@@ -49,12 +50,34 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class RegionBatch(NamedTuple):
+    """Workers' :class:`~clmae.data.images.Region` samples as one batch (a NamedTuple, so the DataLoader pins it)."""
+
+    images: torch.Tensor  # uint8 (N, C, H, W), each region at the top left, zero-padded to the largest
+    boxes: torch.Tensor  # (N, 4) float: the crop in its region's pixels
+    flips: torch.Tensor  # (N,) bool
+    sizes: torch.Tensor  # (N, 2): each region's valid (h, w)
+
+
+def collate_regions(regions: list[Region]) -> RegionBatch:
+    height = max(r.pixels.shape[1] for r in regions)
+    width = max(r.pixels.shape[2] for r in regions)
+    images = torch.zeros(len(regions), regions[0].pixels.shape[0], height, width, dtype=torch.uint8)
+    for i, r in enumerate(regions):
+        images[i, :, : r.pixels.shape[1], : r.pixels.shape[2]] = r.pixels
+    return RegionBatch(images, torch.tensor([r.box for r in regions], dtype=torch.float32),
+                       torch.tensor([r.flip for r in regions], dtype=torch.bool),
+                       torch.tensor([r.pixels.shape[1:] for r in regions], dtype=torch.int64))
+
+
 def collate_skipping(batch):
     """Stack the good samples; return ``(images, labels, skipped)`` with the skipped reasons."""
     good = [b for b in batch if b[0] is not None]
     skipped = [(b[1], b[2]) for b in batch if b[0] is None]
     if not good:
         return None, None, skipped
+    if isinstance(good[0][0], Region):
+        return collate_regions([b[0] for b in good]), torch.tensor([b[1] for b in good], dtype=torch.long), skipped
     images = torch.stack([b[0] for b in good])
     labels = torch.tensor([b[1] for b in good], dtype=torch.long)
     return images, labels, skipped
@@ -190,6 +213,7 @@ class BatchSource:
         self.seed = seed
         self.num_workers = num_workers
         self.prefetch = 4
+        self.augment_on = "workers"  # or "device": workers only decode, crops are resampled there in batches
         self._mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
         self._std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
         # uint8 batches from workers are normalised in place in one pass each: (x - 255·mean) · 1/(255·std)
@@ -214,7 +238,8 @@ class BatchSource:
             "no workers (decoded in the training process)"
         pinned = ", pinned memory" if self.device.type == "cuda" else ""
         ahead = f", prefetch {self.prefetch}" if self.num_workers else ""
-        return f"data: {workers}{ahead}{pinned}, JPEGs decoded at the crop's scale"
+        where = ", crops resized on the device" if self.augment_on == "device" else ""
+        return f"data: {workers}{ahead}{pinned}, JPEGs decoded at the crop's scale{where}"
 
     @property
     def skipped_examples(self) -> list[tuple[str, str]]:
@@ -231,6 +256,8 @@ class BatchSource:
             self.record(skipped)
             if images is None:
                 continue
+            if isinstance(images, RegionBatch):  # crops resampled here, on the device, in one batched call
+                images = resample_regions(*(t.to(self.device, non_blocking=True) for t in images), self.img_size)
             pending.append(images)
             count += images.shape[0]
             while count >= self.batch_size:
@@ -254,7 +281,7 @@ class TrainBatches(BatchSource):
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, img_size: int, device: torch.device, seed: int,
-                 num_workers: int = 2, ctx: DistContext = SINGLE, prefetch: int = 4):
+                 num_workers: int = 2, ctx: DistContext = SINGLE, prefetch: int = 4, augment_on: str = "workers"):
         self.ctx = ctx
         self.global_batch = batch_size * ctx.world_size
         if len(dataset) < self.global_batch:
@@ -263,7 +290,7 @@ class TrainBatches(BatchSource):
             raise DataError(f"{dataset.name}: {len(dataset)} training images, fewer than {many}; lower --batch-size "
                             "or use more data")
         super().__init__(dataset, batch_size, img_size, device, seed, num_workers)
-        self.prefetch = prefetch
+        self.prefetch, self.augment_on = prefetch, augment_on
         if isinstance(dataset, InMemoryImages):
             self._images = dataset.images.to(device)
 
@@ -306,7 +333,8 @@ class TrainBatches(BatchSource):
 
     def _folder_epoch(self, order: torch.Tensor, seed: int) -> Iterator[torch.Tensor]:
         files = self.dataset.files
-        files.transform = CropDecoder(self.img_size, seed=seed)  # the seed of the crops drawn without workers
+        # seed: the crops' when drawn without workers
+        files.transform = CropDecoder(self.img_size, seed=seed, on_device=self.augment_on == "device")
         if files.min_side is None:
             # Random crops cover >= 20% of the area: 3x the input size keeps them sharp.
             files.min_side = 3 * self.img_size
@@ -357,7 +385,8 @@ class ShardBatches(BatchSource):
     """
 
     def __init__(self, dataset: ShardData, batch_size: int, img_size: int, device: torch.device, seed: int,
-                 num_workers: int = 2, ctx=None, prefetch: int = 4, buffer: int = SHUFFLE_BUFFER):
+                 num_workers: int = 2, ctx=None, prefetch: int = 4, buffer: int = SHUFFLE_BUFFER,
+                 augment_on: str = "workers"):
         self.ctx = ctx or SINGLE
         if len(dataset) < batch_size * self.ctx.world_size:
             raise DataError(f"{dataset.name}: {len(dataset)} training images, fewer than one global batch "
@@ -365,6 +394,7 @@ class ShardBatches(BatchSource):
         super().__init__(dataset, batch_size, img_size, device, seed, num_workers)
         self.prefetch = prefetch
         self.buffer = buffer
+        self.augment_on = augment_on
 
     def __len__(self) -> int:
         return len(self.dataset) // (self.batch_size * self.ctx.world_size)
@@ -372,10 +402,10 @@ class ShardBatches(BatchSource):
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
         """The remaining batches of ``epoch``. A resumed epoch restarts the stream with a new shuffle."""
         seed = augmentation_seed(self.seed, epoch, start_step) + 7919 * self.ctx.rank
+        crops = CropDecoder(self.img_size, seed=seed, on_device=self.augment_on == "device")
         stream = ShardStream(self.dataset.shards, self.ctx.rank, self.ctx.world_size,
-                             seed=(self.seed * 100_003 + epoch) * 1_000 + start_step,
-                             transform=CropDecoder(self.img_size, seed=seed), channels=self.dataset.channels,
-                             buffer=self.buffer)
+                             seed=(self.seed * 100_003 + epoch) * 1_000 + start_step, transform=crops,
+                             channels=self.dataset.channels, buffer=self.buffer)
         loader = make_loader(stream, self.batch_size, self.device, self.num_workers, prefetch=self.prefetch, seed=seed)
         yield from in_step(self.full_batches(loader), len(self) - start_step, self.ctx)
 
