@@ -327,6 +327,40 @@ def preresized_folder(root: Path, side: int) -> Path:
     return out
 
 
+# An H100/H200 SXM's dense bf16 peak, and the share of it a ViT-B/16 MAE step is assumed to reach: the GPU side of
+# the estimate until a GPU measures it (benchmarks/gpu.py).
+GPU_PEAK_BF16 = 989e12
+GPU_FRACTIONS = (0.25, 0.35, 0.5)
+
+
+def gpu_estimate(result: dict[str, Any]) -> dict[str, Any]:
+    """FLOPs per image of an MAE and a CL-MAE iteration at ViT-B/16, 224 px (counted on the CPU by the trainer's own
+    step, as benchmarks/throughput.py counts them), the img/s a GPU would train at for an assumed share of its
+    peak, and the CPU cores each loader path then needs (its measured img/s per worker core)."""
+    from throughput import Runner, build_trainer
+
+    flops = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in ("mae", "clmae"):
+            args = argparse.Namespace(data="synthetic", data_dir=None, model="vit_base_patch16_224", batch_size=2,
+                                      device="cpu", seed=0, compile=False, masker_every=1, masker_batch_fraction=1.0)
+            flops[method] = Runner(build_trainer(method, args, Path(tmp))).count_flops(1)["iteration"] / 2
+    per_core = result["best_img_per_s_per_worker_core"]
+    out: dict[str, Any] = {
+        "what": "an estimate, not a measurement: FLOPs counted, GPU speed assumed", "model": "vit_base_patch16_224",
+        "flops_per_image": {m: round(f / 1e9, 1) for m, f in flops.items()}, "flops_unit": "GFLOP",
+        "gpu_peak_bf16_tflops": GPU_PEAK_BF16 / 1e12, "assumed_fraction_of_peak": list(GPU_FRACTIONS),
+        "per_method": {},
+    }
+    for method, f in flops.items():
+        rates = [GPU_PEAK_BF16 * share / f for share in GPU_FRACTIONS]
+        out["per_method"][method] = {
+            "gpu_img_per_s": [round(r) for r in rates],
+            "cpu_cores_needed": {path: [round(r / v, 1) for r in rates] for path, v in per_core.items() if v},
+        }
+    return {**out, **git_state(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="200 photos instead of 2,000 (a check, not a measurement)")
@@ -339,7 +373,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=None, help="folder for the photos and shards (default: temp folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="benchmarks/results/loader.json")
+    p.add_argument("--estimate-only", action="store_true",
+                   help="only (re)count the GPU estimate (ViT-B FLOPs; ~1 min) into an existing --output JSON")
+    p.add_argument("--no-estimate", action="store_true", help="leave out the GPU estimate")
     args = p.parse_args(argv)
+    if args.estimate_only:
+        import json
+
+        result = json.loads(Path(args.output).read_text())
+        result["gpu_estimate"] = gpu_estimate(result)
+        write_json(args.output, result)
+        return 0
     torch.set_num_threads(1)  # per core: one thread per process, the loaders' usual setting
     n = args.images or (200 if args.quick else 2000)
     batch = min(args.batch_size, 32) if args.quick else args.batch_size
@@ -428,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
                          "per-core figure counts that, their per-worker-core figure what a GPU run costs the CPU"},
         "seconds": round(time.perf_counter() - began, 1),
     }
+    if not args.no_estimate:
+        result["gpu_estimate"] = gpu_estimate(result)
     write_json(args.output, result)
     return 0
 
