@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     # the GPU; here they run on this CPU and are left out of this figure).
     wbest = {name: max((r["img_per_s_per_worker_core"] or 0.0) for r in per.values()) for name, per in runs.items()}
     wbase = wbest["torchvision"]
-    wratios = {name: round(v / wbase, 2) for name, v in wbest.items()}
+    wratios = {name: round(v / wbase, 2) if wbase else None for name, v in wbest.items()}
     wfastest = max((k for k in wbest if k.startswith("clmae")), key=wbest.get)
     print(f"best per worker core vs torchvision: {wratios}; fastest clmae path: {wfastest} ({wratios[wfastest]}x)")
     # The strictest comparison: clmae's workers against the baseline's best figure of either kind (its best is
