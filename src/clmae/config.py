@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .maskers import DEFAULT_METHOD, METHODS, option_owners
 from .maskers.options import StrategyOptions
 from .models.configs import MODEL_CONFIGS
-from .options import DEVICE_CHOICES, PRECISIONS, check_option, flag, one_of, opt
+from .options import AUGMENT_ON, DEVICE_CHOICES, PRECISIONS, check_option, flag, one_of, opt
 
 
 @dataclass
@@ -35,7 +35,13 @@ class PretrainConfig:
     subset: int | None = opt(None, "train on the first N images only")
     img_size: int | None = opt(None, "input resolution in px (default: about the data's own, see `clmae models`); "
                                      "given alone, the model and patch size follow it")
-    num_workers: int = opt(2, "DataLoader workers for image folders")
+    num_workers: int = opt(2, "DataLoader workers per process for image folders and shards; -1: the CPU cores this "
+                              "process may use, shared by the ranks on its machine, less one for each training "
+                              "process")
+    prefetch: int = opt(4, "batches each DataLoader worker keeps decoded ahead (image folders and shards)")
+    augment_on: str = opt("workers", "where image folders' and shards' crops are resized: workers (each image in its "
+                                     "DataLoader worker) or device (batched on the training device; workers only "
+                                     "decode)", choices=AUGMENT_ON)
     # method and model
     method: str = opt(DEFAULT_METHOD, "masking strategy: clmae (learned curriculum masking), mae (random), block "
                                       "(BEiT), hpm (hard patches mining), attmask (attention-guided), colormae "
@@ -132,7 +138,9 @@ class PretrainConfig:
         need(self.subset is None or self.subset >= 1, "subset", "an integer >= 1")
         need(self.img_size is None or self.img_size >= 1, "img_size", "a positive integer")
         need(self.patch_size is None or self.patch_size >= 1, "patch_size", "a positive integer")
-        need(self.num_workers >= 0, "num_workers", "an integer >= 0")
+        need(self.num_workers >= -1, "num_workers", "an integer >= 0, or -1 for the cores per rank")
+        need(self.prefetch >= 1, "prefetch", "an integer >= 1")
+        need(self.augment_on in AUGMENT_ON, "augment_on", one_of(AUGMENT_ON))
         need(self.save_every >= 0, "save_every", "an integer >= 0")
         need(self.log_every >= 1, "log_every", "an integer >= 1")
         need(self.eval_every >= 0, "eval_every", "an integer >= 0")

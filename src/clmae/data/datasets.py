@@ -31,7 +31,16 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
-from .images import ImageTooLarge, channel_stats, default_stats, list_image_folder, open_image, skip_reason
+from .images import (
+    GRAY_MODES,
+    CropDecoder,
+    ImageTooLarge,
+    channel_stats,
+    default_stats,
+    list_image_folder,
+    open_image,
+    skip_reason,
+)
 from .shards import ShardData, is_shard_spec, load_shards
 
 BUILTIN = ("digits", "cifar10")  # dataset names --data accepts besides paths
@@ -336,6 +345,8 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             if path.stat().st_size == 0:
                 return None, str(path), "empty file: 0 bytes"
+            if isinstance(self.transform, CropDecoder):  # decodes the file itself, only as large as its crop needs
+                return self.transform(path, self.channels, self.max_pixels), label, None
             img = open_image(path, self.channels, self.min_side, self.max_pixels)
             x = self.transform(img) if self.transform is not None else img
             return x, label, None
@@ -429,7 +440,6 @@ def load_dataset(data: str, data_dir: str | None = None, split: str = "train", c
 # What the data looks like: native size and channels (the default model is chosen from them)
 
 SCAN_SAMPLE = 200  # file headers read to measure a folder
-GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
 def skip_summary(counts: Counter) -> str:

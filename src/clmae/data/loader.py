@@ -17,20 +17,22 @@ reason. :func:`make_loader` is the one place DataLoaders are configured.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import signal
 import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from ..distributed import SINGLE, DistContext, all_true, gather_objects
 from ..errors import DataError
-from .augment import crop_flip, sample_crop_boxes
+from .augment import crop_flip, resample_regions, sample_crop_boxes
 from .datasets import Dataset, InMemoryImages, skip_summary
-from .images import train_transform
+from .images import CropDecoder, Region
 from .shards import SHUFFLE_BUFFER, ShardData, ShardStream
 
 # ---------------------------------------------------------------------------------------------
@@ -48,12 +50,34 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class RegionBatch(NamedTuple):
+    """Workers' :class:`~clmae.data.images.Region` samples as one batch (a NamedTuple, so the DataLoader pins it)."""
+
+    images: torch.Tensor  # uint8 (N, C, H, W), each region at the top left, zero-padded to the largest
+    boxes: torch.Tensor  # (N, 4) float: the crop in its region's pixels
+    flips: torch.Tensor  # (N,) bool
+    sizes: torch.Tensor  # (N, 2): each region's valid (h, w)
+
+
+def collate_regions(regions: list[Region]) -> RegionBatch:
+    height = max(r.pixels.shape[1] for r in regions)
+    width = max(r.pixels.shape[2] for r in regions)
+    images = torch.zeros(len(regions), regions[0].pixels.shape[0], height, width, dtype=torch.uint8)
+    for i, r in enumerate(regions):
+        images[i, :, : r.pixels.shape[1], : r.pixels.shape[2]] = r.pixels
+    return RegionBatch(images, torch.tensor([r.box for r in regions], dtype=torch.float32),
+                       torch.tensor([r.flip for r in regions], dtype=torch.bool),
+                       torch.tensor([r.pixels.shape[1:] for r in regions], dtype=torch.int64))
+
+
 def collate_skipping(batch):
     """Stack the good samples; return ``(images, labels, skipped)`` with the skipped reasons."""
     good = [b for b in batch if b[0] is not None]
     skipped = [(b[1], b[2]) for b in batch if b[0] is None]
     if not good:
         return None, None, skipped
+    if isinstance(good[0][0], Region):
+        return collate_regions([b[0] for b in good]), torch.tensor([b[1] for b in good], dtype=torch.long), skipped
     images = torch.stack([b[0] for b in good])
     labels = torch.tensor([b[1] for b in good], dtype=torch.long)
     return images, labels, skipped
@@ -126,13 +150,27 @@ def worker_context():
     return context
 
 
+def worker_count(requested: int, local_ranks: int | None = None) -> int:
+    """DataLoader workers per rank: ``requested``, or for ``-1`` the CPU cores this process may use (its affinity:
+    what SLURM or taskset granted) shared by the ranks on this machine (``LOCAL_WORLD_SIZE``, set by torchrun),
+    less one core for each rank's training process; at least 1."""
+    if requested >= 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ranks = local_ranks if local_ranks is not None else int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cores // max(1, ranks) - 1)
+
+
 def make_loader(dataset, batch_size: int, device: torch.device, num_workers: int, *, sampler=None,
                 shuffle: bool = False, drop_last: bool = False, seed: int | None = None,
                 prefetch: int = 4) -> torch.utils.data.DataLoader:
     """A DataLoader over a dataset that yields ``(x, label, None)`` or ``(None, key, reason)`` samples.
 
     Batches come out of :func:`collate_skipping`; workers ignore stop signals (the training process
-    saves a checkpoint first); memory is pinned for CUDA. ``seed`` fixes the workers' random streams.
+    saves a checkpoint first); memory is pinned for CUDA only (elsewhere pinning is a copy for nothing).
+    ``seed`` fixes the workers' random streams. Workers are not persistent: each epoch's loader starts its own
+    from a fork server (:func:`worker_context`) in a fraction of a second, which keeps every epoch's crops a
+    function of the seed and the epoch alone.
     """
     workers = num_workers > 0
     return torch.utils.data.DataLoader(
@@ -174,8 +212,12 @@ class BatchSource:
         self.device = device
         self.seed = seed
         self.num_workers = num_workers
+        self.prefetch = 4
+        self.augment_on = "workers"  # or "device": workers only decode, crops are resampled there in batches
         self._mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
         self._std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
+        # uint8 batches from workers are normalised in place in one pass each: (x - 255·mean) · 1/(255·std)
+        self._shift, self._gain = self._mean * 255.0, 1.0 / (self._std * 255.0)
         self.bad_files: dict[str, str] = {}  # path (or shard key) → reason
 
     def record(self, skipped: list[tuple[str, str]]) -> None:
@@ -186,6 +228,18 @@ class BatchSource:
     def skipped(self) -> Counter:
         """How many distinct files were skipped, by reason (``empty file``, ``not an image``, …)."""
         return Counter(reason.split(":")[0] for reason in self.bad_files.values())
+
+    def describe(self) -> str:
+        """How batches are made, for the run's header line: ``"data: 10 workers, prefetch 4, pinned memory, …"``
+        (empty for in-memory data: it is on the device and augmented there, no DataLoader)."""
+        if isinstance(self.dataset, InMemoryImages):
+            return ""
+        workers = f"{self.num_workers} worker{'s' if self.num_workers != 1 else ''}" if self.num_workers else \
+            "no workers (decoded in the training process)"
+        pinned = ", pinned memory" if self.device.type == "cuda" else ""
+        ahead = f", prefetch {self.prefetch}" if self.num_workers else ""
+        where = ", crops resized on the device" if self.augment_on == "device" else ""
+        return f"data: {workers}{ahead}{pinned}, JPEGs decoded at the crop's scale{where}"
 
     @property
     def skipped_examples(self) -> list[tuple[str, str]]:
@@ -202,14 +256,16 @@ class BatchSource:
             self.record(skipped)
             if images is None:
                 continue
+            if isinstance(images, RegionBatch):  # crops resampled here, on the device, in one batched call
+                images = resample_regions(*(t.to(self.device, non_blocking=True) for t in images), self.img_size)
             pending.append(images)
             count += images.shape[0]
             while count >= self.batch_size:
                 cat = torch.cat(pending)
                 batch, rest = cat[: self.batch_size], cat[self.batch_size :]
                 pending, count = ([rest] if rest.shape[0] else []), rest.shape[0]
-                x = batch.to(self.device, non_blocking=True).float().div_(255.0)
-                yield (x - self._mean) / self._std
+                x = batch.to(self.device, non_blocking=True).float()
+                yield x.sub_(self._shift).mul_(self._gain)
 
 
 class TrainBatches(BatchSource):
@@ -225,7 +281,7 @@ class TrainBatches(BatchSource):
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, img_size: int, device: torch.device, seed: int,
-                 num_workers: int = 2, ctx: DistContext = SINGLE):
+                 num_workers: int = 2, ctx: DistContext = SINGLE, prefetch: int = 4, augment_on: str = "workers"):
         self.ctx = ctx
         self.global_batch = batch_size * ctx.world_size
         if len(dataset) < self.global_batch:
@@ -234,6 +290,7 @@ class TrainBatches(BatchSource):
             raise DataError(f"{dataset.name}: {len(dataset)} training images, fewer than {many}; lower --batch-size "
                             "or use more data")
         super().__init__(dataset, batch_size, img_size, device, seed, num_workers)
+        self.prefetch, self.augment_on = prefetch, augment_on
         if isinstance(dataset, InMemoryImages):
             self._images = dataset.images.to(device)
 
@@ -276,11 +333,13 @@ class TrainBatches(BatchSource):
 
     def _folder_epoch(self, order: torch.Tensor, seed: int) -> Iterator[torch.Tensor]:
         files = self.dataset.files
-        files.transform = train_transform(self.img_size)
+        # seed: the crops' when drawn without workers
+        files.transform = CropDecoder(self.img_size, seed=seed, on_device=self.augment_on == "device")
         if files.min_side is None:
             # Random crops cover >= 20% of the area: 3x the input size keeps them sharp.
             files.min_side = 3 * self.img_size
-        loader = make_loader(files, self.batch_size, self.device, self.num_workers, sampler=order.tolist(), seed=seed)
+        loader = make_loader(files, self.batch_size, self.device, self.num_workers, sampler=order.tolist(), seed=seed,
+                             prefetch=self.prefetch)
         yielded = 0
         for batch in self.full_batches(loader):
             yielded += 1
@@ -326,7 +385,8 @@ class ShardBatches(BatchSource):
     """
 
     def __init__(self, dataset: ShardData, batch_size: int, img_size: int, device: torch.device, seed: int,
-                 num_workers: int = 2, ctx=None, prefetch: int = 4, buffer: int = SHUFFLE_BUFFER):
+                 num_workers: int = 2, ctx=None, prefetch: int = 4, buffer: int = SHUFFLE_BUFFER,
+                 augment_on: str = "workers"):
         self.ctx = ctx or SINGLE
         if len(dataset) < batch_size * self.ctx.world_size:
             raise DataError(f"{dataset.name}: {len(dataset)} training images, fewer than one global batch "
@@ -334,19 +394,19 @@ class ShardBatches(BatchSource):
         super().__init__(dataset, batch_size, img_size, device, seed, num_workers)
         self.prefetch = prefetch
         self.buffer = buffer
+        self.augment_on = augment_on
 
     def __len__(self) -> int:
         return len(self.dataset) // (self.batch_size * self.ctx.world_size)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
         """The remaining batches of ``epoch``. A resumed epoch restarts the stream with a new shuffle."""
-        seed = augmentation_seed(self.seed, epoch, start_step)
+        seed = augmentation_seed(self.seed, epoch, start_step) + 7919 * self.ctx.rank
+        crops = CropDecoder(self.img_size, seed=seed, on_device=self.augment_on == "device")
         stream = ShardStream(self.dataset.shards, self.ctx.rank, self.ctx.world_size,
-                             seed=(self.seed * 100_003 + epoch) * 1_000 + start_step,
-                             transform=train_transform(self.img_size), channels=self.dataset.channels,
-                             buffer=self.buffer)
-        loader = make_loader(stream, self.batch_size, self.device, self.num_workers, prefetch=self.prefetch,
-                             seed=seed + 7919 * self.ctx.rank)
+                             seed=(self.seed * 100_003 + epoch) * 1_000 + start_step, transform=crops,
+                             channels=self.dataset.channels, buffer=self.buffer)
+        loader = make_loader(stream, self.batch_size, self.device, self.num_workers, prefetch=self.prefetch, seed=seed)
         yield from in_step(self.full_batches(loader), len(self) - start_step, self.ctx)
 
 

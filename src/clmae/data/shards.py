@@ -17,10 +17,12 @@ are cycled if it runs short), so no rank ever waits for another in a collective.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import io
 import json
 import random
 import re
+import statistics
 import sys
 import tarfile
 import warnings
@@ -29,9 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from ..errors import DataError
-from .images import IMAGE_EXTENSIONS, default_stats, list_image_folder, open_image
+from .images import (
+    GRAY_MODES,
+    IMAGE_EXTENSIONS,
+    CropDecoder,
+    default_stats,
+    list_image_folder,
+    open_image,
+    upright_size,
+)
 
 SIZES_FILE = "sizes.json"  # {shard file name: number of samples}, written by write_shards
 IMAGE_EXTS = {e.lstrip(".") for e in IMAGE_EXTENSIONS}
@@ -193,8 +204,11 @@ def shard_sizes(shards: list[Path]) -> list[int]:
 
 
 def decode(data: bytes, channels: int, transform) -> torch.Tensor:
+    """One sample's image bytes through ``transform``: a :class:`CropDecoder` decodes them itself."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if isinstance(transform, CropDecoder):
+            return transform(io.BytesIO(data), channels)
         img = open_image(io.BytesIO(data), channels)
     return transform(img)
 
@@ -311,16 +325,61 @@ class ShardStream(torch.utils.data.IterableDataset):
 # Writing
 
 
+RESIZED_FILE = "resized.json"  # {prefix: what write_shards(resize=...) did and the originals' statistics}
+
+
+def preresize(data: bytes, side: int, quality: int = 90) -> tuple[bytes, str, tuple[int, int] | None]:
+    """``(bytes, extension, original (width, height))`` of one image stored with its shorter side at most ``side``.
+
+    Larger images are decoded upright (:func:`open_image`: EXIF orientation applied, RGB or L kept), resized
+    (bicubic, antialiased) so the shorter side is ``side`` and re-encoded as JPEG at ``quality``; others keep their
+    bytes. An unreadable file keeps its bytes too (``None`` size), so training skips and counts it as before.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as head:
+            channels = 1 if head.mode in GRAY_MODES else 3
+            original = upright_size(head)
+        if min(original) <= side:
+            return data, "", original
+        img = open_image(io.BytesIO(data), channels, min_side=side)  # JPEGs far larger than side decode reduced
+    except Exception:  # noqa: BLE001 — stored as it is; the reader reports it
+        return data, "", None
+    w, h = img.size
+    size = (side, max(side, round(h * side / w))) if w <= h else (max(side, round(w * side / h)), side)
+    out = io.BytesIO()
+    img.resize(size, Image.Resampling.BICUBIC).save(out, "JPEG", quality=quality)
+    return out.getvalue(), "jpg", original
+
+
+def _stored(job: tuple[Path, int | None, int]) -> tuple[bytes, str, tuple[int, int] | None]:
+    path, side, quality = job
+    data = path.read_bytes()
+    if side is None:
+        return data, "", None
+    return preresize(data, side, quality)
+
+
+def _spread(values: list[int]) -> dict[str, int]:
+    return {"min": min(values), "median": int(statistics.median_low(values)), "max": max(values)} if values else {}
+
+
 def write_shards(source: str | Path, out_dir: str | Path, shard_size: int = 1000, prefix: str = "shard",
-                 shuffle_seed: int | None = 0) -> list[Path]:
+                 shuffle_seed: int | None = 0, resize: int | None = None, quality: int = 90,
+                 workers: int = 0) -> list[Path]:
     """Pack an image folder (ImageFolder layout or flat) into tar shards with ``KEY.ext`` and ``KEY.cls``.
 
-    The images' bytes are stored as they are (no re-encoding). Files are shuffled once with
-    ``shuffle_seed`` (``None`` keeps the sorted order) so every shard mixes classes. Writes
-    ``sizes.json`` beside the shards so training need not count samples.
+    The images' bytes are stored as they are (no re-encoding), or with ``resize`` pre-resized so the shorter side
+    is at most ``resize`` px (JPEG at ``quality``; :func:`preresize`), the usual ImageNet trick: a smaller JPEG
+    decodes in a fraction of the time; the originals' sizes and bytes go to ``resized.json``. Files are shuffled
+    once with ``shuffle_seed`` (``None`` keeps the sorted order) so every shard mixes classes. Writes ``sizes.json``
+    beside the shards so training need not count samples. ``workers`` processes re-encode in parallel.
     """
     if shard_size < 1:
         raise DataError(f"shard size must be >= 1, got {shard_size}")
+    if resize is not None and resize < 8:
+        raise DataError(f"--resize must be at least 8 px, got {resize}")
+    if not 1 <= quality <= 100:
+        raise DataError(f"--quality must be 1..100, got {quality}")
     files, labels, classes = list_image_folder(Path(source))
     items = list(zip(files, labels or [-1] * len(files)))
     if shuffle_seed is not None:
@@ -329,23 +388,46 @@ def write_shards(source: str | Path, out_dir: str | Path, shard_size: int = 1000
     out.mkdir(parents=True, exist_ok=True)
     width = max(4, len(str((len(items) - 1) // shard_size)))
     written, sizes = [], {}
-    for start in range(0, len(items), shard_size):
-        name = f"{prefix}-{start // shard_size:0{width}d}.tar"
-        chunk = items[start:start + shard_size]
-        with tarfile.open(out / name, "w") as tar:
-            for i, (path, label) in enumerate(chunk):
-                key = f"{start + i:09d}"
-                ext = path.suffix.lower().lstrip(".")
-                _add_member(tar, f"{key}.{ext}", path.read_bytes())
-                if label >= 0:
-                    _add_member(tar, f"{key}.cls", str(label).encode())
-        written.append(out / name)
-        sizes[name] = len(chunk)
+    originals: list[tuple[int, int]] = []
+    counts = {"resized": 0, "kept": 0, "unreadable": 0, "original_bytes": 0, "stored_bytes": 0}
+    pool = concurrent.futures.ProcessPoolExecutor(workers) if workers > 0 and resize is not None else None
+    try:
+        for start in range(0, len(items), shard_size):
+            name = f"{prefix}-{start // shard_size:0{width}d}.tar"
+            chunk = items[start:start + shard_size]
+            jobs = [(path, resize, quality) for path, _ in chunk]  # one shard's images in memory at a time
+            stored = pool.map(_stored, jobs, chunksize=16) if pool is not None else map(_stored, jobs)
+            with tarfile.open(out / name, "w") as tar:
+                for i, (path, label) in enumerate(chunk):
+                    key = f"{start + i:09d}"
+                    data, ext, original = next(stored)
+                    if resize is not None:
+                        counts["original_bytes"] += path.stat().st_size
+                        counts["stored_bytes"] += len(data)
+                        counts["unreadable" if original is None else "resized" if ext else "kept"] += 1
+                        if original is not None:
+                            originals.append(original)
+                    _add_member(tar, f"{key}.{ext or path.suffix.lower().lstrip('.')}", data)
+                    if label >= 0:
+                        _add_member(tar, f"{key}.cls", str(label).encode())
+            written.append(out / name)
+            sizes[name] = len(chunk)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     index = out / SIZES_FILE
     previous = json.loads(index.read_text()) if index.is_file() else {}
     index.write_text(json.dumps({**previous, **sizes}, indent=1))
     if classes:
         (out / "classes.json").write_text(json.dumps(classes))
+    if resize is not None:
+        record = {"shorter_side": resize, "quality": quality, "images": len(items), **counts,
+                  "original": {"shorter_side_px": _spread([min(s) for s in originals]),
+                               "width_px": _spread([s[0] for s in originals]),
+                               "height_px": _spread([s[1] for s in originals])}}
+        stats = out / RESIZED_FILE
+        before = json.loads(stats.read_text()) if stats.is_file() else {}
+        stats.write_text(json.dumps({**before, prefix: record}, indent=1))
     return written
 
 
@@ -362,9 +444,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("output", help="folder for the .tar shards")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000, ~100 MB for ImageNet)")
     p.add_argument("--prefix", default="shard", help="shard file name prefix")
+    p.add_argument("--resize", type=int, default=None, metavar="PX",
+                   help="store images pre-resized, shorter side at most PX (e.g. 256; default: the original bytes)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of pre-resized images (default 90)")
+    p.add_argument("--workers", type=int, default=0, help="processes that pre-resize in parallel (default 0: this one)")
     args = p.parse_args(argv)
     try:
-        shards = write_shards(args.source, args.output, args.shard_size, args.prefix)
+        shards = write_shards(args.source, args.output, args.shard_size, args.prefix, resize=args.resize,
+                              quality=args.quality, workers=args.workers)
     except DataError as exc:
         print(f"clmae: error: {exc}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ import torch
 
 from ..config import PretrainConfig
 from ..data.datasets import Dataset, FolderData, load_dataset, scan_data
-from ..data.loader import ShardBatches, TrainBatches
+from ..data.loader import ShardBatches, TrainBatches, worker_count
 from ..data.shards import ShardData
 from ..distributed import SINGLE, DistContext, on_main, wrap
 from ..distributed import setup as setup_distributed
@@ -95,7 +95,8 @@ def build_data(cfg: PretrainConfig, dist: DistContext, device: torch.device) -> 
     mc = model_config(choice.name, in_chans=dataset.channels, img_size=choice.img_size, patch_size=choice.patch_size,
                       norm_pix_loss=cfg.norm_pix_loss or None)
     kind = ShardBatches if isinstance(dataset, ShardData) else TrainBatches
-    batches = kind(dataset, cfg.batch_size, mc.img_size, device, cfg.seed, cfg.num_workers, dist)
+    batches = kind(dataset, cfg.batch_size, mc.img_size, device, cfg.seed, worker_count(cfg.num_workers), dist,
+                   prefetch=cfg.prefetch, augment_on=cfg.augment_on)
     return RunData(dataset, scan, choice, mc, batches)
 
 

@@ -111,6 +111,11 @@ class RunView:
         return self._trainer.dataset
 
     @property
+    def input_pipeline(self) -> str:
+        """How batches are made (workers, prefetch, pinned memory), as the header line says it."""
+        return self._trainer.batches.describe()
+
+    @property
     def data_scan(self):
         """The data's native size and channels, as measured (:class:`clmae.data.datasets.DataScan`)."""
         return self._trainer.data_scan

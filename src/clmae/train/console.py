@@ -73,9 +73,10 @@ def header_line(run: RunView) -> str:
             why += "; --model/--img-size to override"
         elif scan.size and scan.size != mc.img_size:
             why += f"; the data is {scan.size} px"
+    pipeline = f", {run.input_pipeline}" if run.input_pipeline else ""
     return (f"clmae: {cfg.method} on {run.dataset.name} ({len(run.dataset)} images{native}, {colour}), "
             f"model {choice.name} at {mc.img_size} px ({why}), {mc.grid_size}x{mc.grid_size} patches of "
-            f"{mc.patch_size} px, device {run.device}, {run.precision}, output {run.output_dir}")
+            f"{mc.patch_size} px, device {run.device}, {run.precision}{pipeline}, output {run.output_dir}")
 
 
 def _number(value: Any) -> float | None:

@@ -1,0 +1,172 @@
+"""Reduced-size JPEG decoding for training crops: the crop equals a full decode's within a stated tolerance.
+
+:func:`clmae.data.images.open_for_crop` decodes a JPEG at 1/2, 1/4 or 1/8 scale when the crop that will be
+taken still spans the output size there. These tests decode photo-like JPEGs (a real photograph with noise, so
+the DCT coefficients are those of a camera image) of several sizes, RGB, grayscale, CMYK and EXIF-rotated, both
+ways, and compare the same crops.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sklearn.datasets
+import torch
+from PIL import Image
+
+from clmae.data.images import CropDecoder, dct_scale, open_for_crop, open_image, resample_crop
+
+SIZE = 64
+# uint8 levels, the tolerance open_for_crop documents. Measured on these noisy photos: 0.4-3.6; saving the same
+# photos once more as JPEG at quality 90 changes them by 1.8-4.1 (the DCT's reduction is another low-pass filter).
+MEAN_TOLERANCE = 4.0
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A camera-like image of any size: a real photograph resampled, plus sensor-like noise."""
+    src = Image.open(Path(sklearn.datasets.__file__).parent / "images" / "china.jpg").convert("RGB")
+    a = np.asarray(src.resize((width, height), Image.Resampling.BICUBIC)).astype(np.float32)
+    a += np.random.default_rng(seed).normal(0, 3, a.shape)
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def both_ways(data: bytes, box, channels: int = 3):
+    reduced, rbox = open_for_crop(io.BytesIO(data), channels, SIZE, box, reduce=True)
+    full, fbox = open_for_crop(io.BytesIO(data), channels, SIZE, box, reduce=False)
+    a = resample_crop(reduced, rbox, SIZE).numpy().astype(np.float64)
+    b = resample_crop(full, fbox, SIZE).numpy().astype(np.float64)
+    return reduced.size, full.size, np.abs(a - b)
+
+
+CASES = [  # (width, height, mode): several sizes, the three JPEG colour spaces
+    (500, 375, "RGB"), (1200, 800, "RGB"), (2400, 1800, "RGB"), (700, 900, "L"), (1000, 1000, "CMYK"),
+]
+
+
+@pytest.mark.parametrize("width,height,mode", CASES)
+def test_reduced_decoding_gives_the_full_decodes_crop_within_tolerance(width, height, mode):
+    data = jpeg(photo(width, height).convert(mode))
+    channels = 1 if mode == "L" else 3
+    short = min(width, height)
+    boxes = [(0, 0, height, width), (10, 20, short // 2, short // 2), (height // 3, width // 4, short // 3, short // 4),
+             (5, 7, 2 * SIZE + 3, 3 * SIZE), (1, 1, SIZE + 9, SIZE + 17)]
+    reduced_any = False
+    for box in boxes:
+        scale = dct_scale(box[2], box[3], SIZE)
+        rsize, fsize, diff = both_ways(data, box, channels)
+        assert fsize == (width, height)
+        assert rsize == (-(-width // scale), -(-height // scale))  # decoded at the scale the crop allows
+        reduced_any |= scale > 1
+        assert diff.mean() <= MEAN_TOLERANCE, (box, scale, diff.mean())
+    assert reduced_any
+
+
+def test_the_full_decode_path_is_open_image_and_the_same_crop_exactly_also_for_a_rotated_photo():
+    """reduce=False is the reference the tolerance is stated against: the upright image, the box resampled."""
+    img = photo(900, 600)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: seen as 600 wide, 900 high
+    data = jpeg(img, exif=exif.tobytes())
+    box = (100, 50, 500, 400)  # top, left, h, w in the upright image (900 high, 600 wide)
+    full, fbox = open_for_crop(io.BytesIO(data), 3, SIZE, box, reduce=False)
+    assert full.size == (600, 900) and fbox == box
+    seen = open_image(io.BytesIO(data))
+    want = resample_crop(seen, box, SIZE, flip=True)
+    assert torch.equal(resample_crop(full, fbox, SIZE, flip=True), want)
+    # torchvision's crop-then-resize: the same but at the edges, where resampling in place reads the filter's margin
+    # beyond the box instead of repeating its border.
+    cropped = torch.from_numpy(np.array(seen.crop((50, 100, 450, 600)).resize(
+        (SIZE, SIZE), Image.Resampling.BICUBIC).transpose(Image.Transpose.FLIP_LEFT_RIGHT))).permute(2, 0, 1)
+    edge = (want.float() - cropped.float()).abs()
+    assert torch.equal(want[:, 2:-2, 2:-2], cropped[:, 2:-2, 2:-2]) and edge.mean() < 0.5, edge.mean()
+    reduced, rbox = open_for_crop(io.BytesIO(data), 3, SIZE, box, reduce=True)
+    assert reduced.size == (150, 225)  # 1/4 scale: the crop is still 100 x 125 px there
+    diff = np.abs(resample_crop(reduced, rbox, SIZE).numpy().astype(float) - want.flip(-1).numpy())
+    assert diff.mean() <= MEAN_TOLERANCE
+
+
+def test_one_images_crop_box_is_the_batched_samplers_for_one_image():
+    from clmae.data.augment import sample_crop_box, sample_crop_boxes
+
+    for seed in range(300):
+        for height, width in ((375, 500), (500, 333), (64, 64), (900, 30)):
+            torch.manual_seed(seed)
+            batched = tuple(sample_crop_boxes(1, height, width, None)[0].tolist())
+            torch.manual_seed(seed)
+            assert tuple(float(v) for v in sample_crop_box(height, width)) == batched
+
+
+def test_the_crop_decoder_draws_box_and_flip_from_its_own_seeded_generator():
+    """Without workers the crops come from ``seed`` alone, never from (or into) torch's global generator."""
+    from clmae.data.augment import sample_crop_box
+
+    data = jpeg(photo(640, 480))
+    decoder = CropDecoder(SIZE, scale=(0.2, 1.0), seed=3)
+    state = torch.get_rng_state()
+    got = [decoder(io.BytesIO(data)) for _ in range(4)]
+    assert torch.equal(torch.get_rng_state(), state)
+    g = torch.Generator().manual_seed(3)
+    for x in got:
+        box = sample_crop_box(480, 640, (0.2, 1.0), generator=g)
+        flip = bool(torch.rand(1, generator=g) < 0.5)
+        img, rbox = open_for_crop(io.BytesIO(data), 3, SIZE, box, reduce=True)
+        assert x.dtype == torch.uint8 and x.shape == (3, SIZE, SIZE)
+        assert torch.equal(x, resample_crop(img, rbox, SIZE, flip))
+    assert not torch.equal(got[0], got[1])
+    gray = CropDecoder(SIZE)(io.BytesIO(jpeg(photo(640, 480).convert("L"))), channels=1)
+    assert gray.shape == (1, SIZE, SIZE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crops resampled on the device (--augment-on device): workers only decode and cut the region a crop reads
+
+
+def test_batched_resampling_of_regions_matches_pillows_crop_within_a_fraction_of_a_level():
+    from clmae.data.augment import resample_regions
+    from clmae.data.images import crop_region
+    from clmae.data.loader import collate_regions
+
+    img = photo(500, 375)
+    boxes = [(0, 0, 375, 500), (10, 20, 187, 187), (200, 300, 175, 200), (0, 430, 40, 70), (300, 0, 75, 60),
+             (12.5, 7.25, 140.5, 99.75)]  # whole image, edges, upscaled crops, a fractional (DCT-scaled) box
+    want, regions = [], []
+    for i, box in enumerate(boxes):
+        flip = i % 2 == 1
+        want.append(resample_crop(img, box, SIZE, flip).float())
+        regions.append(crop_region(img, box, SIZE, flip))
+    assert regions[1].pixels.shape[1:] < (375, 500)  # a region, not the image
+    batch = collate_regions(regions)
+    got = resample_regions(*batch, SIZE)
+    assert got.shape == (len(boxes), 3, SIZE, SIZE) and got.dtype == torch.float32
+    diff = (got - torch.stack(want)).abs()
+    assert diff.mean() < 0.35 and diff.max() <= 2.0, (diff.mean(), diff.max())  # Pillow rounds between its passes
+
+
+def test_device_augmentation_gives_the_workers_batches(tmp_path):
+    """The same random numbers are drawn either way: --augment-on device trains on the crops workers would make."""
+    from clmae.data.datasets import load_dataset
+    from clmae.data.loader import ShardBatches, TrainBatches
+    from clmae.data.shards import write_shards
+
+    for i in range(12):
+        (tmp_path / "photos").mkdir(exist_ok=True)
+        photo(90 + 7 * i, 70 + 5 * i, seed=i).save(tmp_path / "photos" / f"{i:02d}.jpg", quality=90)
+    write_shards(tmp_path / "photos", tmp_path / "shards", shard_size=4)
+    for data, kind in ((tmp_path / "photos", TrainBatches), (tmp_path / "shards", ShardBatches)):
+        out = {}
+        for where in ("workers", "device"):
+            batches = kind(load_dataset(str(data)), 4, 32, torch.device("cpu"), seed=1, num_workers=0,
+                           augment_on=where)
+            out[where] = torch.cat(list(batches.epoch(0)))
+        assert out["device"].shape == out["workers"].shape == (12, 3, 32, 32)
+        diff = (out["device"] - out["workers"]).abs() * 255 * 0.225  # normalised units back to ~uint8 levels
+        assert diff.mean() < 0.35, (kind.__name__, diff.mean())
