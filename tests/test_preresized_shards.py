@@ -126,3 +126,11 @@ def test_a_preresized_shard_set_trains_from_the_command_line_and_resumes_exactly
     cli = torch.load(tmp_path / "cli" / "checkpoint-last.pt", weights_only=True)["weights"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(torch.equal(a[k], cli[k]) for k in a)  # the command line trains the same run
+
+
+def test_parallel_preresizing_writes_the_same_shards(resized, tmp_path):
+    src, shards = resized
+    write_shards(src, tmp_path / "parallel", shard_size=8, resize=SIDE, quality=90, workers=2)
+    assert members(tmp_path / "parallel") == members(shards / "train")
+    assert (json.loads((tmp_path / "parallel" / RESIZED_FILE).read_text())
+            == json.loads((shards / "train" / RESIZED_FILE).read_text()))
