@@ -255,7 +255,8 @@ def test_a_run_of_a_few_slow_iterations_says_its_eta_after_the_first_with_the_it
     mc = SimpleNamespace(img_size=224, grid_size=14, patch_size=16)
     photos = type("Photos", (), {"name": "photos", "channels": 3, "notes": [], "__len__": lambda self: 160})()
     run = SimpleNamespace(iteration=0, epoch=0, epochs=1, steps_per_epoch=2, global_batch=64,
-                          device=torch.device("cpu"), precision="fp32", dataset=photos, model_config=mc,
+                          device=torch.device("cpu"), precision="fp32", input_pipeline="", dataset=photos,
+                          model_config=mc,
                           cfg=SimpleNamespace(method="clmae", model=None), data_scan=SimpleNamespace(size=200),
                           resumed=False, output_dir=Path("runs/photos"), last_records={}, schedule_done=lambda: {},
                           model_choice=ModelChoice("vit_base_patch16_224", 224, 16, "the data is 200 px"))
