@@ -38,6 +38,29 @@ def stop_after_first_epoch() -> StopAfterFirstEpoch:
     return StopAfterFirstEpoch()
 
 
+def stopped_and_resumed(options: dict, epochs: int, folder: Path):
+    """The run of ``options`` for ``epochs`` in ``folder``, stopped after its first epoch (as a Ctrl-C there
+    would), then continued by ``--resume``; returns the resumed run's result."""
+    from clmae.config import make_config
+    from clmae.train.trainer import Trainer, pretrain
+
+    part = Trainer(make_config(dict(epochs=epochs, output_dir=str(folder), **options)))
+    part.callbacks.append(StopAfterFirstEpoch())
+    part.fit()
+    assert part.position.epoch == 1
+    resumed = pretrain(resume=str(folder), progress=False)
+    assert resumed.epochs_done == epochs
+    return resumed
+
+
+def assert_same_weights(checkpoint_a, checkpoint_b) -> None:
+    """Two ``.pt`` resume files hold bit-identical weights (the same names, equal tensors)."""
+    a = torch.load(checkpoint_a, weights_only=True)["weights"]
+    b = torch.load(checkpoint_b, weights_only=True)["weights"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

@@ -10,15 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from clmae.cli.app import main as cli_main
-from clmae.config import make_config
 from clmae.data.shards import RESIZED_FILE, write_shards
 from clmae.data.shards import main as shards_main
 from clmae.errors import DataError
-from clmae.train.trainer import Trainer, pretrain
+from clmae.train.trainer import pretrain
+from conftest import assert_same_weights, stopped_and_resumed
 
 SIDE = 24
 
@@ -103,8 +102,7 @@ def test_bad_resize_options_are_one_line_errors(tmp_path):
         write_shards(src, tmp_path / "s", resize=32, quality=0)
 
 
-def test_a_preresized_shard_set_trains_from_the_command_line_and_resumes_exactly(resized, tmp_path,
-                                                                                  stop_after_first_epoch, capsys):
+def test_a_preresized_shard_set_trains_from_the_command_line_and_resumes_exactly(resized, tmp_path, capsys):
     _, shards = resized
     tiny = ["--model", "vit_micro_patch2_8", "--img-size", "16", "--batch-size", "8", "--epochs", "2",
             "--method", "mae", "--num-workers", "0", "--no-progress", "--device", "cpu", "--seed", "1"]
@@ -115,17 +113,9 @@ def test_a_preresized_shard_set_trains_from_the_command_line_and_resumes_exactly
     common = dict(data=str(shards), model="vit_micro_patch2_8", img_size=16, batch_size=8, method="mae",
                   num_workers=0, progress=False, seed=1, device="cpu")
     full = pretrain(epochs=2, output_dir=str(tmp_path / "full"), **common)
-    part = Trainer(make_config(dict(epochs=2, output_dir=str(tmp_path / "part"), **common)))
-    part.callbacks.append(stop_after_first_epoch)
-    part.fit()
-    assert part.position.epoch == 1
-    resumed = pretrain(resume=str(tmp_path / "part"), progress=False)
-    assert resumed.epochs_done == 2
-    a = torch.load(full.checkpoint, weights_only=True)["weights"]
-    b = torch.load(resumed.checkpoint, weights_only=True)["weights"]
-    cli = torch.load(tmp_path / "cli" / "checkpoint-last.pt", weights_only=True)["weights"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(a[k], cli[k]) for k in a)  # the command line trains the same run
+    resumed = stopped_and_resumed(common, 2, tmp_path / "part")
+    assert_same_weights(full.checkpoint, resumed.checkpoint)
+    assert_same_weights(full.checkpoint, tmp_path / "cli" / "checkpoint-last.pt")  # the command line: the same run
 
 
 def test_parallel_preresizing_writes_the_same_shards(resized, tmp_path):

@@ -13,6 +13,7 @@ from clmae.config import make_config
 from clmae.io.records import read_metrics
 from clmae.runtime import frozen
 from clmae.train.trainer import Trainer, pretrain
+from conftest import assert_same_weights, stopped_and_resumed
 
 
 def tiny_trainer(tmp_path, **options) -> Trainer:
@@ -112,20 +113,12 @@ def test_metrics_have_all_terms_and_checkpoints_exist(tmp_path):
     assert state["epoch"] == 2 and set(state) >= {"opt_mae", "opt_masker", "generator", "iteration"}
 
 
-def test_resumed_run_matches_uninterrupted_run(tmp_path, stop_after_first_epoch):
+def test_resumed_run_matches_uninterrupted_run(tmp_path):
     common = dict(data="digits", subset=192, batch_size=32, progress=False, seed=3, warmup_epochs=1)
     full = pretrain(epochs=3, output_dir=str(tmp_path / "full"), **common)
     # The same 3-epoch run, stopped after its first epoch (as a graceful stop would), then resumed.
-    part = Trainer(make_config(dict(epochs=3, output_dir=str(tmp_path / "part2"), **common)))
-    part.callbacks.append(stop_after_first_epoch)
-    part.fit()
-    assert part.position.epoch == 1
-    resumed = pretrain(resume=str(tmp_path / "part2"), progress=False)
-    assert resumed.epochs_done == 3
-    a = torch.load(full.checkpoint, weights_only=True)["weights"]
-    b = torch.load(resumed.checkpoint, weights_only=True)["weights"]
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed = stopped_and_resumed(common, 3, tmp_path / "part2")
+    assert_same_weights(full.checkpoint, resumed.checkpoint)
 
 
 def test_cifar10_slice_both_methods_learn(cifar_dir, tmp_path):
