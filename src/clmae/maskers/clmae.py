@@ -28,7 +28,7 @@ from ..models.layers import init_weights, transformer_blocks
 from ..models.mae import per_patch_error
 from ..runtime import to_device
 from .base import Masker, MaskingBatch
-from .indices import topk_keep_indices
+from .indices import mask_from_keep, topk_keep_indices
 from .options import CURRICULA, ClmaeOptions
 
 # The authors build the masking network with PyTorch's default LayerNorm (eps 1e-5), unlike the MAE
@@ -222,7 +222,7 @@ def straight_through(scores: torch.Tensor, num_keep: int) -> tuple[torch.Tensor,
     adversary score patches in between, which the MAE never sees (docs/method.md). Under fp16 autocast the
     weight ``ε`` underflows, and hidden keys get no gradient: use bf16 or fp32 with this path.
     """
-    b = torch.zeros_like(scores).scatter_(1, topk_keep_indices(scores.detach(), num_keep), 1.0)
+    b = 1.0 - mask_from_keep(topk_keep_indices(scores.detach(), num_keep), scores.shape[1]).to(scores.dtype)
     delta = scores - scores.detach()
     floor = b.clamp_min(STRAIGHT_THROUGH_FLOOR)
     return b + delta, floor.log() + delta / floor
