@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -119,6 +120,31 @@ def test_quick_study_on_another_npz_runs_every_arm_and_resumes(tmp_path, monkeyp
     assert study.main(args) == 0
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/checkpoint-last.pt")}
     assert (out / "results.md").read_text() == markdown
+
+    # A clone without runs/ (a later session: only finished/ is committed) reads every arm x seed back and
+    # neither trains nor evaluates.
+    assert sorted(p.name for p in (out / "finished").iterdir()) == sorted(f"{arm}-s0.json" for arm in arms)
+    shutil.rmtree(out / "runs")
+    monkeypatch.setattr(study, "train_arm", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(study, "evaluate_arm", lambda *a, **k: pytest.fail("evaluated again"))
+    assert study.main(args) == 0
+    assert (out / "results.md").read_text() == markdown
+
+
+def test_finished_entries_are_gathered_across_seeds_and_other_settings_are_redone(tmp_path, capsys):
+    study = load_study()
+    key = study.entry_key({"method": "mae", "epochs": 2, "seed": 0, "output_dir": "x"}, {"max_test": 10}, "d", "cpu")
+    for seed in (2, 0):  # written by two invocations on different --seeds
+        study.write_entry(tmp_path, "mae", seed, key, {"metrics": {"seed": seed}})
+    other = study.entry_key({"method": "mae", "epochs": 3}, {"max_test": 10}, "d", "cpu")
+    study.write_entry(tmp_path, "mae", 1, other, {"metrics": {"seed": 1}})
+    study.write_entry(tmp_path, "mae_equal_compute", 0, key, {"metrics": {}})  # another arm, same prefix
+    gathered = study.gather_entries(tmp_path, ["mae"], {"mae": key})
+    assert list(gathered) == ["mae"] and list(gathered["mae"]) == ["0", "2"]
+    assert gathered["mae"]["2"] == {"metrics": {"seed": 2}}
+    assert "mae-s1.json was made with other settings" in capsys.readouterr().err  # epochs changed: redone
+    assert study.read_entry(tmp_path, "mae", 0, other) is None
+    assert not list(tmp_path.glob("finished/.*"))  # atomic writes leave no temporary files
 
 
 def test_unregistered_method_is_a_clear_error_and_estimate_uses_its_guess(tmp_path, monkeypatch, capsys):

@@ -17,9 +17,13 @@ training FLOPs per image with ``torch.utils.flop_counter.FlopCounterMode`` on a 
 
 Resumable: each (arm, seed) lives in ``OUT/runs/ARM-sSEED``; a finished run is not retrained, an
 interrupted one resumes from its checkpoint, finished evaluations are read back from their JSON (and
-redone if the checkpoint they name changed). Outputs in ``OUT`` (default ``experiments/cifar10/results``,
-``quick`` or ``results-gpu``): ``results.json`` (every number), ``results.md`` (tables, paired differences
-with 95% intervals, the verdict), ``curves.png``. ``--summarise`` rebuilds the last two from the first.
+redone if the checkpoint they name changed). Each evaluated (arm, seed) also leaves
+``OUT/finished/ARM-sSEED.json``, small enough to commit: with it a later session (or a clone without
+``runs/``) skips that arm x seed. Invocations on different ``--seeds`` may run at once on the same ``OUT``
+(one per core: ``--threads 1``); each ``results.json`` gathers everything finished. Outputs in ``OUT``
+(default ``experiments/cifar10/results``, ``quick`` or ``results-gpu``): ``results.json`` (every number),
+``results.md`` (tables, paired differences with 95% intervals, the verdict), ``curves.png``. ``--summarise``
+rebuilds the last two from the first.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ PROFILES = tuple(DEFAULT_OUTPUT)
 STUDY_KEYS = ("equal_compute_with",)
 # Run folders written by this edition of the study (crops shared by the arms of a seed): older ones are not resumed.
 EDITION = 2
+# OUT/finished/ARM-sSEED.json: the result of one pretrained and evaluated arm x seed. Small, meant to be committed
+# (OUT/runs/, with the checkpoints, is not), so a study that takes several sessions picks up where it stopped.
+ENTRIES = "finished"
 # Settings that do not change the FLOPs of one training iteration (left out of the FLOP cache key).
 NOT_FLOPS = ("seed", "epochs", "warmup_epochs", "eval_every", "probe_every", "progress", "output_dir", "data_dir",
              "subset", "base_lr", "lr", "min_lr", "weight_decay", "curriculum", "curriculum_value", "log_every",
@@ -660,12 +667,18 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
                                         "attention; forward and backward)", "device": device, "arms": compute},
             "estimate": est, "arms": {},
         }
-        (out / "results.json").write_text(json.dumps(results, indent=2))  # the FLOP cache survives an interrupt
+        keys = {arm: entry_key(plan[arm]["values"], cfg["evaluation"], data, device) for arm in arms}
+        results["arms"] = gather_entries(out, arms, keys)
+        write_atomic(out / "results.json", json.dumps(results, indent=2))  # the FLOP cache survives an interrupt
         from clmae.evaluation.runner import EvalCaches
 
         caches = EvalCaches()  # the study's: every arm is evaluated on the same data
         for seed in seeds:  # seed-major: a study cut short still has every arm for the first seeds
             for arm in arms:
+                if read_entry(out, arm, seed, keys[arm]) is not None:
+                    print(f"[study] {arm} seed {seed}: finished earlier ({ENTRIES}/{arm}-s{seed}.json)",
+                          file=sys.stderr)
+                    continue
                 run_dir = out / "runs" / f"{arm}-s{seed}"
                 print(f"[study] {arm} seed {seed}: pretraining → {run_dir}", file=sys.stderr)
                 values = study_values(plan[arm]["values"], seed, run_dir, data_dir, device)
@@ -675,10 +688,13 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
                                        reference=arm == arms[0], caches=caches)
                 metrics = {p: {"pretrained": r["results"]["pretrained"], "random_init": r["results"].get("random_init")}
                            for p, r in reports.items()}
-                results["arms"].setdefault(arm, {})[str(seed)] = {"run_dir": str(run_dir.relative_to(out)),
-                                                                  "timing": timing, "metrics": metrics,
-                                                                  "curves": collect_curves(run_dir)}
-                (out / "results.json").write_text(json.dumps(results, indent=2))
+                write_entry(out, arm, seed, keys[arm], {"run_dir": str(run_dir.relative_to(out)), "timing": timing,
+                                                        "metrics": metrics, "curves": collect_curves(run_dir)})
+                results["arms"] = gather_entries(out, arms, keys)
+                write_atomic(out / "results.json", json.dumps(results, indent=2))
+        results["arms"] = gather_entries(out, arms, keys)  # also what a parallel invocation (other seeds) finished
+        results["seeds"] = sorted({int(s) for runs in results["arms"].values() for s in runs} | set(seeds))
+        write_atomic(out / "results.json", json.dumps(results, indent=2))
     except ClmaeError as exc:
         raise StudyError(str(exc)) from None
     text = summary.write_summary(results, out)
@@ -686,6 +702,59 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
     print(text)
     print(f"\nresults in {out}", file=sys.stderr)
     return 0
+
+
+def entry_key(plan_values: dict[str, Any], evaluation: dict[str, Any], data: str, device: str) -> dict[str, Any]:
+    """What makes a finished arm x seed reusable: the edition, the data, its pretraining values (the seed, paths and
+    progress bar aside) and the evaluation settings. A changed config.yaml retrains the arms it changes."""
+    skip = ("seed", "data_dir", "output_dir", "progress")
+    return {"edition": EDITION, "data": data, "device": device, "evaluation": evaluation,
+            "pretrain": {k: v for k, v in plan_values.items() if k not in skip}}
+
+
+def entry_path(out: Path, arm: str, seed: int) -> Path:
+    return out / ENTRIES / f"{arm}-s{seed}.json"
+
+
+def read_entry(out: Path, arm: str, seed: int, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The committed result of one finished arm x seed, if it was made with ``key``'s settings (else None)."""
+    path = entry_path(out, arm, seed)
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(found, dict) or found.get("key") != json.loads(json.dumps(key)):
+        print(f"[study] {path} was made with other settings: {arm} seed {seed} is redone", file=sys.stderr)
+        return None
+    return found["result"]
+
+
+def write_entry(out: Path, arm: str, seed: int, key: dict[str, Any], result: dict[str, Any]) -> None:
+    path = entry_path(out, arm, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps({"arm": arm, "seed": seed, "commit": git_commit(), "key": key, "result": result},
+                                  indent=2))
+
+
+def gather_entries(out: Path, arms: list[str], keys: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every finished arm x seed on disk for these arms and settings, in arm order then seed order: also those a
+    parallel invocation on other seeds (same --output) or an earlier session finished."""
+    gathered: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        seeds = sorted(int(p.stem.rsplit("-s", 1)[1]) for p in (out / ENTRIES).glob(f"{arm}-s*.json")
+                       if p.stem.rsplit("-s", 1)[1].isdigit() and p.stem.rsplit("-s", 1)[0] == arm)
+        for seed in seeds:
+            found = read_entry(out, arm, seed, keys[arm])
+            if found is not None:
+                gathered.setdefault(arm, {})[str(seed)] = found
+    return gathered
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: a reader (or a parallel invocation) never sees half a file."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
 
 
 def cached_compute(path: Path) -> dict[str, Any]:
