@@ -239,8 +239,9 @@ def breakdown(root: Path, resized: Path, n: int, batch: int, seed: int) -> dict[
     """Milliseconds per image of decode, augmentation and batching, for the baseline and clmae's per-image code.
 
     ``clmae`` is the code of clmae's folder and shard paths (:class:`clmae.data.images.CropDecoder`: the decode at
-    the DCT scale the crop allows, then the one-call resample); ``clmae_tensor_transform`` the per-image code they
-    used before it (``open_image`` + ``train_transform``: PILToTensor + torchvision v2 resize on the tensor);
+    the DCT scale the crop allows, then the cut box resized by torch's uint8 antialiased bicubic);
+    ``clmae_tensor_transform`` the per-image code they used before it (``open_image`` + ``train_transform``:
+    PILToTensor + torchvision v2 resize on the tensor);
     ``*_preresized`` the same code on the photos pre-resized to a shorter side of ``PRERESIZE`` px.
     """
     from torchvision import transforms
@@ -271,7 +272,7 @@ def breakdown(root: Path, resized: Path, n: int, batch: int, seed: int) -> dict[
         return images.open_for_crop(f, 3, SIZE, crops.draw_box, True)
 
     def ours_crop(opened) -> torch.Tensor:
-        return images.resample_crop(*opened, SIZE, bool(torch.rand(1) < 0.5))
+        return images.crop_and_resize(*opened, SIZE, bool(torch.rand(1) < 0.5))
 
     paths: dict[str, tuple[list[Path], Callable, Callable, Callable]] = {
         "torchvision": (files, lambda f: pil_loader(str(f)), tv, tv_batch),
