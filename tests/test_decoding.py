@@ -199,3 +199,87 @@ def test_device_augmentation_gives_the_workers_batches(tmp_path):
         assert out["device"].shape == out["workers"].shape == (12, 3, 32, 32)
         diff = (out["device"] - out["workers"]).abs() * 255 * 0.225  # normalised units back to ~uint8 levels
         assert diff.mean() < 0.35, (kind.__name__, diff.mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# JPEGs decoded on the device (--decode-on device): workers only read the files. On the CPU this runs the same
+# code with torchvision.io.decode_jpeg(device="cpu"), the path CUDA takes with nvJPEG.
+
+
+def mixed_photos(folder: Path) -> Path:
+    """JPEGs the device decodes (RGB, grayscale) and files that stay in the workers (PNG, CMYK, EXIF-rotated), all
+    smaller than twice the crop size, so the workers decode them at full scale too."""
+    folder.mkdir()
+    for i in range(10):
+        photo(100 + 2 * i, 90 + i, seed=i).save(folder / f"{i:02d}.jpg", quality=90)
+    photo(110, 95, seed=10).convert("L").save(folder / "10.jpg", quality=90)
+    photo(120, 90, seed=11).save(folder / "11.png")
+    photo(100, 100, seed=12).convert("CMYK").save(folder / "12.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo(120, 80, seed=13).save(folder / "13.jpg", quality=90, exif=exif.tobytes())
+    return folder
+
+
+def test_jpegs_decoded_on_the_device_give_the_workers_batches_other_files_stay_in_the_workers(tmp_path):
+    from clmae.data.datasets import load_dataset
+    from clmae.data.images import EncodedCrop
+    from clmae.data.loader import ShardBatches, TrainBatches
+    from clmae.data.shards import write_shards
+
+    photos = mixed_photos(tmp_path / "photos")
+    write_shards(photos, tmp_path / "shards", shard_size=5)
+    decoder = CropDecoder(64, decode_on_device=True)
+    sent = {p.name: isinstance(decoder(p), EncodedCrop) for p in sorted(photos.iterdir())}
+    assert sent == {**{f"{i:02d}.jpg": True for i in range(11)}, "11.png": False, "12.jpg": False, "13.jpg": False}
+    for data, kind in ((photos, TrainBatches), (tmp_path / "shards", ShardBatches)):
+        out = {}
+        for where in ("workers", "device"):
+            batches = kind(load_dataset(str(data)), 7, 64, torch.device("cpu"), seed=1, num_workers=0,
+                           decode_on=where)
+            out[where] = torch.cat(list(batches.epoch(0)))
+            assert not batches.skipped
+        assert out["device"].shape == out["workers"].shape == (14, 3, 64, 64)
+        diff = (out["device"] - out["workers"]).abs() * 255 * 0.225  # normalised units back to ~uint8 levels
+        assert diff.mean() < 0.35, (kind.__name__, diff.mean())  # the same crops; decoders round differently
+        assert "decoded and cropped on the device" in batches.describe()
+
+
+def test_a_jpeg_the_device_cannot_decode_is_skipped_and_counted_and_the_batch_topped_up(tmp_path):
+    from clmae.data.datasets import load_dataset
+    from clmae.data.loader import TrainBatches
+
+    photos = mixed_photos(tmp_path / "photos")
+    whole = (photos / "03.jpg").read_bytes()
+    (photos / "03.jpg").write_bytes(whole[: len(whole) // 2])  # the header reads, the pixels do not
+    out, bad = {}, {}
+    for where in ("workers", "device"):  # Pillow in the workers refuses it too
+        batches = TrainBatches(load_dataset(str(photos)), 4, 64, torch.device("cpu"), seed=1, num_workers=0,
+                               decode_on=where)
+        out[where], bad[where] = list(batches.epoch(0)), batches.bad_files
+    assert 3 in batches.rank_indices(0).tolist()  # the epoch meets it
+    assert [b.shape[0] for b in out["device"]] == [b.shape[0] for b in out["workers"]] == [4, 4]  # 11 of 12: topped up
+    assert (torch.cat(out["device"]) - torch.cat(out["workers"])).abs().mean() * 255 * 0.225 < 0.35
+    assert bad["device"] == {str(photos / "03.jpg"): "truncated or corrupt: torchvision.io.decode_jpeg failed"}
+    assert list(bad["workers"]) == [str(photos / "03.jpg")]
+
+
+def test_decoding_on_the_device_trains_from_the_command_line_with_workers_and_resumes_exactly(tmp_path, capsys):
+    from clmae.cli.app import main as cli_main
+    from clmae.train.trainer import pretrain
+    from conftest import assert_same_weights, stopped_and_resumed
+
+    photos = mixed_photos(tmp_path / "photos")
+    tiny = ["--model", "vit_micro_patch2_8", "--img-size", "16", "--batch-size", "4", "--epochs", "2",
+            "--method", "mae", "--no-progress", "--device", "cpu", "--seed", "1", "--decode-on", "device"]
+    assert cli_main(["pretrain", "--data", str(photos), *tiny, "--num-workers", "1",
+                     "--output-dir", str(tmp_path / "cli")]) == 0  # EncodedBatch crosses from a worker process
+    assert "data: 1 worker, prefetch 4, JPEGs decoded and cropped on the device (torchvision.io)" in \
+        capsys.readouterr().err
+    common = dict(data=str(photos), model="vit_micro_patch2_8", img_size=16, batch_size=4, method="mae",
+                  num_workers=0, progress=False, seed=1, device="cpu", decode_on="device")
+    full = pretrain(epochs=2, output_dir=str(tmp_path / "full"), **common)
+    resumed = stopped_and_resumed(common, 2, tmp_path / "part")
+    assert_same_weights(full.checkpoint, resumed.checkpoint)
+    with_worker = pretrain(epochs=2, output_dir=str(tmp_path / "worker"), **{**common, "num_workers": 1})
+    assert_same_weights(with_worker.checkpoint, tmp_path / "cli" / "checkpoint-last.pt")  # the command line's run

@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .maskers import DEFAULT_METHOD, METHODS, option_owners
 from .maskers.options import StrategyOptions
 from .models.configs import MODEL_CONFIGS
-from .options import AUGMENT_ON, DEVICE_CHOICES, PRECISIONS, check_option, flag, one_of, opt
+from .options import AUGMENT_ON, DECODE_ON, DEVICE_CHOICES, PRECISIONS, check_option, flag, one_of, opt
 
 
 @dataclass
@@ -42,6 +42,10 @@ class PretrainConfig:
     augment_on: str = opt("workers", "where image folders' and shards' crops are resized: workers (each image in its "
                                      "DataLoader worker) or device (batched on the training device; workers only "
                                      "decode)", choices=AUGMENT_ON)
+    decode_on: str = opt("workers", "where image folders' and shards' JPEGs are decoded: workers (Pillow, at the "
+                                    "crop's DCT scale) or device (torchvision.io.decode_jpeg in batches, nvJPEG on "
+                                    "CUDA, then cropped there; workers only read the files; other formats, CMYK and "
+                                    "EXIF-rotated JPEGs stay in the workers)", choices=DECODE_ON)
     # method and model
     method: str = opt(DEFAULT_METHOD, "masking strategy: clmae (learned curriculum masking), mae (random), block "
                                       "(BEiT), hpm (hard patches mining), attmask (attention-guided), colormae "
@@ -141,6 +145,9 @@ class PretrainConfig:
         need(self.num_workers >= -1, "num_workers", "an integer >= 0, or -1 for the cores per rank")
         need(self.prefetch >= 1, "prefetch", "an integer >= 1")
         need(self.augment_on in AUGMENT_ON, "augment_on", one_of(AUGMENT_ON))
+        need(self.decode_on in DECODE_ON, "decode_on", one_of(DECODE_ON))
+        need(not (self.decode_on == "device" and self.augment_on == "device"), "decode_on",
+             "'workers' with --augment-on device (--decode-on device crops on the device already; give one of them)")
         need(self.save_every >= 0, "save_every", "an integer >= 0")
         need(self.log_every >= 1, "log_every", "an integer >= 1")
         need(self.eval_every >= 0, "eval_every", "an integer >= 0")

@@ -16,6 +16,7 @@ from .errors import ConfigError
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"  # what --device takes (its help; resolve_device's errors)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what --precision takes (clmae.runtime.resolve_precision)
 AUGMENT_ON = ("workers", "device")  # where --augment-on resizes folder and shard crops (clmae.data.loader)
+DECODE_ON = ("workers", "device")  # where --decode-on decodes folder and shard JPEGs (clmae.data.images)
 
 
 def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:

@@ -9,6 +9,7 @@ for evaluation). Batched augmentation of in-memory tensors lives in :mod:`clmae.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import warnings
@@ -307,6 +308,53 @@ def crop_region(img: Image.Image, box: Box, size: int, flip: bool = False) -> Re
     return Region(pixels, (top - y0, left - x0, h, w), flip)
 
 
+class EncodedCrop(NamedTuple):
+    """What a worker hands over when JPEGs are decoded on the device (``--decode-on device``): the file, unread,
+    and the crop to take from it once decoded."""
+
+    data: torch.Tensor  # uint8 (bytes,): the JPEG file as stored
+    box: Box  # the crop in the decoded image's pixels
+    flip: bool
+    name: str  # the file's path (empty for a shard's sample), to report it if it does not decode
+
+
+def decodable_on_device(img: Image.Image) -> bool:
+    """Whether ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA) reads this opened file as Pillow would: a JPEG in
+    YCbCr or grayscale (not CMYK), stored upright (no EXIF rotation to apply)."""
+    return img.format == "JPEG" and img.mode in ("RGB", "L") and img.getexif().get(ORIENTATION, 1) in (0, 1)
+
+
+def decode_crops(files: Sequence[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor, size: int, channels: int,
+                 device: torch.device) -> list[torch.Tensor | None]:
+    """JPEG files decoded on ``device`` in one batched call (nvJPEG on CUDA, libjpeg-turbo on the CPU), each box
+    cut and resized to ``size`` there (antialiased bicubic, as :func:`crop_and_resize`): ``uint8 (C, size, size)``
+    per file, None for a file that would not decode (the others are decoded one by one then)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as TF
+
+    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec (docs/training-…)
+        try:
+            decoded: list[torch.Tensor | None] = list(decode_jpeg(list(files), mode=mode, device=device))
+        except RuntimeError:  # one corrupt file fails the batch: find it
+            decoded = []
+            for data in files:
+                try:
+                    decoded.append(decode_jpeg(data, mode=mode, device=device))
+                except RuntimeError:
+                    decoded.append(None)
+    out: list[torch.Tensor | None] = []
+    for img, (top, left, h, w), flip in zip(decoded, boxes.tolist(), flips.tolist()):
+        if img is None:
+            out.append(None)
+            continue
+        crop = TF.resized_crop(img, int(top), int(left), int(h), int(w), [size, size],
+                               interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        out.append(crop.flip(-1) if flip else crop)
+    return out
+
+
 @dataclass(frozen=True)
 class CropDecoder:
     """The training view of an image file in one pass, for DataLoader workers: RandomResizedCrop + flip.
@@ -316,7 +364,9 @@ class CropDecoder:
     (:func:`open_for_crop`), the box cut and resized to ``size`` (:func:`crop_and_resize`). Returns
     ``uint8 (C, size, size)``, or with ``on_device`` the :class:`Region` the crop needs, for
     :func:`clmae.data.augment.resample_regions` to resample a whole batch on the training device (the same random
-    numbers are drawn either way, so the two give the same crops). Random numbers come from a generator of its own
+    numbers are drawn either way, so the two give the same crops), or with ``decode_on_device`` an
+    :class:`EncodedCrop` (the file's bytes and the box: :func:`decode_crops` decodes a batch of them on the training
+    device) for every JPEG :func:`decodable_on_device` accepts. Random numbers come from a generator of its own
     per process: in a DataLoader worker seeded with the worker's seed (which the DataLoader derives from its
     generator), in the training process itself (no workers) with ``seed``, so an epoch's crops never depend on
     what else drew random numbers.
@@ -328,6 +378,7 @@ class CropDecoder:
     reduce: bool = True
     seed: int = 0
     on_device: bool = False
+    decode_on_device: bool = False
 
     def generator(self) -> torch.Generator:
         """This process's generator, made on first use (a worker's copy of the decoder makes its own)."""
@@ -342,9 +393,28 @@ class CropDecoder:
         """A RandomResizedCrop box ``(top, left, h, w)`` for an upright image of ``height`` x ``width``."""
         return sample_crop_box(height, width, self.scale, generator=self.generator())
 
-    def __call__(self, source, channels: int = 3, max_pixels: int | None = None) -> torch.Tensor | Region:
-        img, box = open_for_crop(source, channels, self.size, self.draw_box, self.reduce, max_pixels)
-        flip = self.flip and bool(torch.rand(1, generator=self.generator()) < 0.5)
+    def __call__(self, source, channels: int = 3, max_pixels: int | None = None
+                 ) -> torch.Tensor | Region | EncodedCrop:
+        if self.decode_on_device:
+            data = source.getvalue() if isinstance(source, io.BytesIO) else Path(source).read_bytes()
+            with _opened(io.BytesIO(data), max_pixels) as img:
+                whole = decodable_on_device(img)
+                if whole:
+                    box = self.draw_box(img.height, img.width)
+            if whole:
+                flip = self.flip and bool(torch.rand(1, generator=self.generator()) < 0.5)  # in the same order
+                name = "" if isinstance(source, io.BytesIO) else str(source)
+                return EncodedCrop(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip, name)
+            source = io.BytesIO(data)  # decoded here, as without --decode-on device
+        flips: list[bool] = []
+
+        def draw(height: int, width: int) -> Box:  # box and flip before decoding: a file that fails takes both
+            box = self.draw_box(height, width)
+            flips.append(self.flip and bool(torch.rand(1, generator=self.generator()) < 0.5))
+            return box
+
+        img, box = open_for_crop(source, channels, self.size, draw, self.reduce, max_pixels)
+        flip = flips[0]
         if self.on_device:
             return crop_region(img, box, self.size, flip)
         return crop_and_resize(img, box, self.size, flip)

@@ -32,7 +32,7 @@ from ..distributed import SINGLE, DistContext, all_true, gather_objects
 from ..errors import DataError
 from .augment import crop_flip, resample_regions, sample_crop_boxes
 from .datasets import Dataset, InMemoryImages, skip_summary
-from .images import CropDecoder, Region
+from .images import CropDecoder, EncodedCrop, Region, decode_crops
 from .shards import SHUFFLE_BUFFER, ShardData, ShardStream
 
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +70,28 @@ def collate_regions(regions: list[Region]) -> RegionBatch:
                        torch.tensor([r.pixels.shape[1:] for r in regions], dtype=torch.int64))
 
 
+class EncodedBatch(NamedTuple):
+    """A batch whose JPEGs the training device decodes (``--decode-on device``), in the samples' order."""
+
+    files: list[torch.Tensor]  # uint8 (bytes,) per encoded sample
+    boxes: torch.Tensor  # (E, 4): each encoded sample's crop
+    flips: torch.Tensor  # (E,) bool
+    encoded: torch.Tensor  # (N,) bool: which samples are encoded (the others were cropped by their worker)
+    crops: torch.Tensor  # uint8 (N - E, C, S, S): the workers' crops of the files the device does not decode
+    names: list[str]  # each encoded sample's file, to report one that does not decode
+
+
+def collate_encoded(samples: list) -> EncodedBatch:
+    """Samples that are each an :class:`EncodedCrop` or a worker's ``uint8`` crop, as one batch."""
+    encoded = [x for x in samples if isinstance(x, EncodedCrop)]
+    made = [x for x in samples if not isinstance(x, EncodedCrop)]
+    return EncodedBatch([e.data for e in encoded], torch.tensor([e.box for e in encoded], dtype=torch.float32),
+                        torch.tensor([e.flip for e in encoded], dtype=torch.bool),
+                        torch.tensor([isinstance(x, EncodedCrop) for x in samples], dtype=torch.bool),
+                        torch.stack(made) if made else torch.zeros(0, dtype=torch.uint8),
+                        [e.name or "a shard sample decoded on the device" for e in encoded])
+
+
 def collate_skipping(batch):
     """Stack the good samples; return ``(images, labels, skipped)`` with the skipped reasons."""
     good = [b for b in batch if b[0] is not None]
@@ -78,6 +100,8 @@ def collate_skipping(batch):
         return None, None, skipped
     if isinstance(good[0][0], Region):
         return collate_regions([b[0] for b in good]), torch.tensor([b[1] for b in good], dtype=torch.long), skipped
+    if any(isinstance(b[0], EncodedCrop) for b in good):
+        return collate_encoded([b[0] for b in good]), torch.tensor([b[1] for b in good], dtype=torch.long), skipped
     images = torch.stack([b[0] for b in good])
     labels = torch.tensor([b[1] for b in good], dtype=torch.long)
     return images, labels, skipped
@@ -214,6 +238,7 @@ class BatchSource:
         self.num_workers = num_workers
         self.prefetch = 4
         self.augment_on = "workers"  # or "device": workers only decode, crops are resampled there in batches
+        self.decode_on = "workers"  # or "device": workers only read JPEG files, the device decodes and crops them
         self._mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
         self._std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
         # uint8 batches from workers are normalised in place in one pass each: (x - 255·mean) · 1/(255·std)
@@ -239,7 +264,22 @@ class BatchSource:
         pinned = ", pinned memory" if self.device.type == "cuda" else ""
         ahead = f", prefetch {self.prefetch}" if self.num_workers else ""
         where = ", crops resized on the device" if self.augment_on == "device" else ""
+        if self.decode_on == "device":
+            return f"data: {workers}{ahead}{pinned}, JPEGs decoded and cropped on the device (torchvision.io)"
         return f"data: {workers}{ahead}{pinned}, JPEGs decoded at the crop's scale{where}"
+
+    def decode_batch(self, batch: EncodedBatch) -> torch.Tensor | None:
+        """``uint8 (N, C, S, S)`` on the device from an :class:`EncodedBatch`: its JPEGs decoded and cropped there,
+        the workers' crops put in their places; a file that does not decode is skipped and counted (None: none
+        left)."""
+        crops = decode_crops(batch.files, batch.boxes, batch.flips, self.img_size, self.dataset.channels, self.device)
+        self.record([(name, "truncated or corrupt: torchvision.io.decode_jpeg failed") for name, c in
+                     zip(batch.names, crops) if c is None])
+        made = iter(batch.crops.to(self.device, non_blocking=True))
+        decoded = iter(crops)
+        ordered = [next(decoded) if e else next(made) for e in batch.encoded.tolist()]
+        kept = [x for x in ordered if x is not None]
+        return torch.stack(kept) if kept else None
 
     @property
     def skipped_examples(self) -> list[tuple[str, str]]:
@@ -258,10 +298,14 @@ class BatchSource:
                 continue
             if isinstance(images, RegionBatch):  # crops resampled here, on the device, in one batched call
                 images = resample_regions(*(t.to(self.device, non_blocking=True) for t in images), self.img_size)
+            elif isinstance(images, EncodedBatch):  # JPEGs decoded here, on the device, in one batched call
+                images = self.decode_batch(images)
+                if images is None:
+                    continue
             pending.append(images)
             count += images.shape[0]
             while count >= self.batch_size:
-                cat = torch.cat(pending)
+                cat = pending[0] if len(pending) == 1 else torch.cat(pending)  # a worker's full batch: no copy
                 batch, rest = cat[: self.batch_size], cat[self.batch_size :]
                 pending, count = ([rest] if rest.shape[0] else []), rest.shape[0]
                 x = batch.to(self.device, non_blocking=True).float()
@@ -281,7 +325,8 @@ class TrainBatches(BatchSource):
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, img_size: int, device: torch.device, seed: int,
-                 num_workers: int = 2, ctx: DistContext = SINGLE, prefetch: int = 4, augment_on: str = "workers"):
+                 num_workers: int = 2, ctx: DistContext = SINGLE, prefetch: int = 4, augment_on: str = "workers",
+                 decode_on: str = "workers"):
         self.ctx = ctx
         self.global_batch = batch_size * ctx.world_size
         if len(dataset) < self.global_batch:
@@ -290,7 +335,7 @@ class TrainBatches(BatchSource):
             raise DataError(f"{dataset.name}: {len(dataset)} training images, fewer than {many}; lower --batch-size "
                             "or use more data")
         super().__init__(dataset, batch_size, img_size, device, seed, num_workers)
-        self.prefetch, self.augment_on = prefetch, augment_on
+        self.prefetch, self.augment_on, self.decode_on = prefetch, augment_on, decode_on
         if isinstance(dataset, InMemoryImages):
             self._images = dataset.images.to(device)
 
@@ -334,7 +379,8 @@ class TrainBatches(BatchSource):
     def _folder_epoch(self, order: torch.Tensor, seed: int) -> Iterator[torch.Tensor]:
         files = self.dataset.files
         # seed: the crops' when drawn without workers
-        files.transform = CropDecoder(self.img_size, seed=seed, on_device=self.augment_on == "device")
+        files.transform = CropDecoder(self.img_size, seed=seed, on_device=self.augment_on == "device",
+                                      decode_on_device=self.decode_on == "device")
         if files.min_side is None:
             # Random crops cover >= 20% of the area: 3x the input size keeps them sharp.
             files.min_side = 3 * self.img_size
@@ -386,7 +432,7 @@ class ShardBatches(BatchSource):
 
     def __init__(self, dataset: ShardData, batch_size: int, img_size: int, device: torch.device, seed: int,
                  num_workers: int = 2, ctx=None, prefetch: int = 4, buffer: int = SHUFFLE_BUFFER,
-                 augment_on: str = "workers"):
+                 augment_on: str = "workers", decode_on: str = "workers"):
         self.ctx = ctx or SINGLE
         if len(dataset) < batch_size * self.ctx.world_size:
             raise DataError(f"{dataset.name}: {len(dataset)} training images, fewer than one global batch "
@@ -395,6 +441,7 @@ class ShardBatches(BatchSource):
         self.prefetch = prefetch
         self.buffer = buffer
         self.augment_on = augment_on
+        self.decode_on = decode_on
 
     def __len__(self) -> int:
         return len(self.dataset) // (self.batch_size * self.ctx.world_size)
@@ -402,7 +449,8 @@ class ShardBatches(BatchSource):
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
         """The remaining batches of ``epoch``. A resumed epoch restarts the stream with a new shuffle."""
         seed = augmentation_seed(self.seed, epoch, start_step) + 7919 * self.ctx.rank
-        crops = CropDecoder(self.img_size, seed=seed, on_device=self.augment_on == "device")
+        crops = CropDecoder(self.img_size, seed=seed, on_device=self.augment_on == "device",
+                            decode_on_device=self.decode_on == "device")
         stream = ShardStream(self.dataset.shards, self.ctx.rank, self.ctx.world_size,
                              seed=(self.seed * 100_003 + epoch) * 1_000 + start_step, transform=crops,
                              channels=self.dataset.channels, buffer=self.buffer)

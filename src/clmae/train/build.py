@@ -96,7 +96,7 @@ def build_data(cfg: PretrainConfig, dist: DistContext, device: torch.device) -> 
                       norm_pix_loss=cfg.norm_pix_loss or None)
     kind = ShardBatches if isinstance(dataset, ShardData) else TrainBatches
     batches = kind(dataset, cfg.batch_size, mc.img_size, device, cfg.seed, worker_count(cfg.num_workers), dist,
-                   prefetch=cfg.prefetch, augment_on=cfg.augment_on)
+                   prefetch=cfg.prefetch, augment_on=cfg.augment_on, decode_on=cfg.decode_on)
     return RunData(dataset, scan, choice, mc, batches)
 
 
