@@ -418,9 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     for make in paths.values():  # warm-up: first imports and first use of each path are not timed
         measure(lambda make=make: make(0), 2 * batch, 1)
     runs: dict[str, dict[str, Any]] = {}
-    # The device paths resize in this process, on the CPU here, which is slow (dense matrix products meant for a
-    # GPU) and not what they cost a GPU run: they are timed with workers only, on fewer images, for the workers' CPU.
-    device_paths = {name for name in paths if name.endswith("_device")}
+    # The --augment-on device paths resize in this process, on the CPU here, which is slow (dense matrix products
+    # meant for a GPU) and not what they cost a GPU run: they are timed with workers only, on fewer images, for the
+    # workers' CPU. The --decode-on device paths decode in this process with libjpeg-turbo, as the workers would:
+    # timed like the others.
+    device_paths = {name for name in paths if name.endswith("_device") and not name.endswith("decode_device")}
     device_images = min(expected, (args.device_images // batch) * batch)
     for workers in args.workers:  # interleaved: a change in the machine's load hits every path alike
         for name, make in paths.items():
