@@ -23,6 +23,9 @@ one is time-boxed and fails alone: its error is recorded and the next runs):
 6. ``ddp``: a one-rank DDP run over a real NCCL process group (gloo on the CPU) against the same run without DDP.
    With ``--quick`` the precisions are checked for mae and clmae only (tests/test_precision.py covers them all).
 7. ``evaluation``: k-NN and linear probe of a trained checkpoint on the device and on the CPU (accuracy, seconds).
+8. ``jpeg_decode``: ``--decode-on device``: 256 pre-resized photo JPEGs decoded by nvJPEG and cropped on the GPU
+   against the CPU's libjpeg-turbo (same boxes; mean absolute difference in uint8 levels), the GPU's img/s for the
+   batch, and a truncated file skipped rather than fatal.
 
 The iterations are ``Trainer.train_step`` as ``clmae pretrain`` runs it (built by ``benchmarks/throughput.py``'s
 ``build_trainer``), timed without a synchronisation between them: the loop never waits for the GPU, so neither
@@ -124,12 +127,14 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         return {"check_model": "vit_micro_patch2_8", "check_batch": 8, "run_iterations": 2, "matmul": 1024,
                 "precision_strategies": ("mae", "clmae"),  # tests/test_precision.py covers every strategy
                 "throughput": [("vit_micro_patch2_8", 16, None)], "timed": 2, "warmup": 1, "flop_iterations": 1,
-                "compile": False, "ddp_iterations": 2, "eval_train": 64, "eval_test": 32, "eval_images": (96, 48)}
+                "compile": False, "ddp_iterations": 2, "eval_train": 64, "eval_test": 32, "eval_images": (96, 48),
+                "decode_images": 8, "decode_size": 64, "decode_repeats": 1}
     return {"check_model": "vit_tiny_patch4_32", "check_batch": 64, "run_iterations": 20, "matmul": 8192,
             "throughput": [("vit_tiny_patch4_32", 256, None), ("vit_base_patch16_224", 128, 64)],
             "precision_strategies": STRATEGIES, "timed": 30, "warmup": 5, "flop_iterations": 4,
             "compile": not args.no_compile, "ddp_iterations": 20,
-            "eval_train": 5000, "eval_test": 1000, "eval_images": (5000, 1000)}
+            "eval_train": 5000, "eval_test": 1000, "eval_images": (5000, 1000),
+            "decode_images": 256, "decode_size": 224, "decode_repeats": 5}
 
 
 def trainer_for(method: str, device: str, precision: str, model: str, batch: int, workdir: Path,
@@ -511,6 +516,46 @@ def evaluation(device: str, s: dict[str, Any], workdir: Path) -> dict[str, Any]:
     return out
 
 
+def jpeg_decode(device: str, s: dict[str, Any]) -> dict[str, Any]:
+    """``--decode-on device``: a batch of pre-resized photo JPEGs decoded and cropped on ``device``
+    (:func:`clmae.data.images.decode_crops`, nvJPEG on CUDA) against the same on the CPU (libjpeg-turbo), the same
+    boxes; the device's img/s for the whole batch; and a truncated file skipped, not fatal."""
+    from loader import make_photo, source_photos
+
+    from clmae.data.images import decode_crops
+    from clmae.data.shards import preresize
+
+    n, size = s["decode_images"], s["decode_size"]
+    rng = np.random.default_rng(0)
+    sources = source_photos()
+    files = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        make_photo(sources, rng).convert("RGB").save(buf, "JPEG", quality=90)
+        files.append(torch.frombuffer(bytearray(preresize(buf.getvalue(), 256)[0]), dtype=torch.uint8))
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([[int(v) for v in (10 + 5 * torch.rand(2, generator=g)).tolist()] + [200, 200]
+                          for _ in range(n)], dtype=torch.float32)
+    flips = torch.rand(n, generator=g) < 0.5
+    dev = torch.device(device)
+    on_cpu = torch.stack(decode_crops(files, boxes, flips, size, 3, torch.device("cpu")))  # type: ignore[arg-type]
+    on_dev = torch.stack(decode_crops(files, boxes, flips, size, 3, dev)).cpu()  # type: ignore[arg-type]
+    diff = (on_dev.float() - on_cpu.float()).abs()
+    times = []
+    for _ in range(s["decode_repeats"]):
+        sync(dev)
+        t0 = time.perf_counter()
+        decode_crops(files, boxes, flips, size, 3, dev)
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    broken = files[:3] + [files[3][: len(files[3]) // 2]]
+    kept = decode_crops(broken, boxes[:4], flips[:4], size, 3, dev)
+    ok = diff.mean().item() < 1.0 and [c is None for c in kept] == [False, False, False, True]
+    return {"ok": ok, "images": n, "size": size, "mean_abs_diff_vs_cpu": round(diff.mean().item(), 4),
+            "max_abs_diff_vs_cpu": diff.max().item(), "img_per_s": round(n / min(times), 1),
+            "seconds_per_batch": [round(t, 4) for t in times], "truncated_file_skipped": kept[3] is None}
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole run
 
@@ -544,9 +589,10 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         section("syncs", results, budget, 20, count_syncs, args.device, s, work)
         section("ddp", results, budget, 30, ddp, args.device, s, work)
         section("evaluation", results, budget, 30, evaluation, args.device, s, work)
+        section("jpeg_decode", results, budget, 20, jpeg_decode, args.device, s)
         section("throughput", results, budget, 30, throughput, args.device, s, peak, budget, work)
     results["wall_s"] = round(time.perf_counter() - budget.started, 1)
-    names = ("matmul_peak", "parity", "precisions", "syncs", "ddp", "evaluation", "throughput")
+    names = ("matmul_peak", "parity", "precisions", "syncs", "ddp", "evaluation", "jpeg_decode", "throughput")
     results["ok"] = all(results[k].get("ok", True) and "error" not in results[k] and "skipped" not in results[k]
                         for k in names)  # a section skipped for time is a check not done
     return results
@@ -591,6 +637,11 @@ def summary(results: dict[str, Any]) -> str:
         lines.append(f"  evaluation  k-NN {knn['knn_weighted_top1']:.1f}% in {knn['seconds']:.1f} s, linear "
                      f"{linear.get('linear_top1', float('nan')):.1f}% in {linear['seconds']:.1f} s "
                      f"(CPU k-NN {e['cpu']['knn']['knn_weighted_top1']:.1f}%)")
+    if j := part("jpeg_decode"):
+        lines.append(f"  jpeg_decode {j['images']} JPEGs decoded and cropped at {j['img_per_s']:.0f} img/s, "
+                     f"{j['mean_abs_diff_vs_cpu']:.3f} levels from the CPU's decode "
+                     f"({'ok' if j['ok'] else 'DIFFERS'}; a truncated file "
+                     f"{'skipped' if j['truncated_file_skipped'] else 'NOT skipped'})")
     if th := part("throughput"):
         for key, run in th["runs"].items():
             lines.append(f"  {key:<42}{summary_of_run(run)}")

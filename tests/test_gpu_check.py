@@ -22,7 +22,7 @@ def test_the_gpu_script_runs_every_section_on_the_cpu(tmp_path, capsys):
     assert gpu.main(["--device", "cpu", "--quick", "--output", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["ok"] and res["quick"] and res["environment"]["device"] == "cpu" and "commit" in res["environment"]
-    for name in ("matmul_peak", "parity", "precisions", "syncs", "ddp", "evaluation", "throughput"):
+    for name in ("matmul_peak", "parity", "precisions", "syncs", "ddp", "evaluation", "jpeg_decode", "throughput"):
         assert "error" not in res[name] and "skipped" not in res[name], (name, res[name])
     assert res["matmul_peak"]["peak_of"] == "fp32" and res["matmul_peak"]["peak_flop_s"] > 0
     parity = res["parity"]["strategies"]
@@ -37,6 +37,8 @@ def test_the_gpu_script_runs_every_section_on_the_cpu(tmp_path, capsys):
     assert res["ddp"]["same_as_without_ddp"] and res["ddp"]["iterations"] == 2
     knn = res["evaluation"]["cpu"]["knn"]["knn_weighted_top1"]
     assert math.isfinite(knn) and "linear_top1" in res["evaluation"]["cpu"]["linear"]
+    decode = res["jpeg_decode"]  # on the CPU: the same decoder both ways
+    assert decode["ok"] and decode["mean_abs_diff_vs_cpu"] == 0 and decode["truncated_file_skipped"]
     throughput = res["throughput"]["runs"]
     assert set(throughput) == {f"vit_micro_patch2_8/{v}/eager" for v in gpu.VARIANTS}  # no --compile in --quick
     assert all(r["img_per_s"] > 0 and r["flops_per_iteration"] > 0 and r["frac_of_peak"] > 0
