@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import os
 import platform
 import sys
@@ -241,8 +242,9 @@ def _timed(f: Callable[[], Any], out: list[float]) -> Any:
 def breakdown(root: Path, resized: Path, n: int, batch: int, seed: int) -> dict[str, dict[str, float]]:
     """Milliseconds per image of decode, augmentation and batching, for the baseline and clmae's per-image code.
 
-    ``clmae`` is the code of clmae's folder and shard paths (:class:`clmae.data.images.CropDecoder`: the decode at
-    the DCT scale the crop allows, then the cut box resized by torch's uint8 antialiased bicubic);
+    ``clmae`` is the code of clmae's folder and shard paths for an upright JPEG whose crop needs no reduced decode
+    (:class:`clmae.data.images.CropDecoder`: torchvision.io's decode straight into a tensor, then the box cut and
+    resized by torch's uint8 antialiased bicubic);
     ``clmae_tensor_transform`` the per-image code they used before it (``open_image`` + ``train_transform``:
     PILToTensor + torchvision v2 resize on the tensor);
     ``*_preresized`` the same code on the photos pre-resized to a shorter side of ``PRERESIZE`` px.
@@ -271,11 +273,20 @@ def breakdown(root: Path, resized: Path, n: int, batch: int, seed: int) -> dict[
     def tv_batch(xs: list[torch.Tensor]) -> torch.Tensor:
         return torch.utils.data.default_collate([(x, 0) for x in xs])[0]
 
-    def ours(f: Path):
-        return images.open_for_crop(f, 3, SIZE, crops.draw_box, True)
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as TF
 
-    def ours_crop(opened) -> torch.Tensor:
-        return images.crop_and_resize(*opened, SIZE, bool(torch.rand(1) < 0.5))
+    def ours(f: Path):  # what CropDecoder does with an upright JPEG that needs no reduced decode: decode...
+        data = f.read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            box = crops.draw_box(img.height, img.width)
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB), box
+
+    def ours_crop(decoded) -> torch.Tensor:  # ...then cut and resize (decode_crops)
+        x, (top, left, h, w) = decoded
+        x = TF.resized_crop(x, int(top), int(left), int(h), int(w), [SIZE, SIZE],
+                            interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        return x.flip(-1) if bool(torch.rand(1) < 0.5) else x
 
     paths: dict[str, tuple[list[Path], Callable, Callable, Callable]] = {
         "torchvision": (files, lambda f: pil_loader(str(f)), tv, tv_batch),

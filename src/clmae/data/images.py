@@ -324,6 +324,16 @@ def decodable_on_device(img: Image.Image) -> bool:
     return img.format == "JPEG" and img.mode in ("RGB", "L") and img.getexif().get(ORIENTATION, 1) in (0, 1)
 
 
+def jpeg_decoder() -> Callable | None:
+    """``torchvision.io.decode_jpeg`` where this torchvision has it (0.19 and later; 0.29 deprecates it in favour
+    of TorchCodec), else None: then every file is decoded by Pillow."""
+    try:
+        from torchvision.io import decode_jpeg
+    except ImportError:
+        return None
+    return decode_jpeg
+
+
 def decode_crops(files: Sequence[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor, size: int, channels: int,
                  device: torch.device) -> list[torch.Tensor | None]:
     """JPEG files decoded on ``device`` in one batched call (nvJPEG on CUDA, libjpeg-turbo on the CPU), each box
@@ -360,16 +370,18 @@ class CropDecoder:
     """The training view of an image file in one pass, for DataLoader workers: RandomResizedCrop + flip.
 
     The crop is drawn from the size in the file's header (the distribution of torchvision's RandomResizedCrop,
-    :func:`clmae.data.augment.sample_crop_box`), the JPEG decoded only as large as that crop needs
-    (:func:`open_for_crop`), the box cut and resized to ``size`` (:func:`crop_and_resize`). Returns
-    ``uint8 (C, size, size)``, or with ``on_device`` the :class:`Region` the crop needs, for
+    :func:`clmae.data.augment.sample_crop_box`). An upright YCbCr or grayscale JPEG whose crop needs no reduced
+    decode goes straight into a tensor (:func:`decode_crops` on the CPU: libjpeg-turbo through torchvision.io,
+    the box cut and resized there; no Pillow image, no copies); any other file is decoded by Pillow only as large
+    as the crop needs (:func:`open_for_crop`), the box cut and resized to ``size`` (:func:`crop_and_resize`).
+    Returns ``uint8 (C, size, size)``, or with ``on_device`` the :class:`Region` the crop needs, for
     :func:`clmae.data.augment.resample_regions` to resample a whole batch on the training device (the same random
     numbers are drawn either way, so the two give the same crops), or with ``decode_on_device`` an
     :class:`EncodedCrop` (the file's bytes and the box: :func:`decode_crops` decodes a batch of them on the training
-    device) for every JPEG :func:`decodable_on_device` accepts. Random numbers come from a generator of its own
-    per process: in a DataLoader worker seeded with the worker's seed (which the DataLoader derives from its
-    generator), in the training process itself (no workers) with ``seed``, so an epoch's crops never depend on
-    what else drew random numbers.
+    device, exactly as a worker would on the CPU) for every JPEG :func:`decodable_on_device` accepts. Random
+    numbers come from a generator of its own per process: in a DataLoader worker seeded with the worker's seed
+    (which the DataLoader derives from its generator), in the training process itself (no workers) with ``seed``,
+    so an epoch's crops never depend on what else drew random numbers.
     """
 
     size: int
@@ -395,26 +407,25 @@ class CropDecoder:
 
     def __call__(self, source, channels: int = 3, max_pixels: int | None = None
                  ) -> torch.Tensor | Region | EncodedCrop:
-        if self.decode_on_device:
-            data = source.getvalue() if isinstance(source, io.BytesIO) else Path(source).read_bytes()
-            with _opened(io.BytesIO(data), max_pixels) as img:
-                whole = decodable_on_device(img)
-                if whole:
-                    box = self.draw_box(img.height, img.width)
-            if whole:
-                flip = self.flip and bool(torch.rand(1, generator=self.generator()) < 0.5)  # in the same order
-                name = "" if isinstance(source, io.BytesIO) else str(source)
-                return EncodedCrop(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip, name)
-            source = io.BytesIO(data)  # decoded here, as without --decode-on device
-        flips: list[bool] = []
-
-        def draw(height: int, width: int) -> Box:  # box and flip before decoding: a file that fails takes both
-            box = self.draw_box(height, width)
-            flips.append(self.flip and bool(torch.rand(1, generator=self.generator()) < 0.5))
-            return box
-
-        img, box = open_for_crop(source, channels, self.size, draw, self.reduce, max_pixels)
-        flip = flips[0]
+        data = source.getvalue() if isinstance(source, io.BytesIO) else Path(source).read_bytes()
+        with _opened(io.BytesIO(data), max_pixels) as img:
+            direct = decodable_on_device(img) and jpeg_decoder() is not None
+            width, height = upright_size(img)
+        # Box and flip before decoding, in this order on every path: a file that fails takes both.
+        box = self.draw_box(height, width)
+        flip = self.flip and bool(torch.rand(1, generator=self.generator()) < 0.5)
+        if direct and self.decode_on_device:
+            name = "" if isinstance(source, io.BytesIO) else str(source)
+            return EncodedCrop(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip, name)
+        if direct and not self.on_device and (not self.reduce or dct_scale(box[2], box[3], self.size) == 1):
+            # Straight into a tensor (libjpeg-turbo through torchvision.io), the decode --decode-on device moves to
+            # the GPU: no Pillow image, no copies between Pillow, numpy and torch.
+            x = decode_crops([torch.frombuffer(bytearray(data), dtype=torch.uint8)], torch.tensor([box]),
+                             torch.tensor([flip]), self.size, channels, torch.device("cpu"))[0]
+            if x is None:
+                raise OSError("truncated or corrupt JPEG (torchvision.io.decode_jpeg failed)")
+            return x
+        img, box = open_for_crop(io.BytesIO(data), channels, self.size, box, self.reduce, max_pixels)
         if self.on_device:
             return crop_region(img, box, self.size, flip)
         return crop_and_resize(img, box, self.size, flip)
