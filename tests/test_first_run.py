@@ -214,7 +214,8 @@ def test_the_python_api_says_which_model_it_chose_and_why_as_the_command_does(tm
                    progress=False, device="cpu", output_dir=str(tmp_path / "run"))
     header = capsys.readouterr().err.splitlines()[0]
     assert header == ("clmae: clmae on digits (32 images, 8 px, gray), model vit_micro_patch2_8 at 8 px (native size "
-                      f"of the data; --model/--img-size to override), 4x4 patches of 2 px, device cpu, fp32, output "
+                      f"of the data; --model/--img-size to override), 4x4 patches of 2 px, device cpu, fp32, "
+                      f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}, output "
                       f"{tmp_path / 'run'}"), header
 
 
@@ -255,8 +256,8 @@ def test_a_run_of_a_few_slow_iterations_says_its_eta_after_the_first_with_the_it
     mc = SimpleNamespace(img_size=224, grid_size=14, patch_size=16)
     photos = type("Photos", (), {"name": "photos", "channels": 3, "notes": [], "__len__": lambda self: 160})()
     run = SimpleNamespace(iteration=0, epoch=0, epochs=1, steps_per_epoch=2, global_batch=64,
-                          device=torch.device("cpu"), precision="fp32", input_pipeline="", dataset=photos,
-                          model_config=mc,
+                          device=torch.device("cpu"), precision="fp32", input_pipeline="", cpu_threads=2,
+                          dataset=photos, model_config=mc,
                           cfg=SimpleNamespace(method="clmae", model=None), data_scan=SimpleNamespace(size=200),
                           resumed=False, output_dir=Path("runs/photos"), last_records={}, schedule_done=lambda: {},
                           model_choice=ModelChoice("vit_base_patch16_224", 224, 16, "the data is 200 px"))
@@ -501,3 +502,37 @@ def test_pretrain_help_shows_the_defaults(capsys):
     for fragment in ("training epochs (default: 30)", "(default: 0.75)", "(default: 64)", "(default: clmae)",
                      "show a progress bar (default: on)", "see `clmae models`"):
         assert fragment in text, fragment
+
+
+def test_a_cpu_run_takes_the_cores_other_processes_leave_free_unless_told(monkeypatch):
+    """A busy machine's shared cores slow a parallel matmul several-fold (34 vs 279 img/s for make run's default on
+    2 busy cores): by default a CPU run lowers torch's thread count to the free cores; --threads decides."""
+    from clmae import runtime
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    for load, want in ((0.0, 8), (0.4, 8), (2.6, 5), (7.9, 1), (30.0, 1)):
+        monkeypatch.setattr(runtime.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert runtime.training_threads(None, cpu) == want, load
+    assert runtime.training_threads(None, cpu, local_ranks=2) == 1  # 1 free core shared by two processes: 1 each
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert runtime.training_threads(None, cpu, local_ranks=2) == 4
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # OMP_NUM_THREADS=2: never raised
+    assert runtime.training_threads(None, cpu) == 2
+    assert runtime.training_threads(3, cpu) == 3  # --threads 3
+    assert runtime.training_threads(None, cuda) is None and runtime.training_threads(4, cuda) == 4
+
+
+def test_threads_flag_sets_the_run_and_the_header_says_it(tmp_path, capsys):
+    from clmae.cli.app import main as cli_main
+
+    before = torch.get_num_threads()
+    try:
+        assert cli_main(["pretrain", "--data", "digits", "--subset", "32", "--batch-size", "16", "--epochs", "1",
+                         "--probe-every", "0", "--no-progress", "--device", "cpu", "--threads", "2",
+                         "--output-dir", str(tmp_path / "run")]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert ", fp32, 2 threads, output " in capsys.readouterr().err

@@ -834,7 +834,7 @@ BAD_VALUES = [
     ("data", 3, "a value of type str"), ("data_dir", 3, "a value of type str"), ("subset", 0, ">= 1"),
     ("img_size", 0, "a positive integer"), ("num_workers", -2, ">= 0, or -1"),
     ("prefetch", 0, "an integer >= 1"), ("augment_on", "gpu", "'workers' or 'device'"),
-    ("decode_on", "gpu", "'workers' or 'device'"),
+    ("decode_on", "gpu", "'workers' or 'device'"), ("threads", 0, "an integer >= 1"),
     ("method", "bert", "'clmae', 'mae', 'block', 'hpm', 'attmask', 'colormae', 'sbam' or 'automae'"),
     ("model", "vit_nope", "one of vit_base_patch16_224"), ("patch_size", 0, "a positive integer"),
     ("norm_pix_loss", "yes", "type bool"), ("mask_ratio", 0.0, "strictly between 0 and 1"),

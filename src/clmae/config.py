@@ -42,6 +42,9 @@ class PretrainConfig:
     augment_on: str = opt("workers", "where image folders' and shards' crops are resized: workers (each image in its "
                                      "DataLoader worker) or device (batched on the training device; workers only "
                                      "decode)", choices=AUGMENT_ON)
+    threads: int | None = opt(None, "CPU threads of each training process on a CPU run (default: torch's, one per "
+                                    "core, lowered to the cores other processes leave free by the 1-minute load "
+                                    "average: a busy machine's shared cores slow a run several-fold)")
     decode_on: str = opt("workers", "where image folders' and shards' JPEGs are decoded: workers (Pillow, at the "
                                     "crop's DCT scale) or device (torchvision.io.decode_jpeg in batches, nvJPEG on "
                                     "CUDA, then cropped there; workers only read the files; other formats, CMYK and "
@@ -146,6 +149,7 @@ class PretrainConfig:
         need(self.prefetch >= 1, "prefetch", "an integer >= 1")
         need(self.augment_on in AUGMENT_ON, "augment_on", one_of(AUGMENT_ON))
         need(self.decode_on in DECODE_ON, "decode_on", one_of(DECODE_ON))
+        need(self.threads is None or self.threads >= 1, "threads", "an integer >= 1")
         need(not (self.decode_on == "device" and self.augment_on == "device"), "decode_on",
              "'workers' with --augment-on device (--decode-on device crops on the device already; give one of them)")
         need(self.save_every >= 0, "save_every", "an integer >= 0")

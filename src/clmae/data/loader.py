@@ -30,6 +30,7 @@ import torch
 
 from ..distributed import SINGLE, DistContext, all_true, gather_objects
 from ..errors import DataError
+from ..runtime import usable_cores
 from .augment import crop_flip, resample_regions, sample_crop_boxes
 from .datasets import Dataset, InMemoryImages, skip_summary
 from .images import CropDecoder, EncodedCrop, Region, decode_crops
@@ -180,7 +181,7 @@ def worker_count(requested: int, local_ranks: int | None = None) -> int:
     less one core for each rank's training process; at least 1."""
     if requested >= 0:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     ranks = local_ranks if local_ranks is not None else int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return max(1, cores // max(1, ranks) - 1)
 

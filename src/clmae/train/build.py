@@ -8,6 +8,7 @@ caller's random state), the optimisers, and what runs the models (DDP, ``torch.c
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from ..maskers import Masker, create_masker
 from ..models.configs import ModelChoice, ModelConfig, model_config, resolve_model
 from ..models.mae import MaskedAutoencoderViT
 from ..optim import make_optimizer
-from ..runtime import grad_scaler, resolve_device, resolve_precision
+from ..runtime import grad_scaler, resolve_device, resolve_precision, training_threads
 from ..viz.probe import CurriculumProbe
 from .callbacks import HeldOutKnn
 from .run_folder import OutputFolder, RunState, default_output_dir, prepare_output_dir, resume_config
@@ -43,9 +44,15 @@ def build_config(config: PretrainConfig, overrides: dict[str, Any] | None) -> tu
 
 
 def build_runtime(cfg: PretrainConfig) -> tuple[DistContext, torch.device]:
-    """One process per device under torchrun (:mod:`clmae.distributed`), a single one otherwise."""
+    """One process per device under torchrun (:mod:`clmae.distributed`), a single one otherwise; on the CPU, the
+    threads it computes with (:func:`clmae.runtime.training_threads`)."""
     dist = setup_distributed(cfg.device) or SINGLE
-    return dist, (dist.device if dist.enabled else resolve_device(cfg.device))
+    device = dist.device if dist.enabled else resolve_device(cfg.device)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) if dist.enabled else 1
+    threads = training_threads(cfg.threads, device, local_ranks)
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return dist, device
 
 
 @dataclass

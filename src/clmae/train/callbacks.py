@@ -139,6 +139,11 @@ class RunView:
         """What ``--precision`` resolved to on this device: ``fp32``, ``bf16`` or ``fp16``."""
         return self._trainer.precision
 
+    @property
+    def cpu_threads(self) -> int | None:
+        """The threads a CPU run computes with (``--threads``); None on a GPU."""
+        return torch.get_num_threads() if self._trainer.device.type == "cpu" else None
+
     # the models (to measure, never to train)
     @property
     def mae(self) -> torch.nn.Module:

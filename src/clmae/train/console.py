@@ -61,7 +61,7 @@ def format_speed(images_per_s: float) -> str:
 
 def header_line(run: RunView) -> str:
     """What runs on what, in which precision, and why this model: ``clmae: clmae on x.npz (2048 images, 28 px,
-    gray), model …, device cuda:0, bf16, output …``."""
+    gray), model …, device cuda:0, bf16, output …`` (on the CPU also its threads: ``…, fp32, 2 threads, …``)."""
     cfg, choice, scan, mc = run.cfg, run.model_choice, run.data_scan, run.model_config
     native = f", {scan.size} px" if scan.size else ""
     colour = "gray" if run.dataset.channels == 1 else "RGB"
@@ -74,9 +74,12 @@ def header_line(run: RunView) -> str:
         elif scan.size and scan.size != mc.img_size:
             why += f"; the data is {scan.size} px"
     pipeline = f", {run.input_pipeline}" if run.input_pipeline else ""
+    threads = run.cpu_threads
+    threads_text = "" if threads is None else f", {threads} thread{'s' if threads != 1 else ''}"
     return (f"clmae: {cfg.method} on {run.dataset.name} ({len(run.dataset)} images{native}, {colour}), "
             f"model {choice.name} at {mc.img_size} px ({why}), {mc.grid_size}x{mc.grid_size} patches of "
-            f"{mc.patch_size} px, device {run.device}, {run.precision}{pipeline}, output {run.output_dir}")
+            f"{mc.patch_size} px, device {run.device}, {run.precision}{pipeline}{threads_text}, output "
+            f"{run.output_dir}")
 
 
 def _number(value: Any) -> float | None:
