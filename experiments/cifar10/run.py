@@ -671,15 +671,18 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
         results["arms"] = gather_entries(out, arms, keys)
         write_atomic(out / "results.json", json.dumps(results, indent=2))  # the FLOP cache survives an interrupt
         from clmae.evaluation.runner import EvalCaches
+        from clmae.io.checkpoint import LAST
 
         caches = EvalCaches()  # the study's: every arm is evaluated on the same data
         for seed in seeds:  # seed-major: a study cut short still has every arm for the first seeds
             for arm in arms:
-                if read_entry(out, arm, seed, keys[arm]) is not None:
+                run_dir = out / "runs" / f"{arm}-s{seed}"
+                # Without its run folder (a clone, a later session) a finished arm x seed is read back; with it,
+                # the run and its evaluations are checked as always (an evaluation of other weights is redone).
+                if not (run_dir / f"{LAST}.pt").exists() and read_entry(out, arm, seed, keys[arm]) is not None:
                     print(f"[study] {arm} seed {seed}: finished earlier ({ENTRIES}/{arm}-s{seed}.json)",
                           file=sys.stderr)
                     continue
-                run_dir = out / "runs" / f"{arm}-s{seed}"
                 print(f"[study] {arm} seed {seed}: pretraining → {run_dir}", file=sys.stderr)
                 values = study_values(plan[arm]["values"], seed, run_dir, data_dir, device)
                 timing = train_arm(arm, seed, values, run_dir)
