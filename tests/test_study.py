@@ -145,6 +145,10 @@ def test_finished_entries_are_gathered_across_seeds_and_other_settings_are_redon
     assert "mae-s1.json was made with other settings" in capsys.readouterr().err  # epochs changed: redone
     assert study.read_entry(tmp_path, "mae", 0, other) is None
     assert not list(tmp_path.glob("finished/.*"))  # atomic writes leave no temporary files
+    # An invocation on --arms clmae reports the arms finished earlier too (its MAE pairing), in config order.
+    cfg = {"arms": {"mae": {}, "mae_equal_compute": {}, "clmae": {}, "hpm": {}}}
+    assert study.report_arms(cfg, ["clmae"], tmp_path) == ["mae", "mae_equal_compute", "clmae"]
+    assert study.report_arms(cfg, ["hpm"], tmp_path / "empty") == ["hpm"]
 
 
 def test_unregistered_method_is_a_clear_error_and_estimate_uses_its_guess(tmp_path, monkeypatch, capsys):

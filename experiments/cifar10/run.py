@@ -622,6 +622,7 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
         return summarise_only(out)
     arms = args.arms or list(cfg["default_arms"])
     seeds = args.seeds or cfg["seeds"]
+    reported = report_arms(cfg, arms, out)  # the arms trained now and those finished earlier into this folder
 
     import torch
 
@@ -639,8 +640,8 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
         available = training_images(data, data_dir)
         train_images = min(available, base.get("subset") or available)
         cache = cached_compute(out / "results.json")
-        compute = measure_compute(cfg, [a for a in flops_needed(cfg, arms) if a not in missing], base, device, data_dir,
-                                  cache)
+        compute = measure_compute(cfg, [a for a in flops_needed(cfg, reported) if a not in missing], base, device,
+                                  data_dir, cache)
         per_image = {arm: c["flops_per_image"] for arm, c in compute.items()}
         sources = dict.fromkeys(per_image, "measured")
         for arm in missing:  # --estimate only: the guess of config.yaml, clearly labelled
@@ -648,8 +649,9 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
             if guess is None:
                 raise StudyError(f"arm {arm!r}: no measured FLOPs and no guessed_flop_ratio in config.yaml")
             per_image[arm], sources[arm] = guess * per_image[cfg["reference_arm"]], "guess"
-        plan = plan_arms(cfg, arms, base, per_image)
-        est = estimate(plan, per_image, sources, cfg["reference_arm"], cfg["budget"], train_images, len(seeds))
+        plan = plan_arms(cfg, reported, base, per_image)
+        est = estimate({arm: plan[arm] for arm in arms}, per_image, sources, cfg["reference_arm"], cfg["budget"],
+                       train_images, len(seeds))
         print(format_estimate(est), file=sys.stderr)
         if args.estimate:
             return 0
@@ -667,8 +669,8 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
                                         "attention; forward and backward)", "device": device, "arms": compute},
             "estimate": est, "arms": {},
         }
-        keys = {arm: entry_key(plan[arm]["values"], cfg["evaluation"], data, device) for arm in arms}
-        results["arms"] = gather_entries(out, arms, keys)
+        keys = {arm: entry_key(plan[arm]["values"], cfg["evaluation"], data, device) for arm in reported}
+        results["arms"] = gather_entries(out, reported, keys)
         write_atomic(out / "results.json", json.dumps(results, indent=2))  # the FLOP cache survives an interrupt
         from clmae.evaluation.runner import EvalCaches
         from clmae.io.checkpoint import LAST
@@ -693,9 +695,9 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
                            for p, r in reports.items()}
                 write_entry(out, arm, seed, keys[arm], {"run_dir": str(run_dir.relative_to(out)), "timing": timing,
                                                         "metrics": metrics, "curves": collect_curves(run_dir)})
-                results["arms"] = gather_entries(out, arms, keys)
+                results["arms"] = gather_entries(out, reported, keys)
                 write_atomic(out / "results.json", json.dumps(results, indent=2))
-        results["arms"] = gather_entries(out, arms, keys)  # also what a parallel invocation (other seeds) finished
+        results["arms"] = gather_entries(out, reported, keys)  # also what a parallel invocation (other seeds) finished
         results["seeds"] = sorted({int(s) for runs in results["arms"].values() for s in runs} | set(seeds))
         write_atomic(out / "results.json", json.dumps(results, indent=2))
     except ClmaeError as exc:
@@ -737,6 +739,13 @@ def write_entry(out: Path, arm: str, seed: int, key: dict[str, Any], result: dic
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps({"arm": arm, "seed": seed, "commit": git_commit(), "key": key, "result": result},
                                   indent=2))
+
+
+def report_arms(cfg: dict[str, Any], arms: list[str], out: Path) -> list[str]:
+    """The arms the results report: those chosen now and every arm of config.yaml with a finished entry in ``out``
+    (an invocation on ``--arms clmae`` still reports the MAE it is paired with), in config.yaml's order."""
+    finished = {p.stem.rsplit("-s", 1)[0] for p in (out / ENTRIES).glob("*-s*.json")}
+    return [arm for arm in cfg["arms"] if arm in arms or arm in finished] + [a for a in arms if a not in cfg["arms"]]
 
 
 def gather_entries(out: Path, arms: list[str], keys: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
