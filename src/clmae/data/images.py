@@ -324,6 +324,11 @@ def decodable_on_device(img: Image.Image) -> bool:
     return img.format == "JPEG" and img.mode in ("RGB", "L") and img.getexif().get(ORIENTATION, 1) in (0, 1)
 
 
+def as_tensor(data: bytes) -> torch.Tensor:
+    """A file's bytes as the ``uint8`` tensor torchvision.io decodes (a writable copy: frombuffer needs one)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 def jpeg_decoder() -> Callable | None:
     """``torchvision.io.decode_jpeg`` where this torchvision has it (0.19 and later; 0.29 deprecates it in favour
     of TorchCodec), else None: then every file is decoded by Pillow."""
@@ -416,11 +421,11 @@ class CropDecoder:
         flip = self.flip and bool(torch.rand(1, generator=self.generator()) < 0.5)
         if direct and self.decode_on_device:
             name = "" if isinstance(source, io.BytesIO) else str(source)
-            return EncodedCrop(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip, name)
+            return EncodedCrop(as_tensor(data), box, flip, name)
         if direct and not self.on_device and (not self.reduce or dct_scale(box[2], box[3], self.size) == 1):
             # Straight into a tensor (libjpeg-turbo through torchvision.io), the decode --decode-on device moves to
             # the GPU: no Pillow image, no copies between Pillow, numpy and torch.
-            x = decode_crops([torch.frombuffer(bytearray(data), dtype=torch.uint8)], torch.tensor([box]),
+            x = decode_crops([as_tensor(data)], torch.tensor([box]),
                              torch.tensor([flip]), self.size, channels, torch.device("cpu"))[0]
             if x is None:
                 raise OSError("truncated or corrupt JPEG (torchvision.io.decode_jpeg failed)")
