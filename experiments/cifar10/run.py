@@ -729,7 +729,8 @@ def read_entry(out: Path, arm: str, seed: int, key: dict[str, Any]) -> dict[str,
     except (OSError, ValueError):
         return None
     if not isinstance(found, dict) or found.get("key") != json.loads(json.dumps(key)):
-        print(f"[study] {path} was made with other settings: {arm} seed {seed} is redone", file=sys.stderr)
+        print(f"[study] {path} was made with other settings: not used ({arm} seed {seed} is trained again when it "
+              "runs)", file=sys.stderr)
         return None
     return found["result"]
 
@@ -741,21 +742,27 @@ def write_entry(out: Path, arm: str, seed: int, key: dict[str, Any], result: dic
                                   indent=2))
 
 
+def finished_names(out: Path) -> list[tuple[str, int]]:
+    """``(arm, seed)`` of every entry file in ``out`` (``finished/ARM-sSEED.json``), in seed order."""
+    names = (p.stem.rsplit("-s", 1) for p in (out / ENTRIES).glob("*-s*.json"))
+    return sorted(((arm, int(seed)) for arm, seed in names if seed.isdigit()), key=lambda name: name[1])
+
+
 def report_arms(cfg: dict[str, Any], arms: list[str], out: Path) -> list[str]:
-    """The arms the results report: those chosen now and every arm of config.yaml with a finished entry in ``out``
-    (an invocation on ``--arms clmae`` still reports the MAE it is paired with), in config.yaml's order."""
-    finished = {p.stem.rsplit("-s", 1)[0] for p in (out / ENTRIES).glob("*-s*.json")}
-    return [arm for arm in cfg["arms"] if arm in arms or arm in finished] + [a for a in arms if a not in cfg["arms"]]
+    """The arms the results report: those chosen now (``--arms`` only takes arms of config.yaml) and every arm with
+    a finished entry in ``out`` (an invocation on ``--arms clmae`` still reports the MAE it is paired with), in
+    config.yaml's order."""
+    finished = {arm for arm, _ in finished_names(out)}
+    return [arm for arm in cfg["arms"] if arm in arms or arm in finished]
 
 
 def gather_entries(out: Path, arms: list[str], keys: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Every finished arm x seed on disk for these arms and settings, in arm order then seed order: also those a
     parallel invocation on other seeds (same --output) or an earlier session finished."""
     gathered: dict[str, dict[str, Any]] = {}
+    names = finished_names(out)
     for arm in arms:
-        seeds = sorted(int(p.stem.rsplit("-s", 1)[1]) for p in (out / ENTRIES).glob(f"{arm}-s*.json")
-                       if p.stem.rsplit("-s", 1)[1].isdigit() and p.stem.rsplit("-s", 1)[0] == arm)
-        for seed in seeds:
+        for seed in (s for a, s in names if a == arm):
             found = read_entry(out, arm, seed, keys[arm])
             if found is not None:
                 gathered.setdefault(arm, {})[str(seed)] = found
