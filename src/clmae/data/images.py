@@ -242,15 +242,21 @@ def open_for_crop(source, channels: int, size: int, box: Box | Callable[[int, in
     90 changes them by 1.8-4.1): the DCT's reduction is another low-pass filter than bicubic antialiasing.
     """
     with _opened(source, max_pixels) as img:
-        width, height = upright_size(img)
-        top, left, h, w = box(height, width) if callable(box) else box
-        scale = dct_scale(h, w, size) if reduce and img.format == "JPEG" else 1
-        if scale > 1:
-            img.draft(None, (img.width // scale, img.height // scale))
-        img.load()
-        out = _as_mode(upright(img), channels)
-        if out is img:
-            out = img.copy()
+        return _decode_for_crop(img, channels, size, box, reduce)
+
+
+def _decode_for_crop(img: Image.Image, channels: int, size: int, box: Box | Callable[[int, int], Box],
+                     reduce: bool) -> tuple[Image.Image, Box]:
+    """:func:`open_for_crop` on a file :func:`_opened` opened (header read, pixels not decoded yet)."""
+    width, height = upright_size(img)
+    top, left, h, w = box(height, width) if callable(box) else box
+    scale = dct_scale(h, w, size) if reduce and img.format == "JPEG" else 1
+    if scale > 1:
+        img.draft(None, (img.width // scale, img.height // scale))
+    img.load()
+    out = _as_mode(upright(img), channels)
+    if out is img:
+        out = img.copy()
     fy, fx = out.height / height, out.width / width
     return out, (top * fy, left * fx, h * fy, w * fx)
 
@@ -413,24 +419,24 @@ class CropDecoder:
     def __call__(self, source, channels: int = 3, max_pixels: int | None = None
                  ) -> torch.Tensor | Region | EncodedCrop:
         data = source.getvalue() if isinstance(source, io.BytesIO) else Path(source).read_bytes()
-        with _opened(io.BytesIO(data), max_pixels) as img:
+        with _opened(io.BytesIO(data), max_pixels) as img:  # the header is read once, whichever path decodes
             direct = decodable_on_device(img) and jpeg_decoder() is not None
             width, height = upright_size(img)
-        # Box and flip before decoding, in this order on every path: a file that fails takes both.
-        box = self.draw_box(height, width)
-        flip = self.flip and bool(torch.rand(1, generator=self.generator()) < 0.5)
-        if direct and self.decode_on_device:
-            name = "" if isinstance(source, io.BytesIO) else str(source)
-            return EncodedCrop(as_tensor(data), box, flip, name)
-        if direct and not self.on_device and (not self.reduce or dct_scale(box[2], box[3], self.size) == 1):
-            # Straight into a tensor (libjpeg-turbo through torchvision.io), the decode --decode-on device moves to
-            # the GPU: no Pillow image, no copies between Pillow, numpy and torch.
-            x = decode_crops([as_tensor(data)], torch.tensor([box]),
-                             torch.tensor([flip]), self.size, channels, torch.device("cpu"))[0]
-            if x is None:
-                raise OSError("truncated or corrupt JPEG (torchvision.io.decode_jpeg failed)")
-            return x
-        img, box = open_for_crop(io.BytesIO(data), channels, self.size, box, self.reduce, max_pixels)
+            # Box and flip before decoding, in this order on every path: a file that fails takes both.
+            box = self.draw_box(height, width)
+            flip = self.flip and bool(torch.rand(1, generator=self.generator()) < 0.5)
+            if direct and self.decode_on_device:
+                name = "" if isinstance(source, io.BytesIO) else str(source)
+                return EncodedCrop(as_tensor(data), box, flip, name)
+            if direct and not self.on_device and (not self.reduce or dct_scale(box[2], box[3], self.size) == 1):
+                # Straight into a tensor (libjpeg-turbo through torchvision.io), the decode --decode-on device moves
+                # to the GPU: no Pillow image, no copies between Pillow, numpy and torch.
+                x = decode_crops([as_tensor(data)], torch.tensor([box]),
+                                 torch.tensor([flip]), self.size, channels, torch.device("cpu"))[0]
+                if x is None:
+                    raise OSError("truncated or corrupt JPEG (torchvision.io.decode_jpeg failed)")
+                return x
+            img, box = _decode_for_crop(img, channels, self.size, box, self.reduce)
         if self.on_device:
             return crop_region(img, box, self.size, flip)
         return crop_and_resize(img, box, self.size, flip)
