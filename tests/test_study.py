@@ -151,6 +151,21 @@ def test_finished_entries_are_gathered_across_seeds_and_other_settings_are_redon
     assert study.report_arms(cfg, ["hpm"], tmp_path / "empty") == ["hpm"]
 
 
+def test_finished_arm_whose_method_is_gone_is_left_out_of_the_results(capsys):
+    study = load_study()
+    base = study.load_config("quick")["pretrain"]
+    cfg = {"reference_arm": "mae", "arms": {"mae": {"method": "mae"}, "ghost": {"method": "no_such_method"},
+                                            "ghost_equal": {"method": "mae", "equal_compute_with": "ghost"}}}
+    needed = study.flops_needed(cfg, ["mae"])
+    assert study.plannable(cfg, ["mae", "ghost", "ghost_equal"], needed, base) == ["mae"]
+    err = capsys.readouterr().err
+    assert "ghost: finished earlier, but ghost needs --method no_such_method" in err
+    assert "ghost_equal: finished earlier, but ghost needs --method no_such_method" in err
+    # Chosen now (--estimate: guessed FLOPs), an arm and its target are planned: nothing is left out.
+    chosen = study.flops_needed(cfg, ["ghost_equal"])
+    assert study.plannable(cfg, ["mae", "ghost", "ghost_equal"], chosen, base) == ["mae", "ghost", "ghost_equal"]
+
+
 def test_unregistered_method_is_a_clear_error_and_estimate_uses_its_guess(tmp_path, monkeypatch, capsys):
     study = load_study()
     raw = study.read_config_file()

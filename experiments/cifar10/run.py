@@ -622,7 +622,8 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
         return summarise_only(out)
     arms = args.arms or list(cfg["default_arms"])
     seeds = args.seeds or cfg["seeds"]
-    reported = report_arms(cfg, arms, out)  # the arms trained now and those finished earlier into this folder
+    # The arms trained now and those finished earlier into this folder (an estimate writes nothing: only its own).
+    reported = list(arms) if args.estimate else report_arms(cfg, arms, out)
 
     import torch
 
@@ -637,6 +638,7 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
         missing = check_arms(cfg, flops_needed(cfg, arms), base)
         if missing and not args.estimate:
             raise StudyError(missing_method_message(cfg, missing, arms))
+        reported = plannable(cfg, reported, flops_needed(cfg, arms), base)
         available = training_images(data, data_dir)
         train_images = min(available, base.get("subset") or available)
         cache = cached_compute(out / "results.json")
@@ -754,6 +756,24 @@ def report_arms(cfg: dict[str, Any], arms: list[str], out: Path) -> list[str]:
     config.yaml's order."""
     finished = {arm for arm, _ in finished_names(out)}
     return [arm for arm in cfg["arms"] if arm in arms or arm in finished]
+
+
+def plannable(cfg: dict[str, Any], reported: list[str], needed: list[str], base: dict[str, Any]) -> list[str]:
+    """The reported arms this clmae can plan. An arm only finished earlier (not needed now) whose method, or whose
+    equal-compute target's method, this clmae lacks has no FLOPs to count: it is left out of the results, with a
+    line saying so, instead of stopping an invocation that does not train it."""
+    lacking = set(check_arms(cfg, [a for a in flops_needed(cfg, reported) if a not in needed], base))
+    kept = []
+    for arm in reported:
+        spec = cfg["arms"][arm]
+        cause = arm if arm in lacking else spec.get("equal_compute_with") if spec.get("equal_compute_with") in lacking \
+            else None
+        if cause is None:
+            kept.append(arm)
+        else:
+            print(f"[study] {arm}: finished earlier, but {cause} needs --method {cfg['arms'][cause].get('method')}, "
+                  "which this clmae does not have: left out of the results", file=sys.stderr)
+    return kept
 
 
 def gather_entries(out: Path, arms: list[str], keys: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
