@@ -151,6 +151,28 @@ def test_finished_entries_are_gathered_across_seeds_and_other_settings_are_redon
     assert study.report_arms(cfg, ["hpm"], tmp_path / "empty") == ["hpm"]
 
 
+def test_arm_a_parallel_invocation_finishes_meanwhile_is_in_the_results(tmp_path, monkeypatch):
+    """Two invocations on other --arms into one folder: the one that ends last reports both (its MAE pairing)."""
+    study = load_study()
+    data = labeled_npz(tmp_path / "mine.npz", train=96, test=40)
+    common = ["--quick", "--data", str(data), "--epochs", "1", "--output", str(tmp_path / "out")]
+    evaluate = study.evaluate_arm
+    parallel = []
+
+    def evaluate_while_another_finishes(run_dir, *args, **kwargs):
+        if not parallel:  # while mae is evaluated, the other invocation trains and finishes clmae
+            parallel.append("running")
+            parallel[0] = study.main([*common, "--arms", "clmae"])
+        return evaluate(run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(study, "evaluate_arm", evaluate_while_another_finishes)
+    assert study.main([*common, "--arms", "mae"]) == 0 and parallel == [0]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(results["arms"]) == ["mae", "clmae"] and set(results["plan"]) == {"mae", "clmae"}
+    assert results["compute"]["arms"]["clmae"]["flops_per_image"] > results["compute"]["arms"]["mae"]["flops_per_image"]
+    assert "clmae" in (tmp_path / "out" / "results.md").read_text()
+
+
 def test_finished_arm_whose_method_is_gone_is_left_out_of_the_results(capsys):
     study = load_study()
     base = study.load_config("quick")["pretrain"]

@@ -252,6 +252,11 @@ def plan_arms(cfg: dict[str, Any], arms: list[str], base: dict[str, Any],
     return plan
 
 
+def plan_summary(plan: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The plan as results.json records it: each arm's plan without its full PretrainConfig values."""
+    return {arm: {k: v for k, v in p.items() if k != "values"} for arm, p in plan.items()}
+
+
 def knn_passes(epochs: int, eval_every: int) -> int:
     """Between-epoch k-NN passes of a run (every ``eval_every`` epochs and after the last)."""
     if not eval_every:
@@ -622,9 +627,6 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
         return summarise_only(out)
     arms = args.arms or list(cfg["default_arms"])
     seeds = args.seeds or cfg["seeds"]
-    # The arms trained now and those finished earlier into this folder (an estimate writes nothing: only its own).
-    reported = list(arms) if args.estimate else report_arms(cfg, arms, out)
-
     import torch
 
     from clmae.runtime import resolve_device
@@ -638,11 +640,10 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
         missing = check_arms(cfg, flops_needed(cfg, arms), base)
         if missing and not args.estimate:
             raise StudyError(missing_method_message(cfg, missing, arms))
-        reported = plannable(cfg, reported, flops_needed(cfg, arms), base)
         available = training_images(data, data_dir)
         train_images = min(available, base.get("subset") or available)
         cache = cached_compute(out / "results.json")
-        compute = measure_compute(cfg, [a for a in flops_needed(cfg, reported) if a not in missing], base, device,
+        compute = measure_compute(cfg, [a for a in flops_needed(cfg, arms) if a not in missing], base, device,
                                   data_dir, cache)
         per_image = {arm: c["flops_per_image"] for arm, c in compute.items()}
         sources = dict.fromkeys(per_image, "measured")
@@ -651,14 +652,15 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
             if guess is None:
                 raise StudyError(f"arm {arm!r}: no measured FLOPs and no guessed_flop_ratio in config.yaml")
             per_image[arm], sources[arm] = guess * per_image[cfg["reference_arm"]], "guess"
-        plan = plan_arms(cfg, reported, base, per_image)
-        est = estimate({arm: plan[arm] for arm in arms}, per_image, sources, cfg["reference_arm"], cfg["budget"],
+        plan = plan_arms(cfg, arms, base, per_image)
+        est = estimate(plan, per_image, sources, cfg["reference_arm"], cfg["budget"],
                        train_images, len(seeds))
         print(format_estimate(est), file=sys.stderr)
         if args.estimate:
             return 0
 
         out.mkdir(parents=True, exist_ok=True)
+        reported, compute, plan, keys = report_plan(cfg, arms, base, out, data, device, data_dir, compute)
         results: dict[str, Any] = {
             "edition": EDITION, "mode": profile, "profile": profile,
             "command": ("python " + " ".join(sys.argv)) if argv is None else "run.py " + " ".join(argv),
@@ -666,12 +668,11 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
             "data": data, "train_images": train_images, "pretrain": base, "evaluation": cfg["evaluation"],
             "seeds": seeds, "reference_arm": cfg["reference_arm"], "equal_compute_arm": cfg["equal_compute_arm"],
             "verdict_metric": cfg["verdict_metric"],
-            "plan": {arm: {k: v for k, v in p.items() if k != "values"} for arm, p in plan.items()},
+            "plan": plan_summary(plan),
             "compute": {"counted_with": "torch.utils.flop_counter.FlopCounterMode on Trainer.fit (matmul, conv, "
                                         "attention; forward and backward)", "device": device, "arms": compute},
             "estimate": est, "arms": {},
         }
-        keys = {arm: entry_key(plan[arm]["values"], cfg["evaluation"], data, device) for arm in reported}
         results["arms"] = gather_entries(out, reported, keys)
         write_atomic(out / "results.json", json.dumps(results, indent=2))  # the FLOP cache survives an interrupt
         from clmae.evaluation.runner import EvalCaches
@@ -699,7 +700,11 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
                                                         "metrics": metrics, "curves": collect_curves(run_dir)})
                 results["arms"] = gather_entries(out, reported, keys)
                 write_atomic(out / "results.json", json.dumps(results, indent=2))
-        results["arms"] = gather_entries(out, reported, keys)  # also what a parallel invocation (other seeds) finished
+        # Also what a parallel invocation (other seeds, other --arms) finished meanwhile.
+        reported, compute, plan, keys = report_plan(cfg, arms, base, out, data, device, data_dir, compute)
+        results["plan"] = plan_summary(plan)
+        results["compute"]["arms"] = compute
+        results["arms"] = gather_entries(out, reported, keys)
         results["seeds"] = sorted({int(s) for runs in results["arms"].values() for s in runs} | set(seeds))
         write_atomic(out / "results.json", json.dumps(results, indent=2))
     except ClmaeError as exc:
@@ -774,6 +779,20 @@ def plannable(cfg: dict[str, Any], reported: list[str], needed: list[str], base:
             print(f"[study] {arm}: finished earlier, but {cause} needs --method {cfg['arms'][cause].get('method')}, "
                   "which this clmae does not have: left out of the results", file=sys.stderr)
     return kept
+
+
+def report_plan(cfg: dict[str, Any], arms: list[str], base: dict[str, Any], out: Path, data: str, device: str,
+                data_dir: str | None, counted: dict[str, Any]
+                ) -> tuple[list[str], dict[str, Any], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """What the results report, as ``out`` holds it now: the arms (:func:`report_arms`, :func:`plannable`), their
+    FLOPs (``counted`` and results.json's first: each arm is counted once), their plans and their entry keys.
+    Asked again at the end, it finds the arms a parallel invocation on other ``--arms`` finished meanwhile."""
+    reported = plannable(cfg, report_arms(cfg, arms, out), flops_needed(cfg, arms), base)
+    compute = measure_compute(cfg, flops_needed(cfg, reported), base, device, data_dir,
+                              {**cached_compute(out / "results.json"), **counted})
+    plan = plan_arms(cfg, reported, base, {arm: c["flops_per_image"] for arm, c in compute.items()})
+    keys = {arm: entry_key(plan[arm]["values"], cfg["evaluation"], data, device) for arm in reported}
+    return reported, compute, plan, keys
 
 
 def gather_entries(out: Path, arms: list[str], keys: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
