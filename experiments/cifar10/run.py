@@ -673,8 +673,7 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
                                         "attention; forward and backward)", "device": device, "arms": compute},
             "estimate": est, "arms": {},
         }
-        results["arms"] = gather_entries(out, reported, keys)
-        write_atomic(out / "results.json", json.dumps(results, indent=2))  # the FLOP cache survives an interrupt
+        save_results(out, results, gather_entries(out, reported, keys), seeds)  # the FLOP cache survives an interrupt
         from clmae.evaluation.runner import EvalCaches
         from clmae.io.checkpoint import LAST
 
@@ -698,15 +697,12 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
                            for p, r in reports.items()}
                 write_entry(out, arm, seed, keys[arm], {"run_dir": str(run_dir.relative_to(out)), "timing": timing,
                                                         "metrics": metrics, "curves": collect_curves(run_dir)})
-                results["arms"] = gather_entries(out, reported, keys)
-                write_atomic(out / "results.json", json.dumps(results, indent=2))
+                save_results(out, results, gather_entries(out, reported, keys), seeds)
         # Also what a parallel invocation (other seeds, other --arms) finished meanwhile.
         reported, compute, plan, keys = report_plan(cfg, arms, base, out, data, device, data_dir, compute)
         results["plan"] = plan_summary(plan)
         results["compute"]["arms"] = compute
-        results["arms"] = gather_entries(out, reported, keys)
-        results["seeds"] = sorted({int(s) for runs in results["arms"].values() for s in runs} | set(seeds))
-        write_atomic(out / "results.json", json.dumps(results, indent=2))
+        save_results(out, results, gather_entries(out, reported, keys), seeds)
     except ClmaeError as exc:
         raise StudyError(str(exc)) from None
     text = summary.write_summary(results, out)
@@ -806,6 +802,13 @@ def gather_entries(out: Path, arms: list[str], keys: dict[str, dict[str, Any]]) 
             if found is not None:
                 gathered.setdefault(arm, {})[str(seed)] = found
     return gathered
+
+
+def save_results(out: Path, results: dict[str, Any], entries: dict[str, dict[str, Any]], seeds: list[int]) -> None:
+    """results.json with these entries; its seeds are those trained now and those of every entry reported."""
+    results["arms"] = entries
+    results["seeds"] = sorted({int(s) for runs in entries.values() for s in runs} | set(seeds))
+    write_atomic(out / "results.json", json.dumps(results, indent=2))
 
 
 def write_atomic(path: Path, text: str) -> None:
