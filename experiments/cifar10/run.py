@@ -766,9 +766,8 @@ def plannable(cfg: dict[str, Any], reported: list[str], needed: list[str], base:
     lacking = set(check_arms(cfg, [a for a in flops_needed(cfg, reported) if a not in needed], base))
     kept = []
     for arm in reported:
-        spec = cfg["arms"][arm]
-        cause = arm if arm in lacking else spec.get("equal_compute_with") if spec.get("equal_compute_with") in lacking \
-            else None
+        target = cfg["arms"][arm].get("equal_compute_with")
+        cause = arm if arm in lacking else target if target in lacking else None
         if cause is None:
             kept.append(arm)
         else:
