@@ -200,13 +200,21 @@ def on_main(fn: Callable[[], T], ctx: DistContext) -> T:
 
 
 def wrap(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
-    """DDP-wrap ``module`` (unchanged for one process). Buffers are fixed, so none are broadcast."""
+    """DDP-wrap ``module`` (unchanged for one process). Buffers are fixed, so none are synced at each forward.
+
+    torch 2.14 renames ``broadcast_buffers`` to ``forward_sync_buffers`` (the old name warns); the new one still
+    syncs buffers once at construction, which changes nothing here: every rank builds the same fixed buffers.
+    """
     if not ctx.enabled:
         return module
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DDP(module, device_ids=device_ids, broadcast_buffers=False)
+    renamed = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    no_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
+    return DDP(module, device_ids=device_ids, **no_sync)
 
 
 def average_over_ranks(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
