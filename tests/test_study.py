@@ -301,13 +301,13 @@ def test_t_quantiles_and_paired_intervals():
     assert summary.seeds_to_resolve(1.0, 1.0) == 7  # t(5)·1/√6 = 1.05 > 1; t(6)·1/√7 = 0.92 < 1
 
 
-def fake_results(linear: dict[str, list[float]]) -> dict:
+def fake_results(linear: dict[str, list[float]], more_flops: dict[str, float] | None = None) -> dict:
     """A results.json with three seeds and only linear-probe numbers: enough for the verdict."""
     runs = {arm: {str(seed): {"metrics": {"linear": {"pretrained": {"linear_top1": value}, "random_init": None}},
                               "timing": {"images": 1000 * (4 if arm == "mae_equal_compute" else 1), "wall_s": 60},
                               "curves": {"train_img_per_s": 400 if arm.startswith("mae") else 100}}
                   for seed, value in enumerate(values)} for arm, values in linear.items()}
-    flops = {"mae": 1.0, "mae_equal_compute": 1.0, "clmae": 4.0, "block": 1.0}
+    flops = {"mae": 1.0, "mae_equal_compute": 1.0, "clmae": 4.0, "block": 1.0, **(more_flops or {})}
     return {"arms": runs, "reference_arm": "mae", "equal_compute_arm": "mae_equal_compute",
             "verdict_metric": "linear probe", "device": "cpu", "threads": 2, "pretrain": {"epochs": 8},
             "compute": {"arms": {a: {"flops_per_image": f} for a, f in flops.items()}},
@@ -334,6 +334,19 @@ def test_verdict_sentences_follow_the_intervals():
     text = "\n".join(summary.verdict(tied))
     assert "the interval includes 0: at equal compute the two are not distinguishable from seed noise" in text
     assert "Resolving the observed +0.17 points at this spread would take about" in text
+    # An arm of about CL-MAE's FLOPs (within 10% of the equal-compute arm's) gets its own equal-compute sentence;
+    # a cheap one (1.5x) is not compared with MAE at 4x.
+    more = fake_results({"mae": [40.0, 41.0, 42.0], "mae_equal_compute": [43.0, 44.5, 45.0],
+                         "clmae": [41.0, 42.0, 43.5], "clmae_hide_st": [44.0, 45.5, 46.5], "clmae_cheap": [41, 42, 43]},
+                        more_flops={"clmae_hide_st": 3.8, "clmae_cheap": 1.5})
+    text = "\n".join(summary.verdict(more))
+    assert "clmae − MAE on linear probe = -2.00 points" in text  # the equal-compute arm's own target comes first
+    # clmae_hide_st − mae_equal_compute = [1, 1, 1.5]: mean +1.17, std 0.29, half-width 0.72.
+    assert "With about the same training FLOPs (clmae_hide_st costs 3.80× MAE's FLOPs" in text
+    assert "clmae_hide_st − MAE on linear probe = +1.17 points over 3 seed(s), 95% interval [+0.45, +1.88]" in text
+    assert "clmae_hide_st is better than MAE even at equal compute" in text
+    assert "clmae_cheap costs" not in text and "**What would change it (clmae_hide_st).**" in text
+    assert text.index("clmae − MAE") < text.index("clmae_hide_st − MAE") < text.index("**Equal epochs")
 
 
 def test_hidden_to_visible_distance_on_a_hand_made_mask():

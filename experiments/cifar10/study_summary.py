@@ -327,8 +327,12 @@ def distinguishable(results: dict[str, Any], reference: str) -> list[str]:
     return lines
 
 
+COMPARABLE_COMPUTE = 0.10  # an arm within 10% of the equal-compute arm's training FLOPs gets its own sentence
+
+
 def verdict(results: dict[str, Any]) -> list[str]:
-    """The generated verdict: equal compute (CL-MAE vs MAE at CL-MAE's compute), equal epochs, what would change it."""
+    """The generated verdict: equal compute (CL-MAE vs MAE at CL-MAE's compute, and every other arm of about the
+    same training FLOPs, ``COMPARABLE_COMPUTE``), equal epochs, what would change it."""
     reference = results.get("reference_arm", "mae")
     equal = results.get("equal_compute_arm", "mae_equal_compute")
     title = results.get("verdict_metric", "linear probe")
@@ -337,34 +341,14 @@ def verdict(results: dict[str, Any]) -> list[str]:
     target = (plan.get(equal) or {}).get("equal_compute_with")
     lines = []
     if equal in results["arms"] and target in results["arms"]:
-        iv = interval(paired(results, target, equal, lambda run: metric_value(run, key)))
-        flop, wall = (f"{statistics.fmean(v):.2f}×" if v else "n/a" for v in cost_ratios(results, target, reference))
-        epochs = f"{arm_epochs(results, equal)} instead of {arm_epochs(results, reference)} epochs"
-        if iv is None:
-            lines.append(f"**Equal compute.** No seed has both {target} and {equal}.")
-        else:
-            if iv.excludes_zero is None:
-                outcome = "one seed only, so no interval: no verdict yet"
-            elif iv.hi < 0:
-                outcome = (f"the interval lies below 0: at equal compute MAE is better, so {target}'s extra compute "
-                           "is better spent on longer MAE training")
-            elif iv.lo > 0:
-                outcome = f"the interval lies above 0: {target} is better than MAE even at equal compute"
-            else:
-                outcome = ("the interval includes 0: at equal compute the two are not distinguishable from seed noise; "
-                           f"{target}'s extra compute buys nothing measurable over spending it on longer MAE training")
-            spread = "" if iv.half is None else f", 95% interval [{iv.lo:+.2f}, {iv.hi:+.2f}]"
-            lines.append(
-                f"**Equal compute.** With the same training FLOPs ({target} costs {flop} MAE's FLOPs and {wall} its "
-                f"training wall-clock on {results.get('device', '?')} with {results.get('threads', '?')} thread(s); "
-                f"MAE gets {epochs}), {target} − MAE on {title} = {iv.mean:+.2f} points over {iv.n} seed(s){spread}: "
-                f"{outcome}.")
-            lines.append("")
-            lines.append("**What would change it.** " + what_would_change(iv, target))
+        comparable = [arm for arm in results["arms"] if arm not in (reference, equal, target)
+                      and (flop := cost_ratios(results, arm, equal)[0])
+                      and abs(statistics.fmean(flop) - 1) <= COMPARABLE_COMPUTE]
+        for arm in (target, *comparable):
+            lines += [*equal_compute_lines(results, arm, equal, reference, title, key, exact=arm == target), ""]
     else:
-        lines.append(f"**Equal compute.** The study has no {equal} arm" + (f" or no {target} arm" if target else "")
-                     + " to compare.")
-    lines.append("")
+        lines += [f"**Equal compute.** The study has no {equal} arm" + (f" or no {target} arm" if target else "")
+                  + " to compare.", ""]
     beyond, within = [], []
     for arm in results["arms"]:
         if arm in (reference, equal):
@@ -377,6 +361,33 @@ def verdict(results: dict[str, Any]) -> list[str]:
     lines.append(f"**Equal epochs ({epochs}).** On {title}, minus MAE paired by seed: beyond seed noise (95% interval "
                  f"excludes 0): {', '.join(beyond) or 'none'}; within seed noise: {', '.join(within) or 'none'}.")
     return lines
+
+
+def equal_compute_lines(results: dict[str, Any], arm: str, equal: str, reference: str, title: str, key: str,
+                        exact: bool = True) -> list[str]:
+    """The equal-compute sentence of one arm against ``equal`` (MAE trained for the FLOPs of ``equal``'s target:
+    the arm's own when ``exact``, else within ``COMPARABLE_COMPUTE`` of them)."""
+    iv = interval(paired(results, arm, equal, lambda run: metric_value(run, key)))
+    if iv is None:
+        return [f"**Equal compute.** No seed has both {arm} and {equal}."]
+    flop, wall = (f"{statistics.fmean(v):.2f}×" if v else "n/a" for v in cost_ratios(results, arm, reference))
+    epochs = f"{arm_epochs(results, equal)} instead of {arm_epochs(results, reference)} epochs"
+    if iv.excludes_zero is None:
+        outcome = "one seed only, so no interval: no verdict yet"
+    elif iv.hi < 0:
+        outcome = (f"the interval lies below 0: at equal compute MAE is better, so {arm}'s extra compute "
+                   "is better spent on longer MAE training")
+    elif iv.lo > 0:
+        outcome = f"the interval lies above 0: {arm} is better than MAE even at equal compute"
+    else:
+        outcome = ("the interval includes 0: at equal compute the two are not distinguishable from seed noise; "
+                   f"{arm}'s extra compute buys nothing measurable over spending it on longer MAE training")
+    spread = "" if iv.half is None else f", 95% interval [{iv.lo:+.2f}, {iv.hi:+.2f}]"
+    same = "the same" if exact else "about the same"
+    return [f"**Equal compute.** With {same} training FLOPs ({arm} costs {flop} MAE's FLOPs and {wall} its "
+            f"training wall-clock on {results.get('device', '?')} with {results.get('threads', '?')} thread(s); "
+            f"MAE gets {epochs}), {arm} − MAE on {title} = {iv.mean:+.2f} points over {iv.n} seed(s){spread}: "
+            f"{outcome}.", "", f"**What would change it ({arm}).** " + what_would_change(iv, arm)]
 
 
 def what_would_change(iv: Interval, arm: str) -> str:
