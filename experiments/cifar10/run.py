@@ -627,6 +627,7 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
         return summarise_only(out)
     arms = args.arms or list(cfg["default_arms"])
     seeds = args.seeds or cfg["seeds"]
+
     import torch
 
     from clmae.runtime import resolve_device
@@ -643,8 +644,8 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
         available = training_images(data, data_dir)
         train_images = min(available, base.get("subset") or available)
         cache = cached_compute(out / "results.json")
-        compute = measure_compute(cfg, [a for a in flops_needed(cfg, arms) if a not in missing], base, device,
-                                  data_dir, cache)
+        compute = measure_compute(cfg, [a for a in flops_needed(cfg, arms) if a not in missing], base, device, data_dir,
+                                  cache)
         per_image = {arm: c["flops_per_image"] for arm, c in compute.items()}
         sources = dict.fromkeys(per_image, "measured")
         for arm in missing:  # --estimate only: the guess of config.yaml, clearly labelled
@@ -653,8 +654,7 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
                 raise StudyError(f"arm {arm!r}: no measured FLOPs and no guessed_flop_ratio in config.yaml")
             per_image[arm], sources[arm] = guess * per_image[cfg["reference_arm"]], "guess"
         plan = plan_arms(cfg, arms, base, per_image)
-        est = estimate(plan, per_image, sources, cfg["reference_arm"], cfg["budget"],
-                       train_images, len(seeds))
+        est = estimate(plan, per_image, sources, cfg["reference_arm"], cfg["budget"], train_images, len(seeds))
         print(format_estimate(est), file=sys.stderr)
         if args.estimate:
             return 0
