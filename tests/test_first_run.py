@@ -458,6 +458,17 @@ def test_a_run_recorded_without_its_model_by_an_older_clmae_resumes_with_the_mod
     assert "the run was started with 'vit_micro_patch2_8'" in capsys.readouterr().err
 
 
+def test_a_resumed_run_may_change_its_cpu_threads(tmp_path, capsys):
+    """Threads are the machine's, like --device: a run started on 1 core continues with 2 (and says so)."""
+    run = tmp_path / "run"
+    argv = ["pretrain", "--subset", "64", "--batch-size", "32", "--epochs", "1", "--threads", "1", *QUIET,
+            "--output-dir", str(run)]
+    assert cli.main(argv) == 0
+    assert "fp32, 1 thread," in capsys.readouterr().err
+    assert cli.main(["pretrain", "--resume", str(run), "--epochs", "2", "--threads", "2"]) == 0
+    assert "fp32, 2 threads," in capsys.readouterr().err
+
+
 def test_an_option_an_older_clmae_did_not_record_is_checked_against_its_default_on_resume(tmp_path, capsys):
     """It used to be ignored without a word: the resumed run silently kept the default."""
     from clmae.io.checkpoint import read_training_state, save_training_state

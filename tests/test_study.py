@@ -288,6 +288,15 @@ def test_equal_compute_plan_scales_epochs_warmup_and_knn_points():
     assert gpu["pretrain"]["epochs"] >= 100 and gpu["evaluation"]["max_test"] is None
 
 
+def test_threads_of_the_study_are_the_runs_own():
+    """--threads reaches each run's config (a resumed one too), so the library's busy-machine rule cannot lower it;
+    without --threads the rule stays in charge."""
+    study = load_study()
+    values = study.study_values({"epochs": 2}, 1, Path("runs/mae-s1"), None, "cpu", 2)
+    assert values["threads"] == 2 and values["seed"] == 1
+    assert "threads" not in study.study_values({"epochs": 2}, 1, Path("runs/mae-s1"), None, "cpu")
+
+
 def test_t_quantiles_and_paired_intervals():
     summary = load_study("study_summary.py")
     for df, expected in ((1, 12.706), (2, 4.303), (3, 3.182), (9, 2.262), (30, 2.042)):

@@ -405,8 +405,12 @@ class TimingFile:
 
 
 def study_values(plan_values: dict[str, Any], seed: int, run_dir: Path, data_dir: str | None,
-                 device: str) -> dict[str, Any]:
-    return {**plan_values, "seed": seed, "data_dir": data_dir, "output_dir": str(run_dir), "device": device}
+                 device: str, threads: int | None = None) -> dict[str, Any]:
+    """The PretrainConfig values of one arm x seed. ``--threads`` is the run's own ``threads`` (also when it resumes),
+    so the library's busy-machine rule does not lower it: resuming with 2 threads right after the 1-thread
+    processes stopped would otherwise read their load average and train with 1."""
+    values = {**plan_values, "seed": seed, "data_dir": data_dir, "output_dir": str(run_dir), "device": device}
+    return values if threads is None else {**values, "threads": threads}
 
 
 def train_arm(arm: str, seed: int, values: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -688,7 +692,7 @@ def run_study(args: argparse.Namespace, raw: dict[str, Any], argv: list[str] | N
                           file=sys.stderr)
                     continue
                 print(f"[study] {arm} seed {seed}: pretraining → {run_dir}", file=sys.stderr)
-                values = study_values(plan[arm]["values"], seed, run_dir, data_dir, device)
+                values = study_values(plan[arm]["values"], seed, run_dir, data_dir, device, args.threads)
                 timing = train_arm(arm, seed, values, run_dir)
                 print(f"[study] {arm} seed {seed}: evaluating", file=sys.stderr)
                 reports = evaluate_arm(run_dir, cfg["evaluation"], data, data_dir, device,

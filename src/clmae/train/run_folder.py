@@ -50,11 +50,11 @@ from ..options import flag
 from ..version import __version__
 
 # Options a resumed run may change; every other one must match the checkpoint.
-# device/precision: a run may continue on another machine (an fp16 run's loss scale travels in the checkpoint).
+# device/precision/threads: a run may continue on another machine (an fp16 run's loss scale travels in the checkpoint).
 # batch_size/accum_iter may change so the global batch can be kept when the number of GPUs changes.
 RESUMABLE_OVERRIDES = {"device", "precision", "num_workers", "prefetch", "augment_on", "decode_on", "progress",
                        "log_every", "eval_every", "save_every", "epochs", "max_nonfinite", "data_dir", "output_dir",
-                       "resume", "compile", "batch_size", "accum_iter"}
+                       "resume", "compile", "batch_size", "accum_iter", "threads"}
 CONFIG = "config.json"
 # What a run writes before its first checkpoint: an earlier start that saved nothing left only these.
 EARLY_FILES = ("metrics.jsonl", "tensorboard", "probe", CONFIG)
