@@ -358,6 +358,35 @@ def test_verdict_sentences_follow_the_intervals():
     assert text.index("clmae − MAE") < text.index("clmae_hide_st − MAE") < text.index("**Equal epochs")
 
 
+def test_every_equal_compute_arm_judges_the_arm_it_was_sized_for(tmp_path):
+    """A second equal-compute arm (MAE at the cheap CL-MAE's FLOPs) gets its own verdict sentence and table; the
+    cheap arm, 1.5x, is judged against it and not against MAE at CL-MAE's 4x."""
+    summary = load_study("study_summary.py")
+    results = fake_results({"mae": [40.0, 41.0, 42.0], "mae_equal_compute": [43.0, 44.5, 45.0],
+                            "clmae": [41.0, 42.0, 43.5], "clmae_cheap": [41.5, 42.0, 43.0]},
+                           more_flops={"clmae_cheap": 1.5})
+    results["arms"]["mae_equal_cheap"] = {
+        str(seed): {"metrics": {"linear": {"pretrained": {"linear_top1": value}, "random_init": None}},
+                    "timing": {"images": 1500, "wall_s": 60}, "curves": {"train_img_per_s": 400}}
+        for seed, value in enumerate([41.0, 41.5, 43.0])}
+    results["compute"]["arms"]["mae_equal_cheap"] = {"flops_per_image": 1.0}
+    results["plan"]["mae_equal_cheap"] = {"epochs": 12, "method": "mae", "overrides": {},
+                                          "equal_compute_with": "clmae_cheap"}
+    assert summary.equal_compute_arms(results) == {"mae_equal_compute": "clmae", "mae_equal_cheap": "clmae_cheap"}
+    text = "\n".join(summary.verdict(results))
+    # clmae_cheap − mae_equal_cheap = [0.5, 0.5, 0]: mean +0.33; clmae still against mae_equal_compute (-2.00).
+    assert "With the same training FLOPs (clmae_cheap costs 1.50× MAE's FLOPs" in text
+    assert "clmae_cheap − MAE on linear probe = +0.33 points over 3 seed(s)" in text
+    assert "MAE gets 12 instead of 8" in text
+    assert "clmae − MAE on linear probe = -2.00 points" in text
+    assert text.index("clmae − MAE") < text.index("clmae_cheap − MAE") < text.index("**Equal epochs")
+    # Neither MAE at more epochs is an equal-epochs competitor.
+    assert "mae_equal_cheap (" not in text.split("**Equal epochs")[1]
+    markdown = summary.write_summary({**results, "command": "run.py", "commit": "0" * 40, "seeds": [0, 1, 2]}, tmp_path)
+    for equal, target in (("mae_equal_compute", "clmae"), ("mae_equal_cheap", "clmae_cheap")):
+        assert f"## Equal compute: each arm minus `{equal}` (MAE trained with {target}'s training FLOPs)" in markdown
+
+
 def test_hidden_to_visible_distance_on_a_hand_made_mask():
     import torch
 

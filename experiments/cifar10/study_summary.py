@@ -327,31 +327,56 @@ def distinguishable(results: dict[str, Any], reference: str) -> list[str]:
     return lines
 
 
-COMPARABLE_COMPUTE = 0.10  # an arm within 10% of the equal-compute arm's training FLOPs gets its own sentence
+COMPARABLE_COMPUTE = 0.10  # an arm within 10% of an equal-compute arm's training FLOPs gets its own sentence
+
+
+def equal_compute_arms(results: dict[str, Any]) -> dict[str, str]:
+    """``{arm: target}`` for every arm with results trained for another arm's FLOPs (``equal_compute_with``),
+    the config's ``equal_compute_arm`` first: e.g. MAE at CL-MAE's compute and MAE at the cheap CL-MAE's."""
+    plan = results.get("plan") or {}
+    primary = results.get("equal_compute_arm", "mae_equal_compute")
+    return {arm: plan[arm]["equal_compute_with"] for arm in dict.fromkeys([primary, *plan])
+            if arm in results["arms"] and (plan.get(arm) or {}).get("equal_compute_with")}
+
+
+def equal_compute_pairs(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """``(arm, equal-compute arm, exact)`` for every arm that has an equal-compute counterpart: the arm each
+    equal-compute arm was sized for (exact), then, in results order, every other arm within
+    ``COMPARABLE_COMPUTE`` of an equal-compute arm's training FLOPs (the nearest one)."""
+    reference = results.get("reference_arm", "mae")
+    equals = equal_compute_arms(results)
+    pairs = [(target, equal, True) for equal, target in equals.items() if target in results["arms"]]
+    sized = {arm for arm, _, _ in pairs}
+    for arm in results["arms"]:
+        if arm == reference or arm in equals or arm in sized:
+            continue
+        off = {equal: abs(statistics.fmean(flop) - 1)
+               for equal in equals if (flop := cost_ratios(results, arm, equal)[0])}
+        near = [(gap, equal) for equal, gap in off.items() if gap <= COMPARABLE_COMPUTE]
+        if near:
+            pairs.append((arm, min(near)[1], False))
+    return pairs
 
 
 def verdict(results: dict[str, Any]) -> list[str]:
-    """The generated verdict: equal compute (CL-MAE vs MAE at CL-MAE's compute, and every other arm of about the
-    same training FLOPs, ``COMPARABLE_COMPUTE``), equal epochs, what would change it."""
+    """The generated verdict: equal compute (each arm against MAE trained for its training FLOPs, exactly or
+    within ``COMPARABLE_COMPUTE``), equal epochs, what would change it."""
     reference = results.get("reference_arm", "mae")
     equal = results.get("equal_compute_arm", "mae_equal_compute")
     title = results.get("verdict_metric", "linear probe")
     key = metric_key(title)
-    plan = results.get("plan") or {}
-    target = (plan.get(equal) or {}).get("equal_compute_with")
     lines = []
-    if equal in results["arms"] and target in results["arms"]:
-        comparable = [arm for arm in results["arms"] if arm not in (reference, equal, target)
-                      and (flop := cost_ratios(results, arm, equal)[0])
-                      and abs(statistics.fmean(flop) - 1) <= COMPARABLE_COMPUTE]
-        for arm in (target, *comparable):
-            lines += [*equal_compute_lines(results, arm, equal, reference, title, key, exact=arm == target), ""]
-    else:
+    pairs = equal_compute_pairs(results)
+    for arm, against, exact in pairs:
+        lines += [*equal_compute_lines(results, arm, against, reference, title, key, exact=exact), ""]
+    if not pairs:
+        target = ((results.get("plan") or {}).get(equal) or {}).get("equal_compute_with")
         lines += [f"**Equal compute.** The study has no {equal} arm" + (f" or no {target} arm" if target else "")
                   + " to compare.", ""]
+    skip = {reference, equal, *equal_compute_arms(results)}
     beyond, within = [], []
     for arm in results["arms"]:
-        if arm in (reference, equal):
+        if arm in skip:
             continue
         iv = interval(paired(results, arm, reference, lambda run: metric_value(run, key)))
         if iv is None or iv.excludes_zero is None:
@@ -446,13 +471,15 @@ def write_summary(results: dict[str, Any], out: Path) -> str:
         difference_table(results, reference, reference),
         "\n".join(distinguishable(results, reference)),
     ]
-    if equal in results["arms"]:
+    targets = equal_compute_arms(results) or ({equal: None} if equal in results["arms"] else {})
+    for against, target in targets.items():
         parts += [
-            f"## Equal compute: each arm minus `{equal}` (MAE trained with CL-MAE's training FLOPs)",
-            f"Same notation. Costs still relative to `{reference}`: an arm cheaper than `{equal}` that is not below "
+            f"## Equal compute: each arm minus `{against}` (MAE trained with "
+            + (f"{target}'s" if target else "CL-MAE's") + " training FLOPs)",
+            f"Same notation. Costs still relative to `{reference}`: an arm cheaper than `{against}` that is not below "
             "it is at least as good a use of compute.",
-            difference_table(results, equal, reference),
-            "\n".join(distinguishable(results, equal)),
+            difference_table(results, against, reference),
+            "\n".join(distinguishable(results, against)),
         ]
     text = "\n\n".join(p for p in parts if p) + "\n"
     (out / "results.md").write_text(text)
