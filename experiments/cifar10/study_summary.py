@@ -339,12 +339,11 @@ def equal_compute_arms(results: dict[str, Any]) -> dict[str, str]:
             if arm in results["arms"] and (plan.get(arm) or {}).get("equal_compute_with")}
 
 
-def equal_compute_pairs(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """``(arm, equal-compute arm, exact)`` for every arm that has an equal-compute counterpart: the arm each
-    equal-compute arm was sized for (exact), then, in results order, every other arm within
-    ``COMPARABLE_COMPUTE`` of an equal-compute arm's training FLOPs (the nearest one)."""
+def equal_compute_pairs(results: dict[str, Any], equals: dict[str, str]) -> list[tuple[str, str, bool]]:
+    """``(arm, equal-compute arm, exact)`` for every arm that has an equal-compute counterpart among ``equals``
+    (:func:`equal_compute_arms`): the arm each equal-compute arm was sized for (exact), then, in results order,
+    every other arm within ``COMPARABLE_COMPUTE`` of an equal-compute arm's training FLOPs (the nearest one)."""
     reference = results.get("reference_arm", "mae")
-    equals = equal_compute_arms(results)
     pairs = [(target, equal, True) for equal, target in equals.items() if target in results["arms"]]
     sized = {arm for arm, _, _ in pairs}
     for arm in results["arms"]:
@@ -366,14 +365,15 @@ def verdict(results: dict[str, Any]) -> list[str]:
     title = results.get("verdict_metric", "linear probe")
     key = metric_key(title)
     lines = []
-    pairs = equal_compute_pairs(results)
+    equals = equal_compute_arms(results)
+    pairs = equal_compute_pairs(results, equals)
     for arm, against, exact in pairs:
         lines += [*equal_compute_lines(results, arm, against, reference, title, key, exact=exact), ""]
     if not pairs:
         target = ((results.get("plan") or {}).get(equal) or {}).get("equal_compute_with")
         lines += [f"**Equal compute.** The study has no {equal} arm" + (f" or no {target} arm" if target else "")
                   + " to compare.", ""]
-    skip = {reference, equal, *equal_compute_arms(results)}
+    skip = {reference, equal, *equals}
     beyond, within = [], []
     for arm in results["arms"]:
         if arm in skip:
