@@ -385,6 +385,8 @@ def test_every_equal_compute_arm_judges_the_arm_it_was_sized_for(tmp_path):
     markdown = summary.write_summary({**results, "command": "run.py", "commit": "0" * 40, "seeds": [0, 1, 2]}, tmp_path)
     for equal, target in (("mae_equal_compute", "clmae"), ("mae_equal_cheap", "clmae_cheap")):
         assert f"## Equal compute: each arm minus `{equal}` (MAE trained with {target}'s training FLOPs)" in markdown
+    # 5 arms x 3 seeds of 60 s each: 15 runs, 900 s = 0.25 h.
+    assert "Total: 15 arm × seed runs, 0.2 h (15 min) of pretraining wall summed over runs" in markdown
 
 
 def test_hidden_to_visible_distance_on_a_hand_made_mask():

@@ -247,6 +247,19 @@ def compute_table(results: dict[str, Any], reference: str) -> str:
                   "train img/s", "pretraining wall (min)"], rows)
 
 
+def total_time(results: dict[str, Any]) -> str:
+    """How long the study took: the whole-run pretraining wall of every arm x seed, summed (evaluation excluded).
+
+    Runs may have shared the machine or run side by side, so this is machine time spent, not elapsed time."""
+    walls = [run["timing"]["wall_s"] for seeds in results["arms"].values() for run in seeds.values()]
+    if not walls:
+        return ""
+    seconds = sum(walls)
+    return (f"Total: {len(walls)} arm × seed runs, {seconds / 3600:.1f} h ({seconds / 60:.0f} min) of pretraining "
+            "wall summed over runs (evaluation excluded; runs side by side each count their own wall), on "
+            f"{results.get('device', '?')} with {results.get('threads', '?')} thread(s) per run.")
+
+
 def accuracy_table(results: dict[str, Any]) -> str:
     rows = []
     for arm, seeds in results["arms"].items():
@@ -463,6 +476,7 @@ def write_summary(results: dict[str, Any], out: Path) -> str:
         "median train img/s of the log windows (the between-epoch k-NN passes excluded), relative likewise, on this "
         "machine. Pretraining wall: the whole run, k-NN passes included.",
         compute_table(results, reference),
+        total_time(results),
         "## All arms (mean ± std over seeds)",
         accuracy_table(results),
         f"## Equal epochs: each arm minus `{reference}`, paired by seed",
