@@ -389,6 +389,30 @@ def test_every_equal_compute_arm_judges_the_arm_it_was_sized_for(tmp_path):
     assert "Total: 15 arm × seed runs, 0.2 h (15 min) of pretraining wall summed over runs" in markdown
 
 
+def test_masks_during_pretraining_are_averaged_per_third_of_each_run(tmp_path):
+    """The probe's records of each run (the untrained first one left out) in thirds, then mean ± std over seeds;
+    an arm without probe records (plain MAE) has no rows."""
+    summary = load_study("study_summary.py")
+    results = fake_results({"mae": [40.0, 41.0], "mae_equal_compute": [43.0, 44.0], "clmae": [41.0, 42.0]})
+
+    def probe(difficulty: list[float], shuffled: float) -> list[dict]:
+        return [{"step": 10 * i, "curriculum_factor": 1.0 - 2 * i / 6, "mask_difficulty": d,
+                 "mask_difficulty_shuffled": shuffled} for i, d in enumerate([1.0, *difficulty])]
+
+    results["arms"]["clmae"]["0"]["curves"]["probe"] = probe([0.8, 0.9, 0.9, 1.0, 1.2, 1.4], 0.9)
+    results["arms"]["clmae"]["1"]["curves"]["probe"] = probe([0.6, 0.7, 0.9, 1.0, 1.0, 1.2], float("nan"))
+    table = summary.masks_table(results).splitlines()
+    assert len(table) == 2 + 3 and not any(line.startswith("| mae") for line in table)
+    # thirds: seed 0 (0.85, 0.95, 1.30), seed 1 (0.65, 0.95, 1.10); λ of the thirds +0.50, -0.17, -0.83 on both.
+    assert table[2] == "| clmae | first third | +0.50 | 0.75 ± 0.14 | 0.90 | 2 |"
+    assert table[3] == "| clmae | middle third | -0.17 | 0.95 ± 0.00 | 0.90 | 2 |"
+    assert table[4] == "| clmae | last third | -0.83 | 1.20 ± 0.14 | 0.90 | 2 |"
+    markdown = summary.write_summary({**results, "command": "run.py", "commit": "0" * 40, "seeds": [0, 1]}, tmp_path)
+    assert "## Masks during pretraining" in markdown and table[2] in markdown
+    del results["arms"]["clmae"]
+    assert summary.masks_table(results) == ""
+
+
 def test_hidden_to_visible_distance_on_a_hand_made_mask():
     import torch
 

@@ -228,6 +228,42 @@ def describe_arm(results: dict[str, Any], arm: str) -> str:
 # Tables
 
 
+PHASES = ("first third", "middle third", "last third")
+
+
+def probe_phases(probe: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The probe records of a run in thirds of training (by record, in step order; the first, at step 0, left out:
+    it measures the untrained masker)."""
+    records = sorted(probe, key=lambda r: r["step"])[1:]
+    n = len(records)
+    return [records[i * n // 3:(i + 1) * n // 3] for i in range(3)] if n >= 3 else []
+
+
+def masks_table(results: dict[str, Any]) -> str:
+    """The probe's view of each strategy's masks during its own pretraining, per third of the run, mean ± std over
+    seeds: its schedule's λ, its masks' MAE loss ÷ random masks', and ÷ another probe image's mask's (the same mask
+    distribution, so the MAE's familiarity with that distribution cancels)."""
+    rows = []
+    for arm, seeds in results["arms"].items():
+        per_phase: list[dict[str, list[float]]] = [{} for _ in PHASES]
+        for run in seeds.values():
+            for phase, records in zip(per_phase, probe_phases(run.get("curves", {}).get("probe") or [])):
+                for key in ("curriculum_factor", "mask_difficulty", "mask_difficulty_shuffled"):
+                    values = [r[key] for r in records if r.get(key) is not None and math.isfinite(r[key])]
+                    if values:
+                        phase.setdefault(key, []).append(statistics.fmean(values))
+        for name, phase in zip(PHASES, per_phase):
+            if phase.get("mask_difficulty"):
+                lam = mean_std(phase.get("curriculum_factor", []), signed=True, spread_if_varies=True)
+                rows.append([arm, name, lam,
+                             mean_std(phase["mask_difficulty"]), mean_std(phase.get("mask_difficulty_shuffled", [])),
+                             str(len(phase["mask_difficulty"]))])
+    if not rows:
+        return ""
+    return table(["arm", "part of the run", "λ", "mask ÷ random mask (MAE loss)", "mask ÷ another image's mask",
+                  "seeds"], rows)
+
+
 def row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -494,6 +530,16 @@ def write_summary(results: dict[str, Any], out: Path) -> str:
             "it is at least as good a use of compute.",
             difference_table(results, against, reference),
             "\n".join(distinguishable(results, against)),
+        ]
+    masks = masks_table(results)
+    if masks:
+        parts += [
+            "## Masks during pretraining",
+            "The probe's fixed training images, measured with the arm's own MAE as it trains (so a strategy's masks "
+            "are judged by an MAE that has trained on masks like them), each run's probe records averaged per third "
+            "of the run. Below 1: the masks are easier than random ones (or than another image's mask, which keeps "
+            "the mask distribution and asks whether a mask fits its own image).",
+            masks,
         ]
     text = "\n\n".join(p for p in parts if p) + "\n"
     (out / "results.md").write_text(text)
