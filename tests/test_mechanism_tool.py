@@ -90,3 +90,32 @@ def test_quick_profile_partner_easier_than_adversary_on_the_hiding_path(tmp_path
     eq = res["equality"]
     assert eq["hide"]["rel_diff_batch_max"] < 1e-5  # binary scores: the hiding path is the hard-mask MAE
     assert eq["scale"]["rel_diff_batch_min"] > 0.05  # the authors' path is not
+
+
+def test_a_flipping_run_trains_at_the_first_lambda_then_the_second_and_records_the_module_at_the_flip(tmp_path):
+    setup = tiny_setup()
+    flip = M.MaskerRun(path="hide_st", lam=-1.0, first_lam=1.0, first_steps=3, steps=2, batch=8, augment=False,
+                       warmup=1, tag="flip")
+    seen = []
+    masker, history = M.train_masker(setup, flip, log_every=1,
+                                     at_flip=lambda m: seen.append(m.options.curriculum_value))
+    assert [h["lam"] for h in history] == [1.0, 1.0, 1.0, -1.0, -1.0]
+    assert seen == [1.0] and masker.options.curriculum_value == -1.0  # handed over before the λ changed
+    # The same λ in both phases is one plain run of first_steps + steps: the flip keeps module and optimiser.
+    same = M.MaskerRun(path="hide_st", lam=1.0, first_lam=1.0, first_steps=3, steps=2, batch=8, augment=False,
+                       warmup=1)
+    plain = M.MaskerRun(path="hide_st", lam=1.0, steps=5, batch=8, augment=False, warmup=1)
+    a, _ = M.train_masker(setup, same)
+    b, _ = M.train_masker(setup, plain)
+    for pa, pb in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb)
+    baseline = M.random_baseline(setup, draws=2)
+    grad_batch = M.train_batch(setup, 8, torch.Generator().manual_seed(2), augment=False)
+    rec = M.run_one(setup, flip, baseline, grad_batch, out_dir=tmp_path, save_masker=False)
+    assert rec["name"] == "flip_hide_st_from+1.0x3_lam-1.0_s0" and "metrics_at_flip" in rec
+    assert "| flip | hide_st | +1.0 (3 steps) → -1.0 | 0 |" in M.summary(tmp_path)
+
+
+def test_first_lambda_and_first_steps_go_together(capsys):
+    assert M.main(["sweep", "--mae", "nowhere", "--first-steps", "300"]) == 2
+    assert capsys.readouterr().err.startswith("mechanism: error: --first-lam and --first-steps go together")

@@ -41,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -236,20 +237,33 @@ class MaskerRun:
     mask_ratio: float = 0.75
     rec_scale: float = 1.0  # extra factor on λ·rec (a variant; 1 = the default objective)
     tag: str = "main"
+    # A curriculum's flip in miniature: the first ``first_steps`` steps at ``first_lam`` (same module, same AdamW
+    # state), then ``steps`` at ``lam``; asks whether a module trained as a partner can still become an adversary.
+    first_lam: float | None = None
+    first_steps: int = 0
     extra: dict = field(default_factory=dict)
 
     @property
     def lr(self) -> float:
         return self.base_lr * self.batch / 256
 
-    def options(self) -> ClmaeOptions:
-        """The library's CL-MAE options of this run: constant λ (times ``rec_scale``), its loss weights, its path."""
-        return ClmaeOptions(curriculum="constant", curriculum_value=self.rec_scale * self.lam,
+    def options(self, lam: float | None = None) -> ClmaeOptions:
+        """The library's CL-MAE options of this run: constant λ (``lam``, default the run's; times ``rec_scale``),
+        its loss weights, its path."""
+        return ClmaeOptions(curriculum="constant", curriculum_value=self.rec_scale * (self.lam if lam is None else lam),
                             lambda_gauss=self.lambda_gauss, lambda_kl=self.lambda_kl, lambda_div=self.lambda_div,
                             kl_reduction=self.kl_reduction, soft_path=self.path)
 
     def name(self) -> str:
-        return f"{self.tag}_{self.path}_lam{self.lam:+.1f}_s{self.seed}"
+        start = f"_from{self.first_lam:+.1f}x{self.first_steps}" if self.flips else ""
+        return f"{self.tag}_{self.path}{start}_lam{self.lam:+.1f}_s{self.seed}"
+
+    @property
+    def flips(self) -> bool:
+        return self.first_lam is not None and self.first_steps > 0
+
+    def lam_at(self, step: int) -> float:
+        return self.first_lam if self.flips and step < self.first_steps else self.lam
 
 
 def new_masker(mae: MaskedAutoencoderViT, run: MaskerRun) -> LearnedMasker:
@@ -258,15 +272,23 @@ def new_masker(mae: MaskedAutoencoderViT, run: MaskerRun) -> LearnedMasker:
                          mask_ratio=run.mask_ratio)
 
 
-def train_masker(setup: Setup, run: MaskerRun, log_every: int = 50) -> tuple[LearnedMasker, list[dict]]:
-    """``run.steps`` steps of the library's masking-module step (:meth:`LearnedMasker.objective`), MAE frozen."""
+def train_masker(setup: Setup, run: MaskerRun, log_every: int = 50,
+                 at_flip: Callable[[LearnedMasker], None] | None = None) -> tuple[LearnedMasker, list[dict]]:
+    """``run.steps`` steps of the library's masking-module step (:meth:`LearnedMasker.objective`), MAE frozen;
+    a flipping run first takes ``run.first_steps`` at ``run.first_lam`` and hands the module to ``at_flip``."""
     torch.manual_seed(run.seed)
     masker = new_masker(setup.mae, run).train()
     params = masker.trainable_parameters()
     opt = make_optimizer(masker, run.lr, run.weight_decay, torch.device("cpu"))
     g = torch.Generator().manual_seed(10_000 + run.seed)
     history = []
-    for step in range(run.steps):
+    total = run.steps + (run.first_steps if run.flips else 0)
+    for step in range(total):
+        if run.flips and step in (0, run.first_steps):
+            if step and at_flip is not None:
+                at_flip(masker.eval())
+                masker.train()
+            masker.options = run.options(run.lam_at(step)).validate()
         set_lr(opt, run.lr * min(1.0, (step + 1) / max(1, run.warmup)))
         batch = masking_batch(setup, train_batch(setup, run.batch, g, run.augment))
         scores = masker(batch.tokens)
@@ -274,9 +296,9 @@ def train_masker(setup: Setup, run: MaskerRun, log_every: int = 50) -> tuple[Lea
         opt.zero_grad(set_to_none=True)
         loss.backward(inputs=params)
         opt.step()
-        if step % log_every == 0 or step == run.steps - 1:
+        if step % log_every == 0 or step == total - 1:
             s = scores.detach()
-            history.append({"step": step, "loss": loss.item(),
+            history.append({"step": step, "lam": run.lam_at(step), "loss": loss.item(),
                             **{k: v.item() for k, v in logs.items() if k.startswith("loss")},
                             "score_mean": s.mean().item(), "keep_frac": (s > 0.5).float().mean().item()})
     return masker.eval(), history
@@ -349,13 +371,20 @@ def run_one(setup: Setup, run: MaskerRun, baseline: dict, grad_batch: torch.Tens
             save_masker: bool = True) -> dict:
     """Train, evaluate and record one masking module: ``out_dir/NAME.json`` (+ ``maskers/NAME.pt``)."""
     t0 = time.time()
-    masker, history = train_masker(setup, run)
+    at_flip: dict = {}
+
+    def measure_at_flip(masker: LearnedMasker) -> None:
+        at_flip.update(evaluate(setup, masker, EVAL_PATH[run.path], baseline))
+
+    masker, history = train_masker(setup, run, at_flip=measure_at_flip)
     train_s = time.time() - t0
     metrics = evaluate(setup, masker, EVAL_PATH[run.path], baseline)
     grads = term_gradients(setup, masker, grad_batch)
     record = {"run": asdict(run), "name": run.name(), "mae": setup.mae_name, "lr": run.lr, "train_s": train_s,
               "wall_s": time.time() - t0, "metrics": metrics, "terms_at_end": grads, "history": history,
               "test_images": setup.test.shape[0], "random_draws": len(baseline["keeps"])}
+    if at_flip:  # the module as the first phase left it (evaluation time counts in wall_s and train_s)
+        record["metrics_at_flip"] = at_flip
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{run.name()}.json").write_text(json.dumps(record, indent=1))
     if save_masker:
@@ -462,12 +491,17 @@ def table(records: list[dict]) -> str:
     """Markdown: one row per tag × path × λ, mean ± sample std over its seeds."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["run"]["tag"], r["run"]["path"], r["run"]["lam"]), []).append(r)
+        run = r["run"]
+        first = (run["first_lam"], run["first_steps"]) if run.get("first_lam") is not None and run.get(
+            "first_steps") else None
+        groups.setdefault((run["tag"], run["path"], run["lam"], first), []).append(r)
     head = ["tag", "path", "λ", "seeds"] + list(TABLE_METRICS) + list(TERM_METRICS) + ["wall_s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (tag, path, lam), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])):
+    for (tag, path, lam, first), rs in sorted(groups.items(),
+                                              key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2], kv[0][3] or ())):
         rs = sorted(rs, key=lambda r: r["run"]["seed"])
-        cells = [tag, path, f"{lam:+.1f}", ",".join(str(r["run"]["seed"]) for r in rs)]
+        lam_cell = f"{lam:+.1f}" if first is None else f"{first[0]:+.1f} ({first[1]} steps) → {lam:+.1f}"
+        cells = [tag, path, lam_cell, ",".join(str(r["run"]["seed"]) for r in rs)]
         cells += [mean_std([r["metrics"][m] for r in rs]) for m in TABLE_METRICS]
         cells += [mean_std([r["terms_at_end"][m] for r in rs]) for m in TERM_METRICS]
         cells.append(f"{statistics.fmean(r['wall_s'] for r in rs):.0f}")
@@ -505,7 +539,30 @@ def summary(folder: Path = RESULTS, tag: str | None = None) -> str:
         out += [f"| {p} | {eq[p]['rel_diff_batch_mean']:.3g} | {eq[p]['rel_diff_batch_max']:.3g} | "
                 f"{eq[p]['rel_diff_image_max']:.3g} | {eq[p]['soft_over_hard_mean']:.3f} |" for p in EVAL_PATHS]
         out.append("")
+    flips = [r for r in recs if "metrics_at_flip" in r]
+    if flips:
+        out += ["## λ flipped: the module at the flip and at the end", "", flip_table(flips), ""]
     return "\n".join(out)
+
+
+def kept_overlap(a: list[list[int]], b: list[list[int]]) -> float:
+    """Mean share of kept patches two masks of the same images have in common (1: the masks did not move)."""
+    return statistics.fmean(len(set(x) & set(y)) / len(x) for x, y in zip(a, b, strict=True))
+
+
+def flip_table(records: list[dict]) -> str:
+    """Markdown: per flipping record, its hard ratio and score binarity at the flip and at the end, and how many
+    of the kept patches (first 16 test images) the last phase changed."""
+    head = ["tag", "path", "λ", "seed", "hard ratio at flip", "hard ratio at end", "binary scores at flip",
+            "binary scores at end", "kept patches unchanged by the last phase"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(records, key=lambda r: (r["run"]["tag"], r["run"]["path"], r["run"]["seed"])):
+        run, a, b = r["run"], r["metrics_at_flip"], r["metrics"]
+        lines.append("| " + " | ".join([
+            run["tag"], run["path"], f"{run['first_lam']:+.1f} ({run['first_steps']} steps) → {run['lam']:+.1f}",
+            str(run["seed"]), f"{a['hard_ratio']:.3f}", f"{b['hard_ratio']:.3f}", f"{a['score_binary_frac']:.3f}",
+            f"{b['score_binary_frac']:.3f}", f"{kept_overlap(a['keep_first'], b['keep_first']):.3f}"]) + " |")
+    return "\n".join(lines)
 
 
 def figure_columns(records: list[dict]) -> tuple[list[dict], list[str]]:
@@ -514,7 +571,8 @@ def figure_columns(records: list[dict]) -> tuple[list[dict], list[str]]:
     chosen, missing = [], []
     for path in SOFT_PATHS:
         for lam in LAMBDAS:
-            rec = [r for r in records if r["run"]["path"] == path and r["run"]["lam"] == lam and r["run"]["seed"] == 0]
+            rec = [r for r in records if r["run"]["path"] == path and r["run"]["lam"] == lam and r["run"]["seed"] == 0
+                   and not r["run"].get("first_steps")]
             if rec:
                 chosen.append(rec[0])
             elif not (lam == 0.0 and path != "hide"):
@@ -694,8 +752,12 @@ def build_parser() -> argparse.ArgumentParser:
             b.add_argument("--seeds", nargs="+", type=int, default=[0])
             for f_name, f_type in (("steps", int), ("batch", int), ("base_lr", float), ("warmup", int),
                                    ("lambda_gauss", float), ("lambda_kl", float), ("lambda_div", float),
-                                   ("rec_scale", float), ("tag", str), ("kl_reduction", str)):
+                                   ("rec_scale", float), ("tag", str), ("kl_reduction", str),
+                                   ("first_steps", int)):
                 b.add_argument("--" + f_name.replace("_", "-"), type=f_type, default=getattr(MaskerRun, f_name))
+            b.add_argument("--first-lam", type=float, default=None,
+                           help="train --first-steps steps at this λ first, then --steps at each --lams "
+                                "(the curriculum's flip, e.g. --first-lam 1 --first-steps 300 --lams -1)")
             b.add_argument("--runs", nargs="+", default=None, metavar="PATH:LAM:SEED",
                            help="explicit runs in this order, instead of seeds x paths x lams")
             b.add_argument("--no-augment", action="store_true")
@@ -731,6 +793,8 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     todo = None
     if args.cmd == "sweep":
+        if (args.first_lam is None) != (args.first_steps == 0):
+            raise ClmaeError("--first-lam and --first-steps go together (e.g. --first-lam 1 --first-steps 300)")
         todo = (parse_runs(args.runs) if args.runs else list(itertools.product(args.seeds, args.paths, args.lams)))
     setup = load_setup(args.mae, args.test_images, args.data_dir)
     if args.cmd in ("check", "reference"):
@@ -751,7 +815,8 @@ def run_command(args: argparse.Namespace) -> int:
             run = MaskerRun(path=path, lam=lam, seed=seed, steps=args.steps, batch=args.batch, base_lr=args.base_lr,
                             warmup=args.warmup, augment=not args.no_augment, lambda_gauss=args.lambda_gauss,
                             lambda_kl=args.lambda_kl, lambda_div=args.lambda_div, kl_reduction=args.kl_reduction,
-                            rec_scale=args.rec_scale, tag=args.tag)
+                            rec_scale=args.rec_scale, tag=args.tag, first_lam=args.first_lam,
+                            first_steps=args.first_steps)
             if args.skip_existing and (results / f"{run.name()}.json").exists():
                 continue
             print(summary_line(run_one(setup, run, baseline, grad_batch, out_dir=results)), flush=True)
